@@ -1,0 +1,186 @@
+"""The bundle: what training writes and serving reads. Encoder and heads load separately.
+
+    bundle/
+      polytask.json              format version, tasks, encoder fingerprint, pooling, max_length
+      encoder/                   save_pretrained(): config.json, model.safetensors, tokenizer files
+      heads/<task>/head.safetensors
+      heads/<task>/head.json     the task spec, hidden size, and the encoder fingerprint it expects
+
+Only safetensors and JSON are written or read: nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from polytask.tasks import TaskSpec, build_head
+
+FORMAT_VERSION = 1
+MANIFEST = "polytask.json"
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, malformed, or mixes parts trained against different encoders."""
+
+
+@dataclass
+class Manifest:
+    """polytask.json, typed."""
+
+    tasks: list[TaskSpec]
+    fingerprint: str
+    pooling: str
+    max_length: int
+    source: str = ""
+    variant: str = "fp32"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def task(self, name: str) -> TaskSpec:
+        for spec in self.tasks:
+            if spec.name == name:
+                return spec
+        known = ", ".join(s.name for s in self.tasks)
+        raise KeyError(f"unknown task '{name}'; this model has: {known}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "tasks": [s.to_dict() for s in self.tasks],
+            "encoder": {
+                "fingerprint": self.fingerprint,
+                "pooling": self.pooling,
+                "max_length": self.max_length,
+                "source": self.source,
+                "variant": self.variant,
+            },
+            "extra": self.extra,
+        }
+
+
+def encoder_fingerprint(module: nn.Module) -> str:
+    """sha256 over every encoder tensor (name, dtype, shape, bytes): same weights ⇔ same id."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        raise BundleError(f"{path}: no {MANIFEST}; is this a polytask bundle directory?")
+    data = json.loads(file.read_text())
+    if data.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{file}: format_version {data.get('format_version')} is not {FORMAT_VERSION}; "
+            "re-export the bundle with this polytask version"
+        )
+    enc = data["encoder"]
+    return Manifest(
+        tasks=[TaskSpec.from_dict(t) for t in data["tasks"]],
+        fingerprint=enc["fingerprint"],
+        pooling=enc["pooling"],
+        max_length=int(enc["max_length"]),
+        source=enc.get("source", ""),
+        variant=enc.get("variant", "fp32"),
+        extra=data.get("extra", {}),
+    )
+
+
+def save_bundle(
+    model: nn.Module,
+    tokenizer: Any,
+    path: str | Path,
+    max_length: int,
+    source: str = "",
+    extra: dict[str, Any] | None = None,
+) -> Manifest:
+    """Write a MultiTaskModel as a bundle; an existing directory is replaced only when complete."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.encoder.save_pretrained(tmp / "encoder", safe_serialization=True)
+    tokenizer.save_pretrained(tmp / "encoder")
+    fingerprint = encoder_fingerprint(model.encoder)
+    hidden = model.encoder.config.hidden_size
+    for name, spec in model.specs.items():
+        head_dir = tmp / "heads" / name
+        head_dir.mkdir(parents=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.heads[name].state_dict().items()}
+        save_file(state, head_dir / "head.safetensors")
+        meta = {"spec": spec.to_dict(), "hidden_size": hidden, "encoder_fingerprint": fingerprint}
+        (head_dir / "head.json").write_text(json.dumps(meta, indent=2))
+    manifest = Manifest(
+        tasks=list(model.specs.values()),
+        fingerprint=fingerprint,
+        pooling=model.pooling,
+        max_length=max_length,
+        source=source,
+        extra=extra or {},
+    )
+    (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return manifest
+
+
+def load_encoder_part(
+    path: str | Path, device: str = "cpu", trust_remote_code: bool = False
+) -> tuple[nn.Module, Any, str]:
+    """(encoder in eval mode, tokenizer, fingerprint computed from the loaded weights)."""
+    from polytask.model import load_encoder
+
+    enc_dir = Path(path) / "encoder"
+    if not enc_dir.is_dir():
+        raise BundleError(f"{path}: no encoder/ directory; is this a polytask bundle?")
+    encoder, tokenizer = load_encoder(str(enc_dir), trust_remote_code=trust_remote_code)
+    fingerprint = encoder_fingerprint(encoder)
+    return encoder.to(device).eval(), tokenizer, fingerprint
+
+
+def load_head(
+    path: str | Path, task: str, encoder_fingerprint: str | None, device: str = "cpu"
+) -> tuple[nn.Module, TaskSpec]:
+    """One head, refused when it was trained against a different encoder than the one loaded."""
+    head_dir = Path(path) / "heads" / task
+    if not (head_dir / "head.json").is_file():
+        known = sorted(p.name for p in (Path(path) / "heads").glob("*")) if Path(path).is_dir() else []
+        raise BundleError(f"{path}: no head for task '{task}'; heads present: {known}")
+    meta = json.loads((head_dir / "head.json").read_text())
+    if encoder_fingerprint is not None and meta["encoder_fingerprint"] != encoder_fingerprint:
+        raise BundleError(
+            f"head '{task}' was trained against encoder {meta['encoder_fingerprint']} but the "
+            f"loaded encoder is {encoder_fingerprint}; serve heads from the same bundle as the encoder"
+        )
+    spec = TaskSpec.from_dict(meta["spec"])
+    head = build_head(spec, int(meta["hidden_size"]))
+    head.load_state_dict(load_file(head_dir / "head.safetensors"))
+    return head.to(device).eval(), spec
+
+
+def load_bundle(path: str | Path, device: str = "cpu", trust_remote_code: bool = False):
+    """The whole MultiTaskModel (eval mode), its tokenizer and manifest, for in-process prediction."""
+    from polytask.model import MultiTaskModel
+
+    manifest = read_manifest(path)
+    encoder, tokenizer, fingerprint = load_encoder_part(path, device, trust_remote_code)
+    if fingerprint != manifest.fingerprint:
+        raise BundleError(
+            f"{path}: encoder weights have fingerprint {fingerprint} but {MANIFEST} says "
+            f"{manifest.fingerprint}; the bundle was modified or is incomplete"
+        )
+    model = MultiTaskModel(encoder, manifest.tasks, manifest.pooling)
+    for spec in manifest.tasks:
+        model.heads[spec.name], _ = load_head(path, spec.name, fingerprint, device)
+    return model.to(device).eval(), tokenizer, manifest

@@ -1,0 +1,201 @@
+"""`polytask` command line. Heavy modules (torch, ray, mlflow) are imported inside commands, so
+`polytask validate` and `--help` stay fast."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from polytask.config import ConfigError, load_config
+
+app = typer.Typer(
+    help="Multi-task transformer models on Ray: train, tune, register, serve.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+registry_app = typer.Typer(help="MLflow Model Registry: versions and aliases.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks; results are written to files.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+app.add_typer(bench_app, name="bench")
+console = Console()
+
+Overrides = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a config key, e.g. --set optim.lr=3e-5 (repeatable)."),
+]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load(path: Path, overrides: list[str] | None):
+    try:
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def validate(
+    experiment: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
+    overrides: Overrides = None,
+    data: Annotated[bool, typer.Option(help="Also read the data files and check labels.")] = False,
+) -> None:
+    """Check an experiment file (and optionally its data) without starting Ray."""
+    cfg = _load(experiment, overrides)
+    if data:
+        from polytask.data import DataError, load_task_data
+
+        try:
+            task_data = load_task_data(cfg)
+        except DataError as exc:
+            _fail(str(exc))
+        for name, td in task_data.items():
+            console.print(f"  {name}: {len(td.splits['train'])} train rows, labels {td.spec.labels}")
+    if cfg.tune is not None:
+        from polytask.searchspace import SearchSpaceError, parse_search_space
+
+        try:
+            parse_search_space(cfg)
+        except SearchSpaceError as exc:
+            _fail(str(exc))
+    console.print(f"[green]ok[/] {experiment}: {len(cfg.tasks)} task(s): {', '.join(cfg.task_names)}")
+
+
+@app.command()
+def train(
+    experiment: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
+    overrides: Overrides = None,
+    run_name: Annotated[Optional[str], typer.Option(help="Run name; reuse it to resume.")] = None,
+) -> None:
+    """Joint multi-task training on Ray Train; logs to MLflow and registers the bundle."""
+    cfg = _load(experiment, overrides)
+    from polytask.data import DataError
+    from polytask.train import run_training
+
+    try:
+        result = run_training(cfg, run_name=run_name, console=console)
+    except DataError as exc:
+        _fail(str(exc))
+    console.print_json(json.dumps(result.summary()))
+
+
+@app.command()
+def tune(
+    experiment: Annotated[Path, typer.Argument(help="Experiment YAML with a `tune` section.")],
+    overrides: Overrides = None,
+) -> None:
+    """Ray Tune sweep over task weights and hyperparameters; registers the best trial."""
+    cfg = _load(experiment, overrides)
+    if cfg.tune is None:
+        _fail(f"{experiment}: no `tune` section; add tune.search_space (see jobs/sweep.yaml)")
+    from polytask.tune import run_sweep
+
+    run_sweep(cfg, console=console)
+
+
+@registry_app.command("list")
+def registry_list(
+    name: Annotated[Optional[str], typer.Argument(help="Registered model name.")] = None,
+) -> None:
+    """Registered models, or one model's versions with their aliases and objective."""
+    from polytask.registry import list_versions
+
+    rows = list_versions(name)
+    table = Table(*rows[0].keys()) if rows else Table("nothing registered")
+    for row in rows:
+        table.add_row(*[str(v) for v in row.values()])
+    console.print(table)
+
+
+@registry_app.command("promote")
+def registry_promote(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Version number to move the alias to.")],
+    alias: Annotated[str, typer.Option(help="Alias to set.")] = "champion",
+) -> None:
+    """Point an alias (default `champion`) at a version."""
+    from polytask.registry import promote
+
+    promote(name, version, alias)
+    console.print(f"models:/{name}@{alias} → version {version}")
+
+
+@registry_app.command("show")
+def registry_show(
+    uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or a path.")],
+) -> None:
+    """Where a model URI resolves to, and its tasks."""
+    from polytask.bundle import read_manifest
+    from polytask.registry import resolve_bundle
+
+    path = resolve_bundle(uri)
+    manifest = read_manifest(path)
+    console.print_json(json.dumps({"uri": uri, "bundle": str(path), **manifest.to_dict()}))
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, runs:/ID/model or bundle dir.")],
+    config: Annotated[
+        Optional[Path], typer.Option(help="Serve config YAML (e.g. serve_configs/local.yaml).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+) -> None:
+    """Serve a model with Ray Serve: encoder and head deployments behind one HTTP API."""
+    from polytask.serve import run_server
+
+    run_server(model, config_path=config, host=host, port=port, console=console)
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, runs:/ID/model or bundle dir.")],
+    texts: Annotated[list[str], typer.Argument(help="Input texts.")],
+    task: Annotated[Optional[list[str]], typer.Option(help="Tasks to run (default: all).")] = None,
+) -> None:
+    """Predict in-process (no Ray) and print JSON."""
+    from polytask.inference import Predictor
+    from polytask.registry import resolve_bundle
+
+    predictor = Predictor.from_bundle(str(resolve_bundle(model)))
+    try:
+        results = predictor.predict(list(texts), task)
+    except KeyError as exc:
+        _fail(str(exc.args[0]))
+    console.print_json(json.dumps(results))
+
+
+@app.command()
+def quickstart(
+    workdir: Annotated[Path, typer.Option(help="Where demo data and state go.")] = Path(
+        ".polytask/quickstart"
+    ),
+    fast: Annotated[bool, typer.Option(help="Tiny random encoder, few steps (for tests).")] = False,
+    keep_serving: Annotated[bool, typer.Option(help="Keep the endpoint up until Ctrl-C.")] = False,
+    port: Annotated[int, typer.Option(help="HTTP port for the demo endpoint.")] = 8000,
+) -> None:
+    """Train → register → serve → ask, end to end on this machine, offline."""
+    from polytask.quickstart import run_quickstart
+
+    run_quickstart(workdir, fast=fast, keep_serving=keep_serving, port=port, console=console)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

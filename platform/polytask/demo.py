@@ -1,0 +1,192 @@
+"""A generated two-task data set (sentiment + NER) and a tiny random encoder, both offline.
+
+The quickstart trains on these, and the tests build the same things at tiny sizes, so nothing
+ever downloads weights or data.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PEOPLE = ["alice", "bob", "carlos", "dana", "elena", "farid", "grace", "hiro", "ines", "jamal"]
+SURNAMES = ["smith", "garcia", "tanaka", "okafor", "novak", "silva"]
+PLACES = ["paris", "london", "tokyo", "lagos", "lima", "oslo", "cairo", "new york", "san diego"]
+ORGS = ["acme", "globex", "initech", "umbrella corp", "stark industries"]
+POSITIVE = ["great", "wonderful", "excellent", "lovely", "brilliant", "delightful", "superb"]
+NEGATIVE = ["terrible", "awful", "boring", "dreadful", "horrible", "disappointing", "bad"]
+THINGS = ["movie", "meal", "hotel", "concert", "book", "service", "trip", "game"]
+NER_TEMPLATES = [
+    "{P} flew to {L} last week",
+    "yesterday {P} met {P} in {L}",
+    "{P} works for {O} near {L}",
+    "the team from {O} visited {L}",
+    "i saw {P} at the {O} office",
+    "{P} and {P} moved to {L}",
+    "{O} opened a store in {L} today",
+]
+SENTIMENT_TEMPLATES = [
+    "the {T} was {A}",
+    "what a {A} {T}",
+    "honestly the {T} felt {A} to me",
+    "we thought the {T} in {L} was {A}",
+    "{P} said the {T} was really {A}",
+]
+
+
+def _sentiment_example(rng: random.Random) -> dict[str, str]:
+    positive = rng.random() < 0.5
+    text = rng.choice(SENTIMENT_TEMPLATES).format(
+        T=rng.choice(THINGS),
+        A=rng.choice(POSITIVE if positive else NEGATIVE),
+        L=rng.choice(PLACES),
+        P=rng.choice(PEOPLE),
+    )
+    return {"text": text, "label": "positive" if positive else "negative"}
+
+
+def _ner_example(rng: random.Random) -> tuple[list[str], list[str]]:
+    tokens: list[str] = []
+    tags: list[str] = []
+    for part in rng.choice(NER_TEMPLATES).split():
+        if part in ("{P}", "{L}", "{O}"):
+            etype = {"{P}": "person", "{L}": "location", "{O}": "organization"}[part]
+            if etype == "person":
+                name = rng.choice(PEOPLE) + (" " + rng.choice(SURNAMES) if rng.random() < 0.4 else "")
+            else:
+                name = rng.choice(PLACES if etype == "location" else ORGS)
+            words = name.split()
+            tokens += words
+            tags += [f"B-{etype}"] + [f"I-{etype}"] * (len(words) - 1)
+        else:
+            tokens.append(part)
+            tags.append("O")
+    return tokens, tags
+
+
+def write_demo_data(root: str | Path, n_train: int = 400, n_eval: int = 100, seed: int = 0) -> Path:
+    """sentiment/{train,validation}.jsonl and ner/{train,validation}.conll under `root`."""
+    root = Path(root)
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("validation", n_eval)):
+        (root / "sentiment").mkdir(parents=True, exist_ok=True)
+        with open(root / "sentiment" / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                f.write(json.dumps(_sentiment_example(rng)) + "\n")
+        (root / "ner").mkdir(parents=True, exist_ok=True)
+        with open(root / "ner" / f"{split}.conll", "w") as f:
+            f.write("-DOCSTART-\tO\n\n")
+            for _ in range(n):
+                tokens, tags = _ner_example(rng)
+                f.write("".join(f"{t}\t{g}\n" for t, g in zip(tokens, tags)) + "\n")
+    return root
+
+
+def demo_corpus() -> list[str]:
+    rng = random.Random(1)
+    lines = [_sentiment_example(rng)["text"] for _ in range(300)]
+    lines += [" ".join(_ner_example(rng)[0]) for _ in range(300)]
+    return lines
+
+
+def write_tiny_encoder(
+    path: str | Path, hidden_size: int = 32, layers: int = 2, vocab_size: int = 300, seed: int = 0
+) -> Path:
+    """A random BertModel and a WordPiece tokenizer trained on the demo corpus; small vocab, so
+    many words split into several sub-tokens (which is what NER alignment must handle)."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    path = Path(path)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(
+        demo_corpus(), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+    )
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+    )
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=hidden_size * 2,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(path, safe_serialization=True)
+    fast.save_pretrained(path)
+    return path
+
+
+def demo_experiment(
+    data_dir: str | Path,
+    encoder: str | Path,
+    *,
+    epochs: int = 3,
+    batch_size: int = 16,
+    lr: float = 5e-4,
+    num_workers: int = 2,
+    registered_model: str | None = "polytask-demo",
+    **overrides: Any,
+) -> dict[str, Any]:
+    """The demo experiment as a dict (what a user would write in YAML)."""
+    data_dir = Path(data_dir).resolve()
+    cfg: dict[str, Any] = {
+        "encoder": {"name_or_path": str(encoder), "max_length": 64, "pooling": "cls"},
+        "tasks": [
+            {
+                "name": "sentiment",
+                "kind": "classification",
+                "data": {
+                    "train": str(data_dir / "sentiment/train.jsonl"),
+                    "validation": str(data_dir / "sentiment/validation.jsonl"),
+                },
+            },
+            {
+                "name": "ner",
+                "kind": "token_classification",
+                "data": {
+                    "train": str(data_dir / "ner/train.conll"),
+                    "validation": str(data_dir / "ner/validation.conll"),
+                },
+            },
+        ],
+        "sampling": {"strategy": "temperature", "temperature": 2.0},
+        "optim": {"lr": lr, "epochs": epochs, "batch_size": batch_size, "warmup_ratio": 0.1},
+        "scaling": {"num_workers": num_workers},
+        "tracking": {"registered_model": registered_model},
+    }
+    for key, value in overrides.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+def write_yaml(data: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path

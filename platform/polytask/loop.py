@@ -1,0 +1,305 @@
+"""The training loop without any framework: optimizer, schedule, one epoch, evaluation, state.
+
+`train` runs this inside Ray Train workers; tests and the overhead benchmark run it directly,
+so the plain-PyTorch baseline and the Ray path execute the very same step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from polytask.config import ExperimentConfig, OptimConfig
+from polytask.data import TaskBatches, TaskSampler, eval_batches, tokenize_records
+from polytask.model import MultiTaskModel, build_model, load_encoder
+from polytask.tasks import LOWER_IS_BETTER, TaskSpec
+
+_NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+def make_optimizer(model: MultiTaskModel, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW with separate encoder/head learning rates; no decay on biases and norms."""
+    enc_lr = optim.encoder_lr or optim.lr
+    head_lr = optim.head_lr or optim.lr
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lr = enc_lr if name.startswith("encoder.") else head_lr
+        decay = 0.0 if any(k in name for k in _NO_DECAY) or name.startswith("weighting.") else optim.weight_decay
+        groups.setdefault((lr, decay), []).append(param)
+    return torch.optim.AdamW(
+        [{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()]
+    )
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the base rate, then linear decay to zero."""
+    warmup = int(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Trainer:
+    """Everything one worker needs for its steps; plain data, built by `setup`."""
+
+    cfg: ExperimentConfig
+    model: nn.Module  # possibly DDP/FSDP-wrapped
+    core: MultiTaskModel  # the unwrapped model, for eval and saving
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: TaskSampler
+    batches: TaskBatches
+    eval_features: dict[str, list[dict[str, Any]]]
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def specs(self) -> list[TaskSpec]:
+        return list(self.core.specs.values())
+
+
+def build_features(
+    cfg: ExperimentConfig, task_data: dict[str, Any], tokenizer: Any
+) -> tuple[dict[str, list], dict[str, list]]:
+    """Tokenized train and validation features per task (done once, on the driver)."""
+    train, val = {}, {}
+    for name, td in task_data.items():
+        train[name] = tokenize_records(td.splits["train"], td.spec, tokenizer, cfg.encoder.max_length)
+        if td.splits.get("validation"):
+            val[name] = tokenize_records(
+                td.splits["validation"], td.spec, tokenizer, cfg.encoder.max_length
+            )
+    return train, val
+
+
+def setup(
+    cfg: ExperimentConfig,
+    specs: list[TaskSpec],
+    train_features: dict[str, list[dict[str, Any]]],
+    eval_features: dict[str, list[dict[str, Any]]],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+    wrap: Any = None,
+) -> Trainer:
+    """Build model, optimizer, schedule and data streams; `wrap` (e.g. prepare_model) adds DDP."""
+    torch.manual_seed(cfg.optim.seed)
+    device = device or torch.device("cpu")
+    encoder, tokenizer = load_encoder(
+        cfg.encoder.name_or_path, cfg.encoder.revision, cfg.encoder.trust_remote_code
+    )
+    core = build_model(
+        encoder,
+        specs,
+        cfg.encoder.pooling,
+        cfg.loss_weighting.method,
+        {t.name: t.weight for t in cfg.tasks},
+        cfg.loss_weighting.dwa_temperature,
+    )
+    model = wrap(core) if wrap else core.to(device)
+    sizes = {name: max(1, math.ceil(len(f) / world_size)) for name, f in train_features.items()}
+    sampler = TaskSampler(
+        sizes,
+        cfg.sampling.strategy,
+        cfg.sampling.temperature,
+        cfg.optim.seed,
+        cfg.optim.epochs,
+        cfg.sampling.steps_per_epoch,
+        cfg.optim.batch_size,
+    )
+    optimizer = make_optimizer(core, cfg.optim)
+    total = math.ceil(sampler.steps_per_epoch / cfg.optim.grad_accum_steps) * cfg.optim.epochs
+    scheduler = make_scheduler(optimizer, total, cfg.optim.warmup_ratio)
+    token_tasks = {s.name for s in specs if s.task_kind.level == "token"}
+    batches = TaskBatches(
+        train_features,
+        token_tasks,
+        cfg.optim.batch_size,
+        rank,
+        world_size,
+        cfg.optim.seed,
+        tokenizer.pad_token_id,
+    )
+    dtype = _autocast_dtype(cfg.scaling.mixed_precision, device)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return Trainer(
+        cfg, model, core, tokenizer, optimizer, scheduler, sampler, batches, eval_features,
+        device, dtype, scaler,
+    )
+
+
+def _autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or setting == "no":
+        return None
+    if setting == "bf16" or (setting == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def train_epoch(tr: Trainer) -> dict[str, float]:
+    """One epoch of task-homogeneous steps in the sampler's order; returns mean loss per task."""
+    tr.model.train()
+    tr.batches.start_epoch(tr.sampler.epoch)
+    accum = tr.cfg.optim.grad_accum_steps
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    tr.optimizer.zero_grad(set_to_none=True)
+    for i, task in enumerate(tr.sampler, start=1):
+        batch = {k: v.to(tr.device) for k, v in tr.batches.next(task).items()}
+        with _autocast(tr):
+            _, loss, weighted = tr.model(task, batch)
+        _backward(tr, weighted / accum)
+        sums[task] = sums.get(task, 0.0) + float(loss.detach())
+        counts[task] = counts.get(task, 0) + 1
+        if i % accum == 0 or i == tr.sampler.steps_per_epoch:
+            _optimizer_step(tr)
+    means = {t: sums[t] / counts[t] for t in sums}
+    tr.core.weighting.end_epoch(means)
+    return means
+
+
+def _autocast(tr: Trainer) -> contextlib.AbstractContextManager:
+    if tr.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(tr.device.type, dtype=tr.autocast_dtype)
+
+
+def _backward(tr: Trainer, loss: torch.Tensor) -> None:
+    (tr.scaler.scale(loss) if tr.scaler else loss).backward()
+
+
+def _optimizer_step(tr: Trainer) -> None:
+    if tr.scaler:
+        tr.scaler.unscale_(tr.optimizer)
+    if tr.cfg.optim.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(tr.model.parameters(), tr.cfg.optim.max_grad_norm)
+    if tr.scaler:
+        tr.scaler.step(tr.optimizer)
+        tr.scaler.update()
+    else:
+        tr.optimizer.step()
+    tr.scheduler.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def evaluate(
+    model: MultiTaskModel,
+    features: dict[str, list[dict[str, Any]]],
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, dict[str, float]]:
+    """Each task's metrics (its kind's metric set) on its validation features."""
+    model.eval()
+    out = {}
+    for task, feats in features.items():
+        spec = model.specs[task]
+        token = spec.task_kind.level == "token"
+        logits: list[np.ndarray] = [None] * len(feats)  # type: ignore[list-item]
+        targets: list[Any] = [None] * len(feats)
+        for idx, batch in eval_batches(feats, batch_size, pad_token_id, token):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            lg, loss, _ = model(task, batch)
+            lg = lg.float().cpu().numpy()
+            for row, i in enumerate(idx):
+                n = len(feats[i]["input_ids"])
+                logits[i] = lg[row, :n] if token else lg[row]
+                targets[i] = np.asarray(feats[i]["labels"])
+        out[task] = spec.task_kind.metrics(logits, targets, spec)
+    return out
+
+
+def objective(metrics: dict[str, dict[str, float]], specs: list[TaskSpec], weights: dict[str, float] | None = None) -> float:
+    """Aggregate: (weighted) mean of each task's primary metric; lower-is-better ones negated."""
+    total, norm = 0.0, 0.0
+    for spec in specs:
+        if spec.name not in metrics:
+            continue
+        name = spec.metric or spec.task_kind.primary_metric
+        value = metrics[spec.name][name]
+        w = (weights or {}).get(spec.name, 1.0)
+        total += w * (-value if name in LOWER_IS_BETTER else value)
+        norm += w
+    return total / norm if norm else float("nan")
+
+
+def flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{'ner': {'f1': .5}} → {'ner/f1': .5}, the names MLflow and Ray report."""
+    return {f"{task}/{k}": v for task, m in metrics.items() for k, v in m.items()}
+
+
+# --- training state: safetensors tensors + JSON scalars, never pickle --------------------------
+
+
+def save_state(tr: Trainer, path: str | Path) -> None:
+    """Model, optimizer, scheduler, sampler, loss weighting and epoch, for exact resumption."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tr.core.state_dict().items()}, path / "model.safetensors")
+    opt = tr.optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, pstate in opt["state"].items():
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    save_file(tensors or {"_empty": torch.zeros(1)}, path / "optimizer.safetensors")
+    meta = {
+        "epoch": tr.epoch,
+        "sampler": tr.sampler.state_dict(),
+        "scheduler_last_epoch": tr.scheduler.last_epoch,
+        "optimizer_scalars": scalars,
+        "optimizer_param_groups": opt["param_groups"],
+        "weighting_history": tr.core.weighting.history,
+        "scaler": tr.scaler.state_dict() if tr.scaler else None,
+        "history": tr.history,
+    }
+    (path / "train_state.json").write_text(json.dumps(meta))
+
+
+def load_state(tr: Trainer, path: str | Path) -> None:
+    """Inverse of save_state, applied to a freshly set-up Trainer."""
+    path = Path(path)
+    tr.core.load_state_dict(load_file(path / "model.safetensors", device=str(tr.device)))
+    meta = json.loads((path / "train_state.json").read_text())
+    tensors = load_file(path / "optimizer.safetensors", device=str(tr.device))
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["optimizer_scalars"].items()):
+        if key == "_empty":
+            continue
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    tr.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
+    tr.scheduler.last_epoch = meta["scheduler_last_epoch"]
+    tr.scheduler._last_lr = [g["lr"] for g in tr.optimizer.param_groups]
+    tr.sampler.load_state_dict(meta["sampler"])
+    tr.core.weighting.history = meta["weighting_history"]
+    if tr.scaler and meta["scaler"]:
+        tr.scaler.load_state_dict(meta["scaler"])
+    tr.epoch = meta["epoch"]
+    tr.history = meta["history"]

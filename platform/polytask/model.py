@@ -1,0 +1,134 @@
+"""MultiTaskModel: one transformers encoder, one head per task, and the joint-loss weighting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from polytask.tasks import TaskSpec, build_head
+
+
+def load_encoder(
+    name_or_path: str, revision: str | None = None, trust_remote_code: bool = False
+) -> tuple[nn.Module, Any]:
+    """(AutoModel, fast tokenizer) from a hub id or a local directory."""
+    from transformers import AutoModel, AutoTokenizer
+
+    kw = {"revision": revision, "trust_remote_code": trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, use_fast=True, **kw)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"encoder.name_or_path '{name_or_path}' has no fast tokenizer; polytask aligns NER "
+            "labels with fast tokenizers' word ids — pick an encoder that ships tokenizer.json"
+        )
+    return AutoModel.from_pretrained(name_or_path, **kw), tokenizer
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Sentence vector from token states: the first ([CLS]) token, or the masked mean."""
+    if how == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class LossWeighting(nn.Module):
+    """Σ λ_i L_i with static λ, learned uncertainty (Kendall et al., 2018) or DWA (Liu et al., 2019).
+
+    A module (not a function) so uncertainty parameters train and sync under DDP with the model.
+    """
+
+    def __init__(
+        self, tasks: list[str], method: str, static: dict[str, float], dwa_temperature: float = 2.0
+    ) -> None:
+        super().__init__()
+        self.tasks = list(tasks)
+        self.method = method
+        self.dwa_temperature = dwa_temperature
+        self.register_buffer("static", torch.tensor([static.get(t, 1.0) for t in tasks]))
+        self.register_buffer("dwa", torch.ones(len(tasks)))
+        self.log_vars = nn.Parameter(torch.zeros(len(tasks)), requires_grad=method == "uncertainty")
+        self.history: list[list[float]] = []
+
+    def forward(self, task: str, loss: torch.Tensor) -> torch.Tensor:
+        i = self.tasks.index(task)
+        if self.method == "uncertainty":
+            return torch.exp(-self.log_vars[i]) * loss + self.log_vars[i]
+        if self.method == "dwa":
+            return self.static[i] * self.dwa[i] * loss
+        return self.static[i] * loss
+
+    def end_epoch(self, epoch_losses: dict[str, float]) -> None:
+        """DWA: next epoch's weights from the ratio of the last two epochs' mean losses."""
+        self.history.append([float(epoch_losses.get(t, float("nan"))) for t in self.tasks])
+        if self.method != "dwa" or len(self.history) < 2:
+            return
+        last, prev = torch.tensor(self.history[-1]), torch.tensor(self.history[-2])
+        ratio = torch.nan_to_num(last / prev.clamp(min=1e-12), nan=1.0)
+        self.dwa.copy_(len(self.tasks) * torch.softmax(ratio / self.dwa_temperature, dim=0))
+
+    def weights(self) -> dict[str, float]:
+        """The λ each task's loss is multiplied by right now (for logging)."""
+        if self.method == "uncertainty":
+            w = torch.exp(-self.log_vars.detach())
+        elif self.method == "dwa":
+            w = self.static * self.dwa
+        else:
+            w = self.static
+        return {t: float(v) for t, v in zip(self.tasks, w)}
+
+
+class MultiTaskModel(nn.Module):
+    """A shared encoder plus `nn.ModuleDict` heads; `forward(task, ...)` runs only that head."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        specs: list[TaskSpec],
+        pooling: str = "cls",
+        weighting: LossWeighting | None = None,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.specs = {s.name: s for s in specs}
+        self.pooling = pooling
+        hidden = encoder.config.hidden_size
+        self.heads = nn.ModuleDict({s.name: build_head(s, hidden) for s in specs})
+        self.weighting = weighting or LossWeighting([s.name for s in specs], "static", {})
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        return self.encoder(**inputs).last_hidden_state
+
+    def head_logits(
+        self, task: str, hidden: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits of one head from encoder states: per token for token tasks, else pooled."""
+        spec = self.specs[task]
+        if spec.task_kind.level == "token":
+            return self.heads[task](hidden)
+        return self.heads[task](pool(hidden, attention_mask, self.pooling))
+
+    def forward(
+        self, task: str, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(logits, raw task loss, weighted loss); losses are None when the batch has no labels."""
+        logits = self.head_logits(task, self.encode(batch), batch["attention_mask"])
+        if "labels" not in batch:
+            return logits, None, None
+        loss = self.specs[task].task_kind.loss(logits, batch["labels"])
+        return logits, loss, self.weighting(task, loss)
+
+
+def build_model(
+    encoder: nn.Module,
+    specs: list[TaskSpec],
+    pooling: str,
+    method: str = "static",
+    static_weights: dict[str, float] | None = None,
+    dwa_temperature: float = 2.0,
+) -> MultiTaskModel:
+    weighting = LossWeighting([s.name for s in specs], method, static_weights or {}, dwa_temperature)
+    return MultiTaskModel(encoder, specs, pooling, weighting)
