@@ -72,6 +72,7 @@ class Trainer:
     device: torch.device
     autocast_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
+    rank: int = 0
     epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -147,7 +148,7 @@ def setup(
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     return Trainer(
         cfg, model, core, tokenizer, optimizer, scheduler, sampler, batches, eval_features,
-        device, dtype, scaler,
+        device, dtype, scaler, rank,
     )
 
 
@@ -163,6 +164,7 @@ def train_epoch(tr: Trainer) -> dict[str, float]:
     """One epoch of task-homogeneous steps in the sampler's order; returns mean loss per task."""
     tr.model.train()
     tr.batches.start_epoch(tr.sampler.epoch)
+    torch.manual_seed(tr.cfg.optim.seed * 1_000_003 + tr.sampler.epoch * 1009 + tr.rank)  # dropout
     accum = tr.cfg.optim.grad_accum_steps
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}

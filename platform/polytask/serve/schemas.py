@@ -1,0 +1,228 @@
+"""Typed shapes of the serving layer: the application args and the HTTP request/response bodies.
+
+Imports neither torch nor ray, so configs can be validated cheaply (tests, `polytask validate`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictStr,
+    Tag,
+    ValidationError,
+    field_validator,
+)
+
+
+class ServeArgsError(ValueError):
+    """Application args that do not validate; the message names each field and the fix."""
+
+
+class HeadOptions(BaseModel):
+    """Deployment options applied to every head deployment with `.options(...)`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ray_actor_options: dict[str, Any] | None = Field(
+        None, description="e.g. {num_cpus: 0.5, resources: {cpu_pool: 0.01}}; never num_gpus."
+    )
+    autoscaling_config: dict[str, Any] | None = Field(None, description="Serve autoscaling.")
+    max_ongoing_requests: int | None = Field(None, ge=1)
+    max_queued_requests: int | None = Field(None, ge=-1)
+    num_replicas: int | None = Field(None, ge=1, description="Fixed count (no autoscaling).")
+    graceful_shutdown_timeout_s: float | None = Field(None, ge=0)
+
+    @field_validator("ray_actor_options")
+    @classmethod
+    def _cpu_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value and value.get("num_gpus"):
+            raise ValueError(
+                "heads run on CPU: remove num_gpus from head_options.ray_actor_options "
+                "(only the Encoder deployment needs a GPU)"
+            )
+        return value
+
+    def as_options(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class ServeArgs(BaseModel):
+    """Args of `polytask.serve:build_app` (the `args:` block of a Serve config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        min_length=1, description="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH or a bundle dir."
+    )
+    tasks: list[str] | None = Field(None, min_length=1, description="Serve only these tasks.")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Where the encoder runs.")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Encoder dynamic batch size.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10, description="Encoder batch wait.")
+    max_inputs_per_request: int = Field(64, ge=1, le=10_000)
+    max_chars_per_input: int = Field(2000, ge=1, le=1_000_000)
+    max_body_bytes: int | None = Field(
+        None, ge=1024, description="Request body limit; default fits the input limits."
+    )
+    overflow: Literal["reject", "truncate"] = Field(
+        "reject", description="Inputs over max_chars_per_input: 413, or cut to the limit."
+    )
+    api_key_env: str | None = Field(
+        None, min_length=1, description="Env var holding the API key; unset = no auth."
+    )
+    head_options: HeadOptions = Field(default_factory=HeadOptions)
+    encoder_variant: Literal["default"] = Field(
+        "default", description="Reserved for compressed encoders; only 'default' exists."
+    )
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _split_tasks(cls, value: Any) -> Any:
+        """`serve run ... tasks=a,b` passes a string; accept it as a comma-separated list."""
+        if isinstance(value, str):
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    @property
+    def body_limit(self) -> int:
+        """Bytes a request body may have: every input at its limit, JSON-escaped, plus slack."""
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return self.max_inputs_per_request * (2 * self.max_chars_per_input * 6 + 64) + 4096
+
+
+def parse_args(args: dict[str, Any] | ServeArgs) -> ServeArgs:
+    """Validate builder args; errors list each bad field with what to change."""
+    if isinstance(args, ServeArgs):
+        return args
+    try:
+        return ServeArgs.model_validate(dict(args))
+    except ValidationError as exc:
+        raise ServeArgsError("invalid polytask.serve args: " + describe_errors(exc.errors())) from exc
+
+
+def describe_errors(errors: list[dict[str, Any]]) -> str:
+    """Pydantic errors as one readable line: `where: problem` per error, joined by '; '."""
+    parts = []
+    for err in errors:
+        where = _location(err.get("loc", ()))
+        kind = err.get("type", "")
+        if kind == "missing":
+            problem = "is required"
+        elif kind == "extra_forbidden":
+            problem = "is not a known field; remove it (check the spelling)"
+        else:
+            problem = str(err.get("msg", "is invalid")).removeprefix("Value error, ")
+        parts.append(f"{where}: {problem}" if where else problem)
+    return "; ".join(parts)
+
+
+def _location(loc: tuple[Any, ...] | list[Any]) -> str:
+    """('body', 'inputs', 0, 'object', 'text') → 'inputs[0].text' (union tags and 'body' dropped)."""
+    out = ""
+    for part in loc:
+        if part in ("body", "string", "object"):
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or ("body" if loc else "")
+
+
+# --- HTTP bodies ---------------------------------------------------------------------------
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("text must not be empty or whitespace-only; send some text")
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(_not_blank)]
+
+
+class PairInput(BaseModel):
+    """One input as an object: `text_pair` is required by pair tasks, ignored by the others."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: Text
+    text_pair: Text | None = None
+
+
+def _input_tag(value: Any) -> str:
+    return "object" if isinstance(value, (dict, PairInput)) else "string"
+
+
+Input = Annotated[
+    Union[Annotated[Text, Tag("string")], Annotated[PairInput, Tag("object")]],
+    Discriminator(_input_tag),
+]
+
+
+class TaskPredictRequest(BaseModel):
+    """Body of POST /v1/tasks/{task}/predict."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[Input] = Field(
+        min_length=1,
+        description='Strings, or {"text": ..., "text_pair": ...} objects (pair tasks).',
+        examples=[["the movie was great", "alice flew to paris"]],
+    )
+
+
+class PredictRequest(TaskPredictRequest):
+    """Body of POST /v1/predict."""
+
+    tasks: list[StrictStr] | None = Field(
+        None, min_length=1, description="Tasks to run; omitted = every served task."
+    )
+
+
+class ModelInfo(BaseModel):
+    uri: str = Field(description="The model as configured (may name an alias).")
+    ref: str = Field(description="The exact version served (alias resolved at deploy time).")
+    fingerprint: str | None = Field(None, description="Encoder weights id that answered.")
+
+
+class PredictResponse(BaseModel):
+    results: list[dict[str, dict[str, Any]]] = Field(
+        description="One {task: answer} per input, in input order. Answers: classification "
+        "{label, score, probabilities}; multilabel {labels, probabilities}; token_classification "
+        "{entities: [{type, text, start, end, score}]}; regression {value}."
+    )
+    model: ModelInfo
+
+
+class TaskPredictResponse(BaseModel):
+    task: str
+    results: list[dict[str, Any]] = Field(description="One answer per input, in input order.")
+    model: ModelInfo
+
+
+class TaskInfo(BaseModel):
+    name: str
+    kind: str
+    labels: list[str]
+    pair: bool = Field(description="Inputs need text_pair.")
+
+
+class TasksResponse(BaseModel):
+    tasks: list[TaskInfo]
+    model: ModelInfo
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable error code.")
+    message: str = Field(description="What was wrong and what to change.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
