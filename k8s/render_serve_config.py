@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.check:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
-    rel = [str(p.relative_to(REPO)) for p in stale]
+    rel = [str(p.relative_to(REPO)) if REPO in p.parents else str(p) for p in stale]
     if args.check:
         if stale:
             print("out of date with serve_configs/cluster.yaml: " + ", ".join(rel))

@@ -111,7 +111,9 @@ def build(path: str | Path) -> list[dict[str, Any]]:
 def _read_inside(root: Path, rel: str) -> str:
     path = (root / rel).resolve()
     if root != path and root not in path.parents:
-        raise KustomizeLiteError(f"{rel}: outside the kustomization root {root} (kustomize refuses)")
+        raise KustomizeLiteError(
+            f"{rel}: outside the kustomization root {root} (kustomize refuses)"
+        )
     return path.read_text()
 
 
@@ -122,7 +124,11 @@ def _ident(obj: dict[str, Any]) -> tuple[str, str, str, str]:
 
 
 def _add(objects: list[dict[str, Any]], doc: Any, where: str) -> None:
-    if not isinstance(doc, dict) or not doc.get("kind") or not (doc.get("metadata") or {}).get("name"):
+    if (
+        not isinstance(doc, dict)
+        or not doc.get("kind")
+        or not (doc.get("metadata") or {}).get("name")
+    ):
         raise KustomizeLiteError(f"{where}: every resource needs kind and metadata.name")
     if any(_ident(o) == _ident(doc) for o in objects):
         raise KustomizeLiteError(f"{where}: duplicate resource {_ident(doc)}")
@@ -139,7 +145,9 @@ def _generate(
 ) -> None:
     allowed = {"name", "namespace", "behavior", "files", "literals", "envs", "type", "options"}
     if set(gen) - allowed:
-        raise KustomizeLiteError(f"{kind} generator: unsupported fields {sorted(set(gen) - allowed)}")
+        raise KustomizeLiteError(
+            f"{kind} generator: unsupported fields {sorted(set(gen) - allowed)}"
+        )
     opts = {**global_options, **(gen.get("options") or {})}
     if set(opts) - {"disableNameSuffixHash", "labels", "annotations"}:
         raise KustomizeLiteError(f"generator options: unsupported {sorted(opts)}")
@@ -183,7 +191,9 @@ def _generate(
         _add(objects, obj, f"{kind} generator {gen['name']}")
     elif behavior in ("merge", "replace"):
         if len(existing) != 1:
-            raise KustomizeLiteError(f"{gen['name']}: behavior {behavior} needs one existing {kind}")
+            raise KustomizeLiteError(
+                f"{gen['name']}: behavior {behavior} needs one existing {kind}"
+            )
         old = existing[0]
         if behavior == "replace":
             old["data"] = data

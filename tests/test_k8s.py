@@ -14,22 +14,26 @@ when one is installed); then:
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
 import importlib.util
+import itertools
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kustomize_lite  # noqa: E402
+import kustomize_lite
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -46,7 +50,7 @@ OVERLAYS = PLATFORM + JOBS
 ALL_BUILDS = ("base", "base/jobs") + OVERLAYS
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rendered(path: str) -> tuple[dict[str, Any], ...]:
     return tuple(kustomize_lite.build(K8S / path))
 
@@ -64,8 +68,11 @@ def one(path: str, kind: str, name: str) -> dict[str, Any]:
 def cluster_specs(obj: dict[str, Any]) -> dict[str, Any]:
     """The RayCluster spec inside a RayCluster/RayJob/RayService."""
     spec = obj["spec"]
-    return {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get(
-        "rayClusterConfig")}[obj["kind"]]
+    return {
+        "RayCluster": spec,
+        "RayJob": spec.get("rayClusterSpec"),
+        "RayService": spec.get("rayClusterConfig"),
+    }[obj["kind"]]
 
 
 def groups(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -104,8 +111,11 @@ def containers(obj: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], dict[
     if obj["kind"] in RAY_KINDS and cluster_specs(obj).get("enableInTreeAutoscaling"):
         auto = cluster_specs(obj).get("autoscalerOptions") or {}
         head_pod = cluster_specs(obj)["headGroupSpec"]["template"]["spec"]
-        yield f"{obj['kind']}/{obj['metadata']['name']} autoscaler", auto, head_pod.get(
-            "securityContext") or {}
+        yield (
+            f"{obj['kind']}/{obj['metadata']['name']} autoscaler",
+            auto,
+            head_pod.get("securityContext") or {},
+        )
 
 
 def env_of(container: dict[str, Any]) -> dict[str, str]:
@@ -152,7 +162,11 @@ def test_renderer_agrees_with_real_kustomize(path):
         return (o["apiVersion"], o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])
 
     proc = subprocess.run(
-        [*_kustomize_cli(), str(K8S / path)], capture_output=True, text=True, timeout=60
+        [*_kustomize_cli(), str(K8S / path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     if proc.returncode != 0 and "unknown command" in proc.stderr:
         pytest.skip(f"{_kustomize_cli()} cannot build: {proc.stderr.strip()[:200]}")
@@ -160,8 +174,8 @@ def test_renderer_agrees_with_real_kustomize(path):
     real = {ident(o): o for o in yaml.safe_load_all(proc.stdout) if o}
     lite = {ident(o): o for o in rendered(path)}
     assert lite.keys() == real.keys()
-    for key in real:
-        assert lite[key] == real[key], f"{path}: {key} differs from kustomize's output"
+    for key, obj in real.items():
+        assert lite[key] == obj, f"{path}: {key} differs from kustomize's output"
 
 
 def test_renderer_refuses_what_it_does_not_implement(tmp_path):
@@ -171,7 +185,7 @@ def test_renderer_refuses_what_it_does_not_implement(tmp_path):
 
 
 # ------------------------------------------------------------------ schema validation
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_validators() -> dict[str, Any]:
     jsonschema = pytest.importorskip("jsonschema")
 
@@ -343,7 +357,9 @@ CLUSTER_SERVE = REPO / "serve_configs" / "cluster.yaml"
 
 
 def _render_module():
-    spec = importlib.util.spec_from_file_location("render_serve_config", K8S / "render_serve_config.py")
+    spec = importlib.util.spec_from_file_location(
+        "render_serve_config", K8S / "render_serve_config.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -374,8 +390,13 @@ def test_render_serve_config_check_passes(capsys):
 def test_render_serve_config_detects_drift(tmp_path, monkeypatch):
     module = _render_module()
     copy_ = tmp_path / "rayservice.yaml"
-    copy_.write_text(module.BASE_RAYSERVICE.read_text().replace("max_replicas: 8", "max_replicas: 9", 1))
+    copy_.write_text(
+        module.BASE_RAYSERVICE.read_text().replace("max_replicas: 8", "max_replicas: 9", 1)
+    )
     monkeypatch.setattr(module, "BASE_RAYSERVICE", copy_)
+    cpu_copy = tmp_path / "rayservice-serve-config.yaml"
+    cpu_copy.write_text(module.CPU_PATCH.read_text())
+    monkeypatch.setattr(module, "CPU_PATCH", cpu_copy)
     assert module.main(["--check"]) == 1
     assert module.main([]) == 0 and module.main(["--check"]) == 0
     assert yaml.safe_load(module.embedded(copy_.read_text())) == yaml.safe_load(
@@ -422,7 +443,10 @@ def test_pdb_covers_serve_worker_pods(path):
     selector = pdb["spec"]["selector"]
     rs = one(path, "RayService", "polytask")
     for where, meta, _ in pod_specs(rs):
-        labels = {**(meta.get("labels") or {}), "ray.io/node-type": "head" if "head" in where else "worker"}
+        labels = {
+            **(meta.get("labels") or {}),
+            "ray.io/node-type": "head" if "head" in where else "worker",
+        }
         assert _selected(selector, labels) == ("head" not in where), where
     assert "maxUnavailable" in pdb["spec"] or "minAvailable" in pdb["spec"]
 
@@ -469,6 +493,18 @@ def test_rayjobs(path):
             assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000", where
 
 
+def test_rayjob_entrypoints_parse_with_the_polytask_cli():
+    cli = pytest.importorskip("polytask.cli")
+    typer = pytest.importorskip("typer")
+    command = typer.main.get_command(cli.app)
+    for job in objs("base/jobs", "RayJob"):
+        argv = shlex.split(job["spec"]["entrypoint"])
+        assert argv[0] == "polytask"
+        sub = command.get_command(None, argv[1])
+        params = sub.make_context(argv[1], argv[2:]).params
+        assert str(params["experiment"]).startswith("/config/")
+
+
 @pytest.mark.parametrize("path", JOBS)
 def test_experiment_configmaps_are_valid_polytask_experiments(path, tmp_path):
     config = pytest.importorskip("polytask.config")
@@ -477,10 +513,13 @@ def test_experiment_configmaps_are_valid_polytask_experiments(path, tmp_path):
             file = tmp_path / key
             file.write_text(text)
             cfg = config.load_config(file)
-            assert cfg.run.storage_path == "/mnt/shared/ray-results"
+            assert cfg.run.storage_path is None  # the pod's POLYTASK_STORAGE_PATH decides
             assert cfg.scaling.use_gpu is path.startswith("overlays/gpu")
             if key == "experiment.yaml":
-                models = {a["args"]["model"] for a in _serve_config(path.rsplit("/jobs", 1)[0])["applications"]}
+                models = {
+                    a["args"]["model"]
+                    for a in _serve_config(path.rsplit("/jobs", 1)[0])["applications"]
+                }
                 assert f"models:/{cfg.tracking.registered_model}@champion" in models
             else:
                 assert cfg.tune is not None and cfg.tune.search_space
@@ -488,18 +527,29 @@ def test_experiment_configmaps_are_valid_polytask_experiments(path, tmp_path):
 
 # ------------------------------------------------------------------ MLflow + PostgreSQL
 def _mlflow_server_options() -> set[str]:
-    """`mlflow server` option names, read from the installed mlflow's source (importing the
-    CLI takes seconds)."""
+    """`mlflow server` option names, read from the installed mlflow's source (importing any
+    part of mlflow takes seconds)."""
     spec = importlib.util.find_spec("mlflow")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("mlflow not installed")
-    cli = Path(next(iter(spec.submodule_search_locations))) / "cli" / "__init__.py"
-    if not cli.is_file():
-        cli = cli.parent.with_suffix(".py")
-    text = cli.read_text()
+    root = Path(next(iter(spec.submodule_search_locations)))
+    cli = root / "cli" / "__init__.py"
+    text = (cli if cli.is_file() else root / "cli.py").read_text()
+    shared = dict(
+        re.findall(
+            r'^([A-Z_]+) = click\.option\(\s*"(--[a-z0-9-]+)',
+            (root / "utils" / "cli_args.py").read_text(),
+            re.MULTILINE,
+        )
+    )
     start = text.index("def server(")
     block = text[text.rindex("@cli.command", 0, start) : start]
-    return set(re.findall(r'"(--[a-z0-9-]+)', block))
+    options = set(re.findall(r'@click\.option\(\s*"(--[a-z0-9-]+)', block))
+    options |= {
+        shared[name] for name in re.findall(r"@cli_args\.([A-Z_]+)", block) if name in shared
+    }
+    assert "--backend-store-uri" in options and "--host" in options, "mlflow's CLI source moved"
+    return options
 
 
 @pytest.mark.parametrize("path", PLATFORM)
@@ -510,11 +560,13 @@ def test_mlflow_server(path):
     args = c["args"]
     known = _mlflow_server_options()
     assert {a for a in args if a.startswith("--")} <= known, "unknown mlflow server flag"
-    pairs = dict(zip(args, args[1:]))
+    pairs = dict(itertools.pairwise(args))
     assert pairs["--host"] == "0.0.0.0" and pairs["--port"] == "5000"
     assert pairs["--artifacts-destination"] == "/mlflow/artifacts" and "--serve-artifacts" in args
     hosts = pairs["--allowed-hosts"].split(",")
-    assert {"mlflow:5000", f"mlflow.{NAMESPACE}.svc.cluster.local:5000", "localhost:5000"} <= set(hosts)
+    assert {"mlflow:5000", f"mlflow.{NAMESPACE}.svc.cluster.local:5000", "localhost:5000"} <= set(
+        hosts
+    )
     assert "*" not in hosts
     env = {e["name"]: e for e in c["env"]}
     assert "--backend-store-uri" in known  # MLFLOW_BACKEND_STORE_URI is its envvar
@@ -526,6 +578,8 @@ def test_mlflow_server(path):
     one(path, "PersistentVolumeClaim", claim)
 
     sts = one(path, "StatefulSet", "postgres")
+    pg_env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "polytask-postgres"
     assert sts["spec"]["volumeClaimTemplates"]
     secret = one(path, "Secret", "polytask-postgres")
     assert {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"} <= set(secret["data"])
@@ -557,7 +611,16 @@ def test_every_container_is_hardened(path):
 
 
 def _quantity(value: Any) -> float:
-    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9}
+    units = {
+        "m": 1e-3,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+    }
     match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value))
     assert match, value
     return float(match.group(1)) * units.get(match.group(2), 1)
@@ -611,10 +674,16 @@ def _selected(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     return True
 
 
-def _allowed(policies, src: dict[str, str], src_ns: dict[str, str], dst: dict[str, str], port: int) -> bool:
+def _allowed(
+    policies, src: dict[str, str], src_ns: dict[str, str], dst: dict[str, str], port: int
+) -> bool:
     """Would `src` (pod labels, namespace labels) reach `dst` (a pod in our namespace) on `port`?"""
     same_ns = src_ns.get("kubernetes.io/metadata.name") == NAMESPACE
-    applying = [p for p in policies if _selected(p["spec"]["podSelector"], dst) and "Ingress" in p["spec"]["policyTypes"]]
+    applying = [
+        p
+        for p in policies
+        if _selected(p["spec"]["podSelector"], dst) and "Ingress" in p["spec"]["policyTypes"]
+    ]
     if not applying:
         return True
     for policy in applying:
@@ -634,7 +703,11 @@ def _allowed(policies, src: dict[str, str], src_ns: dict[str, str], dst: dict[st
 OUR_NS = {"kubernetes.io/metadata.name": NAMESPACE}
 OTHER_NS = {"kubernetes.io/metadata.name": "default"}
 INGRESS_NS = {"kubernetes.io/metadata.name": "ingress-nginx", "polytask.io/serve-client": "true"}
-RAY_HEAD = {"ray.io/node-type": "head", "polytask.io/component": "serve", "app.kubernetes.io/part-of": "polytask"}
+RAY_HEAD = {
+    "ray.io/node-type": "head",
+    "polytask.io/component": "serve",
+    "app.kubernetes.io/part-of": "polytask",
+}
 RAY_WORKER = {**RAY_HEAD, "ray.io/node-type": "worker"}
 TRAIN_WORKER = {"ray.io/node-type": "worker", "polytask.io/component": "train"}
 MLFLOW = {"app.kubernetes.io/name": "mlflow", "app.kubernetes.io/part-of": "polytask"}
@@ -688,10 +761,18 @@ def test_network_policy_labels_match_the_pods(path):
     for job in objs(path + "/jobs", "RayJob"):
         sub = job["spec"]["submitterPodTemplate"]["metadata"]["labels"]
         assert sub["polytask.io/ray-submitter"] == "true"
-    assert one(path, "Deployment", "mlflow")["spec"]["template"]["metadata"]["labels"][
-        "app.kubernetes.io/name"] == "mlflow"
-    assert one(path, "StatefulSet", "postgres")["spec"]["template"]["metadata"]["labels"][
-        "app.kubernetes.io/name"] == "postgres"
+    assert (
+        one(path, "Deployment", "mlflow")["spec"]["template"]["metadata"]["labels"][
+            "app.kubernetes.io/name"
+        ]
+        == "mlflow"
+    )
+    assert (
+        one(path, "StatefulSet", "postgres")["spec"]["template"]["metadata"]["labels"][
+            "app.kubernetes.io/name"
+        ]
+        == "postgres"
+    )
 
 
 # ------------------------------------------------------------------ image
@@ -699,7 +780,7 @@ DOCKERFILE = K8S / "image" / "Dockerfile"
 
 
 def _dockerfile_args() -> dict[str, str]:
-    return dict(re.findall(r'^ARG (\w+)="?([^"\n]*)"?$', DOCKERFILE.read_text(), re.M))
+    return dict(re.findall(r'^ARG (\w+)="?([^"\n]*)"?$', DOCKERFILE.read_text(), re.MULTILINE))
 
 
 def _dockerfile_ray_version() -> str:
@@ -711,15 +792,15 @@ def test_dockerfile():
     args = _dockerfile_args()
     assert args["RAY_VERSION"] == "2.60.0" and args["RAY_VARIANT"] == ""
     assert args["TORCH_VERSION"] == "2.13.0"
-    (base,) = re.findall(r"^FROM (\S+)", text, re.M)
+    (base,) = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
     assert base == "rayproject/ray:${RAY_VERSION}-py311${RAY_VARIANT}"
     assert "--build-arg RAY_VARIANT=-gpu" in text  # documented GPU build
-    assert 'torch==${TORCH_VERSION}' in text
-    copied = " ".join(re.findall(r"^COPY (.+)$", text, re.M))
+    assert "torch==${TORCH_VERSION}" in text
+    copied = " ".join(re.findall(r"^COPY (.+)$", text, re.MULTILINE))
     for src in ("pyproject.toml", "platform/", "jobs/", "serve_configs/"):
         assert src in copied
-    assert re.search(r"^RUN pip install \. ", text, re.M)
-    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert re.search(r"^RUN pip install \. ", text, re.MULTILINE)
+    users = re.findall(r"^USER (\S+)", text, re.MULTILINE)
     assert users and users[-1].split(":")[0] in ("1000", "ray")
     # the manifests' runAsUser matches the image's user
     for path in OVERLAYS:
@@ -744,12 +825,21 @@ def test_images_are_overridable_in_one_place():
         assert images == {"polytask:latest"}, images
 
 
+def test_shipped_postgres_password_is_an_obvious_placeholder():
+    """A real password must never land in the repo; deployments replace it (k8s/README.md)."""
+    secret = one("base", "Secret", "polytask-postgres")
+    password = base64.b64decode(secret["data"]["POSTGRES_PASSWORD"]).decode()
+    assert password.startswith("change-me"), (
+        "do not commit real credentials to k8s/base/postgres.env"
+    )
+
+
 def test_readme_section_covers_the_workflow():
     text = (K8S / "README.md").read_text()
     for needle in (
         "helm install kuberay-operator",
         "kubectl apply -k k8s/overlays/gpu",
-        "kubectl get rayjobs",
+        "get rayjobs",
         "port-forward",
         "8265",
         "5000",

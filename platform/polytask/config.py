@@ -5,6 +5,7 @@ This module imports neither torch nor ray, so `polytask validate` answers in wel
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from pathlib import Path
@@ -296,7 +297,7 @@ def config_from_dict(
     data: dict[str, Any], overrides: list[str] | None = None, source: str = "config"
 ) -> ExperimentConfig:
     """Validate raw data (e.g. parsed YAML) into an ExperimentConfig, or raise one ConfigError."""
-    data = yaml.safe_load(yaml.safe_dump(data))
+    data = copy.deepcopy(data)
     for key, value in parse_overrides(overrides):
         apply_override(data, key, value)
     try:
