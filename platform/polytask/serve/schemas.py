@@ -5,7 +5,7 @@ Imports neither torch nor ray, so configs can be validated cheaply (tests, `poly
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -58,7 +58,8 @@ class ServeArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(
-        min_length=1, description="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH or a bundle dir."
+        min_length=1,
+        description="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH or a bundle dir.",
     )
     tasks: list[str] | None = Field(None, min_length=1, description="Serve only these tasks.")
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where the encoder runs.")
@@ -103,19 +104,29 @@ def parse_args(args: dict[str, Any] | ServeArgs) -> ServeArgs:
     try:
         return ServeArgs.model_validate(dict(args))
     except ValidationError as exc:
-        raise ServeArgsError("invalid polytask.serve args: " + describe_errors(exc.errors())) from exc
+        raise ServeArgsError(
+            "invalid polytask.serve args: "
+            + describe_errors(exc.errors(), list(ServeArgs.model_fields))
+        ) from exc
 
 
-def describe_errors(errors: list[dict[str, Any]]) -> str:
+def describe_errors(errors: list[dict[str, Any]], known: list[str] | None = None) -> str:
     """Pydantic errors as one readable line: `where: problem` per error, joined by '; '."""
     parts = []
     for err in errors:
-        where = _location(err.get("loc", ()))
+        loc = tuple(err.get("loc", ()))
+        where = _location(loc)
         kind = err.get("type", "")
+        ctx = err.get("ctx") or {}
         if kind == "missing":
             problem = "is required"
         elif kind == "extra_forbidden":
-            problem = "is not a known field; remove it (check the spelling)"
+            hint = f"; known fields: {', '.join(known)}" if known and len(loc) == 1 else ""
+            problem = f"is not a known field; remove it (check the spelling){hint}"
+        elif kind == "too_short":
+            problem = f"must not be empty (at least {ctx.get('min_length', 1)} item)"
+        elif kind == "string_type" and "string" in loc and "inputs" in loc:
+            problem = 'must be a string or an object {"text": "...", "text_pair": "..."}'
         else:
             problem = str(err.get("msg", "is invalid")).removeprefix("Value error, ")
         parts.append(f"{where}: {problem}" if where else problem)
@@ -161,7 +172,7 @@ def _input_tag(value: Any) -> str:
 
 
 Input = Annotated[
-    Union[Annotated[Text, Tag("string")], Annotated[PairInput, Tag("object")]],
+    Annotated[Text, Tag("string")] | Annotated[PairInput, Tag("object")],
     Discriminator(_input_tag),
 ]
 
@@ -182,7 +193,10 @@ class PredictRequest(TaskPredictRequest):
     """Body of POST /v1/predict."""
 
     tasks: list[StrictStr] | None = Field(
-        None, min_length=1, description="Tasks to run; omitted = every served task."
+        None,
+        min_length=1,
+        description="Tasks to run. Omitted: every served task, pair tasks only when every "
+        "input has a text_pair.",
     )
 
 

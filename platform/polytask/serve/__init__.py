@@ -1,0 +1,19 @@
+"""Ray Serve: the shared encoder and each task head as separately scaled deployments behind HTTP.
+
+serve run polytask.serve:build_app model=models:/polytask-demo@champion
+serve deploy serve_configs/cluster.yaml
+polytask serve MODEL --config serve_configs/local.yaml
+"""
+
+from polytask.serve.app import build_app, compose, load_serve_config, run_server
+from polytask.serve.schemas import ServeArgs, ServeArgsError, parse_args
+
+__all__ = [
+    "ServeArgs",
+    "ServeArgsError",
+    "build_app",
+    "compose",
+    "load_serve_config",
+    "parse_args",
+    "run_server",
+]

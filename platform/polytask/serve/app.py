@@ -1,0 +1,212 @@
+"""Application builder (`polytask.serve:build_app`) and `polytask serve` (`run_server`).
+
+The builder pins the model reference (an alias becomes one version), reads the bundle manifest
+for the task list, and binds Encoder → Head per task → Ingress. Replicas get the pinned reference,
+not a local path, and resolve it on their own node.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from polytask.serve.schemas import ServeArgs, ServeArgsError, parse_args
+
+APP_NAME = "polytask"
+# Replacement replicas of cheap CPU deployments start before the old ones stop (no gap in a
+# rolling update); the Encoder keeps Serve's default because a surge there needs a spare GPU.
+CPU_SURGE = {"max_surge_percent": 100}
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """`serve run polytask.serve:build_app model=...` and `import_path` of serve configs."""
+    return compose(parse_args(args))
+
+
+def compose(
+    args: ServeArgs | dict[str, Any], deployment_options: dict[str, dict[str, Any]] | None = None
+) -> Application:
+    """The bound application; `deployment_options` ({deployment name: Serve options}) are applied
+    last, the way a config's `deployments:` list overrides options set in code."""
+    from polytask.bundle import BundleError, read_manifest
+    from polytask.serve.deployments import Encoder, Head, Ingress
+    from polytask.serve.refs import local_bundle, pin_model_uri
+
+    args = parse_args(args)
+    ref = pin_model_uri(args.model)
+    try:
+        manifest = read_manifest(local_bundle(ref))
+    except (FileNotFoundError, BundleError) as exc:
+        raise ServeArgsError(f"model: {exc}") from exc
+    known = [s.name for s in manifest.tasks]
+    tasks = list(dict.fromkeys(args.tasks)) if args.tasks else known
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise ServeArgsError(
+            f"tasks: {', '.join(unknown)} not in model {ref}; it has: {', '.join(known)}"
+        )
+    names = ["Ingress", "Encoder", *(f"head_{t}" for t in tasks)]
+    extra = sorted(set(deployment_options or {}) - set(names))
+    if extra:
+        raise ServeArgsError(
+            f"deployments: {', '.join(extra)} is not a deployment of this app; names are: "
+            f"{', '.join(names)}"
+        )
+    opts = {name: dict((deployment_options or {}).get(name, {})) for name in names}
+    user_config = {"model": ref}
+
+    encoder = Encoder.options(
+        **_merge(
+            {
+                "user_config": user_config,
+                "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if args.device == "cuda" else 0},
+            },
+            opts["Encoder"],
+        )
+    ).bind(ref, args.device, args.max_batch_size, args.batch_wait_timeout_s)
+    head_defaults = {
+        "user_config": user_config,
+        "ray_actor_options": {"num_cpus": 0.25},
+        **CPU_SURGE,
+    }
+    heads = {
+        task: Head.options(
+            **_merge(
+                _merge({**head_defaults, "name": f"head_{task}"}, args.head_options.as_options()),
+                opts[f"head_{task}"],
+            )
+        ).bind(ref, task)
+        for task in tasks
+    }
+    settings = {
+        "model_uri": args.model,
+        "model_ref": ref,
+        "tasks": [s.to_dict() for s in manifest.tasks if s.name in tasks],
+        "max_inputs_per_request": args.max_inputs_per_request,
+        "max_chars_per_input": args.max_chars_per_input,
+        "overflow": args.overflow,
+        "max_body_bytes": args.body_limit,
+        "api_key_env": args.api_key_env,
+    }
+    ingress_defaults = {
+        "user_config": user_config,
+        "ray_actor_options": {"num_cpus": 0.5},
+        **CPU_SURGE,
+    }
+    return Ingress.options(**_merge(ingress_defaults, opts["Ingress"])).bind(
+        encoder, heads, settings
+    )
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Options override: a given key replaces the default, as in a Serve config."""
+    out = dict(base)
+    out.update(override)
+    if out.get("num_replicas") is not None and "autoscaling_config" in override:
+        out.pop("num_replicas")
+    if out.get("autoscaling_config") is not None and "num_replicas" in override:
+        out.pop("autoscaling_config")
+    return out
+
+
+def load_serve_config(path: str | Path) -> Any:
+    """A Serve config file (`serve deploy` format) validated by Ray's own schema."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load(Path(path).read_text())
+    try:
+        return ServeDeploySchema.model_validate(raw)
+    except Exception as exc:
+        raise ServeArgsError(f"{path}: not a valid Serve config: {exc}") from exc
+
+
+def _polytask_app(config: Any, path: str | Path) -> Any:
+    apps = [
+        a
+        for a in config.applications
+        if a.import_path.replace(":", ".") == "polytask.serve.build_app"
+    ]
+    if len(apps) != 1:
+        raise ServeArgsError(
+            f"{path}: expected exactly one application with import_path polytask.serve:build_app, "
+            f"found {len(apps)}"
+        )
+    return apps[0]
+
+
+def run_server(
+    model: str,
+    config_path: str | Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    console: Any = None,
+    blocking: bool = True,
+) -> str:
+    """Start Serve on host:port and deploy MODEL with the config's args and deployment options.
+
+    Returns the base URL; with `blocking`, serves until Ctrl-C and then shuts Serve down.
+    """
+    import ray
+
+    def say(line: str) -> None:
+        if console is None:
+            print(line, flush=True)
+        else:
+            console.print(line, soft_wrap=True, markup=False, highlight=False)
+
+    args: dict[str, Any] = {}
+    options: dict[str, dict[str, Any]] = {}
+    name, prefix, runtime_env = APP_NAME, "/", None
+    if config_path is not None:
+        app_cfg = _polytask_app(load_serve_config(config_path), config_path)
+        args = dict(app_cfg.args)
+        options = {
+            d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in app_cfg.deployments
+        }
+        name, prefix = app_cfg.name, app_cfg.route_prefix or "/"
+        runtime_env = app_cfg.runtime_env or None
+    parsed = parse_args({**args, "model": model})
+    app = compose(parsed, options)
+    if not ray.is_initialized():
+        ray.init(runtime_env=runtime_env)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name=name, route_prefix=prefix)
+    url = f"http://{host}:{port}{prefix.rstrip('/')}"
+    auth = f' -H "Authorization: Bearer ${parsed.api_key_env}"' if parsed.api_key_env else ""
+    say(f"polytask is serving {parsed.model} at {url}  (API docs: {url}/docs)")
+    say(
+        f"  curl -s {url}/v1/predict -H 'Content-Type: application/json'{auth} "
+        """-d '{"inputs": ["the movie was great"]}'"""
+    )
+    if host not in ("127.0.0.1", "localhost", "::1") and not parsed.api_key_env:
+        say(
+            f"warning: listening on {host} without api_key_env: anyone who can reach it can call it"
+        )
+    if blocking:
+        say("Ctrl-C to stop.")
+        _stop_on_sigterm()
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            say("shutting down")
+        finally:
+            serve.shutdown()
+    return url
+
+
+def _stop_on_sigterm() -> None:
+    """`docker stop`/`kill` shut Serve down like Ctrl-C does (main thread only)."""
+    import signal
+    import threading
+
+    def interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)

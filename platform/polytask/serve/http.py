@@ -1,0 +1,324 @@
+"""The HTTP API of the Ingress: routes, request guards and JSON error bodies.
+
+Bad input never reaches the model and never returns 500: auth, content type, body size and
+UTF-8 are checked before the body is parsed; every rejection is `{"error": {"code", "message"}}`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from polytask.serve.schemas import (
+    ErrorResponse,
+    PairInput,
+    PredictRequest,
+    PredictResponse,
+    TaskPredictRequest,
+    TaskPredictResponse,
+    TasksResponse,
+    describe_errors,
+)
+
+if TYPE_CHECKING:
+    from polytask.serve.deployments import Ingress
+
+logger = logging.getLogger("ray.serve")
+
+EXAMPLE = '{"inputs": ["the movie was great"], "tasks": ["sentiment"]}'
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": what}
+    for code, what in {
+        400: "Body is not valid JSON or not UTF-8.",
+        401: "Missing or wrong API key.",
+        404: "Unknown task.",
+        413: "Body, input count or an input's length over the limit.",
+        415: "Content type is not application/json.",
+        422: "Fields missing, unknown, of the wrong type, or empty.",
+        503: "Overloaded; retry later.",
+    }.items()
+}
+
+
+class APIError(Exception):
+    """A rejection with its HTTP status, stable code and a message that says what to change."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"code": self.code, "message": self.message}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+class RequestGuard:
+    """Pure ASGI middleware: API key, content type, body bytes and UTF-8, then a JSON 500 catch-all."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, api_key: str | None) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.api_key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            headers = Headers(scope=scope)
+            path = scope["path"].removeprefix(scope.get("root_path", "").rstrip("/"))
+            if self.api_key and path.startswith("/v1/"):
+                self._check_key(headers)
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                receive = await self._buffered(headers, receive)
+            await self.app(scope, receive, tracking_send)
+        except APIError as exc:
+            if not started:
+                await exc.response()(scope, receive, send)
+        except Exception as exc:  # a real server fault: log it, answer JSON, keep the replica
+            logger.exception("polytask ingress: unhandled error")
+            if not started:
+                await _internal(exc).response()(scope, receive, send)
+
+    def _check_key(self, headers: Headers) -> None:
+        auth = headers.get("authorization", "")
+        given = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("x-api-key", "")
+        if not given or not hmac.compare_digest(given.encode(), self.api_key or b""):
+            raise APIError(
+                401,
+                "unauthorized",
+                "missing or wrong API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+                {"WWW-Authenticate": "Bearer"},
+            )
+
+    async def _buffered(self, headers: Headers, receive: Receive) -> Receive:
+        """Read the whole body (never more than the limit) and hand it on once UTF-8 checks out."""
+        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise APIError(
+                415,
+                "unsupported_media_type",
+                f"content type '{ctype or '(none)'}' is not supported; send a JSON body with "
+                "'Content-Type: application/json'",
+            )
+        limit = self.max_body_bytes
+        too_large = APIError(
+            413,
+            "body_too_large",
+            f"request body is over {limit} bytes; send fewer or shorter inputs per request",
+        )
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise APIError(400, "client_disconnected", "the client closed the request")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise APIError(
+                400,
+                "invalid_encoding",
+                f"request body is not valid UTF-8 (bad byte at offset {exc.start}); encode the "
+                "JSON as UTF-8",
+            ) from None
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return replay
+
+
+def _internal(exc: BaseException) -> APIError:
+    from polytask.bundle import BundleError
+
+    if isinstance(exc, BundleError):
+        return APIError(500, "model_mismatch", f"the served model is inconsistent: {exc}")
+    return APIError(
+        500,
+        "internal",
+        f"internal error ({type(exc).__name__}); retry, and report it if it persists",
+    )
+
+
+def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if bad_json is not None:
+        why = (bad_json.get("ctx") or {}).get("error", "JSON decode error")
+        return APIError(
+            400, "invalid_json", f"request body is not valid JSON ({why}); send e.g. {EXAMPLE}"
+        ).response()
+    if any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+        return APIError(
+            422, "invalid_request", f"request body must be a JSON object like {EXAMPLE}"
+        ).response()
+    return APIError(422, "invalid_request", describe_errors(errors)).response()
+
+
+def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+        err = APIError(404, "not_found", f"no route {request.url.path}; see /docs for the API")
+    elif exc.status_code == 405:
+        err = APIError(
+            405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}"
+        )
+    else:
+        err = APIError(exc.status_code, f"http_{exc.status_code}", str(exc.detail))
+    err.headers = dict(exc.headers or {}) or None
+    return err.response()
+
+
+def default_tasks(ingress: Ingress, items: list[str | PairInput]) -> list[str]:
+    """Every served task when none are named; pair tasks only when every input has a text_pair."""
+    paired = all(not isinstance(item, str) and item.text_pair is not None for item in items)
+    tasks = [name for name, spec in ingress.specs.items() if paired or not spec.task_kind.pair]
+    return tasks or list(ingress.specs)
+
+
+def prepare_inputs(
+    ingress: Ingress, items: list[str | PairInput], tasks: list[str]
+) -> list[tuple[str, str | None]]:
+    """Check tasks and limits against the served model; cut over-long texts under `truncate`."""
+    s = ingress.settings
+    unknown = [t for t in tasks if t not in ingress.specs]
+    if unknown:
+        raise APIError(
+            404,
+            "unknown_task",
+            f"unknown task(s) {', '.join(repr(t) for t in unknown)}; this model serves: "
+            f"{', '.join(ingress.specs)}",
+        )
+    if len(items) > s.max_inputs_per_request:
+        raise APIError(
+            413,
+            "too_many_inputs",
+            f"{len(items)} inputs in one request; the limit is {s.max_inputs_per_request}: "
+            "split them over several requests",
+        )
+    pair_tasks = [t for t in tasks if ingress.specs[t].task_kind.pair]
+    out = []
+    for i, item in enumerate(items):
+        text, pair = (item, None) if isinstance(item, str) else (item.text, item.text_pair)
+        if pair is None and pair_tasks:
+            raise APIError(
+                422,
+                "missing_text_pair",
+                f"inputs[{i}] has no text_pair, but task(s) {', '.join(pair_tasks)} compare two "
+                'texts: send {"text": "...", "text_pair": "..."}',
+            )
+        fitted_pair = None if pair is None else _fit(pair, f"inputs[{i}].text_pair", s)
+        out.append((_fit(text, f"inputs[{i}]", s), fitted_pair))
+    return out
+
+
+def _fit(text: str, where: str, s: Any) -> str:
+    limit = s.max_chars_per_input
+    if len(text) <= limit:
+        return text
+    if s.overflow == "truncate":
+        return text[:limit]
+    raise APIError(
+        413,
+        "input_too_long",
+        f"{where} has {len(text)} characters; the limit is {limit}: shorten it, or ask the "
+        "operator for overflow: truncate",
+    )
+
+
+def create_api(ingress: Ingress) -> FastAPI:
+    """The FastAPI app of one Ingress replica; routes close over the replica's handles and limits."""
+    from ray.serve.exceptions import BackPressureError
+
+    from polytask.serve.deployments import replica_identity
+
+    app = FastAPI(
+        title="polytask",
+        description="Multi-task predictions: one shared encoder, one head per task. "
+        "When an API key is configured, /v1 routes need 'Authorization: Bearer <key>' or "
+        "'x-api-key: <key>'.",
+        docs_url="/docs",
+    )
+    app.add_middleware(
+        RequestGuard, max_body_bytes=ingress.settings.max_body_bytes, api_key=ingress.api_key
+    )
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(APIError, lambda _, exc: exc.response())
+
+    async def run(items: list[str | PairInput], tasks: list[str]):
+        inputs = prepare_inputs(ingress, items, tasks)
+        try:
+            return await ingress.run(inputs, tasks)
+        except BackPressureError:
+            raise APIError(
+                503, "overloaded", "the service is at capacity; retry shortly", {"Retry-After": "1"}
+            ) from None
+
+    @app.get("/healthz", summary="Liveness and which replica answered")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "replica": replica_identity(), "model": ingress.model_info()}
+
+    @app.get("/v1/tasks", response_model=TasksResponse, responses=ERROR_RESPONSES)
+    async def list_tasks() -> dict[str, Any]:
+        tasks = [
+            {"name": s.name, "kind": s.kind, "labels": list(s.labels), "pair": s.task_kind.pair}
+            for s in ingress.specs.values()
+        ]
+        fingerprint = await ingress.encoder.fingerprint.remote()
+        return {"tasks": tasks, "model": ingress.model_info(fingerprint)}
+
+    @app.post(
+        "/v1/predict",
+        response_model=None,
+        responses={200: {"model": PredictResponse}, **ERROR_RESPONSES},
+    )
+    async def predict(body: PredictRequest) -> JSONResponse:
+        """Run the requested tasks (default: all) on every input."""
+        tasks = (
+            list(dict.fromkeys(body.tasks)) if body.tasks else default_tasks(ingress, body.inputs)
+        )
+        results, model = await run(body.inputs, tasks)
+        return JSONResponse({"results": results, "model": model})
+
+    @app.post(
+        "/v1/tasks/{task}/predict",
+        response_model=None,
+        responses={200: {"model": TaskPredictResponse}, **ERROR_RESPONSES},
+    )
+    async def predict_task(task: str, body: TaskPredictRequest) -> JSONResponse:
+        """Run one task on every input."""
+        results, model = await run(body.inputs, [task])
+        return JSONResponse({"task": task, "results": [r[task] for r in results], "model": model})
+
+    return app

@@ -1,0 +1,157 @@
+"""serve_configs/*.yaml: valid for Ray Serve, buildable by polytask, and placed as intended."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "serve_configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def demo_task_bundle(tiny_encoder: Path, path: Path) -> Path:
+    """The demo tasks (sentiment, ner) with random heads: a real bundle, no training needed."""
+    from polytask.bundle import save_bundle
+    from polytask.model import build_model, load_encoder
+    from polytask.tasks import TaskSpec
+
+    encoder, tokenizer = load_encoder(str(tiny_encoder))
+    specs = [
+        TaskSpec("sentiment", "classification", ["negative", "positive"]),
+        TaskSpec("ner", "token_classification", ["O", "B-person", "I-person"]),
+    ]
+    save_bundle(build_model(encoder, specs, pooling="cls"), tokenizer, path, max_length=32)
+    return path
+
+
+def _apps(path: Path) -> list[Any]:
+    from ray.serve.schema import ServeDeploySchema
+
+    return ServeDeploySchema.model_validate(yaml.safe_load(path.read_text())).applications
+
+
+def _deployments(app: Any) -> list[dict[str, Any]]:
+    return [d.model_dump(exclude_unset=True) for d in app.deployments]
+
+
+def _head_entries(app: Any) -> list[dict[str, Any]]:
+    """Every place head deployment options come from: head_options and head_* overrides."""
+    entries = [app.args.get("head_options") or {}]
+    entries += [
+        d.model_dump(exclude_unset=True) for d in app.deployments if d.name.startswith("head_")
+    ]
+    return entries
+
+
+def test_both_configs_exist():
+    assert {p.name for p in CONFIGS} >= {"local.yaml", "cluster.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_validates_and_builds(path: Path, tiny_encoder: Path, tmp_path: Path):
+    from ray._common.utils import import_attr
+
+    from polytask.serve import build_app, compose, parse_args
+
+    for app in _apps(path):
+        assert import_attr(app.import_path) is build_app
+        args = parse_args(app.args)
+        assert args.model
+        options = {
+            d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in app.deployments
+        }
+        # The config's deployment names and options fit the app the builder makes (demo tasks).
+        bundle = demo_task_bundle(tiny_encoder, tmp_path / "bundle")
+        built = compose(parse_args({**app.args, "model": str(bundle)}), options)
+        assert built is not None
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_deployment_autoscales_and_heads_stay_on_cpu(path: Path):
+    for app in _apps(path):
+        names = {d.name for d in app.deployments}
+        assert {"Ingress", "Encoder"} <= names, f"{path.name}: Ingress/Encoder options missing"
+        for d in app.deployments:
+            cfg = d.autoscaling_config if isinstance(d.autoscaling_config, dict) else {}
+            assert cfg.get("min_replicas", 0) >= 1 and cfg.get("max_replicas"), (
+                f"{path.name}: {d.name}"
+            )
+        heads = (app.args.get("head_options") or {}).get("autoscaling_config") or {}
+        assert heads.get("min_replicas", 0) >= 1 and heads.get("max_replicas"), (
+            f"{path.name}: heads"
+        )
+        for entry in _head_entries(app):
+            assert not (entry.get("ray_actor_options") or {}).get("num_gpus"), (
+                f"{path.name}: head GPU"
+            )
+
+
+def test_cluster_config_pins_heads_to_cpu_pool_and_encoder_to_gpu():
+    (app,) = _apps(CONFIG_DIR / "cluster.yaml")
+    for entry in _head_entries(app):
+        resources = (entry.get("ray_actor_options") or {}).get("resources") or {}
+        assert resources.get("cpu_pool", 0) > 0, entry
+    encoder = next(d for d in _deployments(app) if d["name"] == "Encoder")
+    assert encoder["ray_actor_options"]["num_gpus"] >= 1
+    assert app.args["device"] == "cuda"
+
+
+def test_local_config_is_cpu_only_small_and_loopback():
+    raw = yaml.safe_load((CONFIG_DIR / "local.yaml").read_text())
+    assert raw["http_options"]["host"] == "127.0.0.1"
+    (app,) = _apps(CONFIG_DIR / "local.yaml")
+    assert app.args["device"] == "cpu"
+    for d in _deployments(app):
+        assert not (d.get("ray_actor_options") or {}).get("num_gpus")
+        assert 1 <= d["autoscaling_config"]["max_replicas"] <= 2
+    assert 1 <= app.args["head_options"]["autoscaling_config"]["max_replicas"] <= 2
+
+
+def test_bad_args_name_the_field_and_the_fix():
+    from polytask.serve import ServeArgsError, parse_args
+
+    with pytest.raises(ServeArgsError) as err:
+        parse_args({"model": "m", "devce": "cpu", "overflow": "cut"})
+    message = str(err.value)
+    assert "devce: is not a known field" in message and "known fields:" in message
+    assert "overflow: Input should be 'reject' or 'truncate'" in message
+    with pytest.raises(ServeArgsError, match="remove num_gpus"):
+        parse_args({"model": "m", "head_options": {"ray_actor_options": {"num_gpus": 1}}})
+    with pytest.raises(ServeArgsError, match="encoder_variant"):
+        parse_args({"model": "m", "encoder_variant": "int8"})
+    assert parse_args({"model": "m", "tasks": "a, b", "max_batch_size": "8"}).tasks == ["a", "b"]
+
+
+def test_builder_rejects_unknown_tasks_models_and_deployments(tiny_encoder: Path, tmp_path: Path):
+    from polytask.serve import ServeArgsError, build_app, compose
+
+    bundle = demo_task_bundle(tiny_encoder, tmp_path / "bundle")
+
+    with pytest.raises(ServeArgsError, match="tasks: nope not in model .*it has: sentiment, ner"):
+        build_app({"model": str(bundle), "tasks": "sentiment,nope"})
+    with pytest.raises(ServeArgsError, match="model: .*not a bundle directory"):
+        build_app({"model": str(tmp_path)})
+    with pytest.raises(ServeArgsError, match="head_topics is not a deployment of this app"):
+        compose({"model": str(bundle)}, {"head_topics": {"num_replicas": 1}})
+
+
+def test_alias_is_pinned_to_the_version_it_names_at_deploy_time(mlflow_uri: str, tmp_path: Path):
+    """Every replica of one deploy loads the same version, even if the alias moves meanwhile."""
+    from polytask.registry import client
+    from polytask.serve import ServeArgsError
+    from polytask.serve.refs import pin_model_uri
+
+    c = client()
+    c.create_registered_model("demo")
+    for _ in range(2):
+        c.create_model_version("demo", source=str(tmp_path))
+    c.set_registered_model_alias("demo", "champion", "1")
+    assert pin_model_uri("models:/demo@champion") == "models:/demo/1"
+    c.set_registered_model_alias("demo", "champion", "2")
+    assert pin_model_uri("models:/demo@champion") == "models:/demo/2"
+    assert pin_model_uri("models:/demo/1") == "models:/demo/1"
+    with pytest.raises(ServeArgsError, match="has no alias 'staging'"):
+        pin_model_uri("models:/demo@staging")

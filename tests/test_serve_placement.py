@@ -1,0 +1,85 @@
+"""Placement on a simulated multi-node cluster: the Encoder on the GPU node, heads on `cpu_pool`.
+
+Its own Ray cluster (three raylets on this machine), so no other test's Ray instance is shared.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import httpx
+
+
+def demo_task_bundle(tiny_encoder: Path, path: Path) -> Path:
+    """The demo tasks (sentiment, ner) with random heads: a real bundle, no training needed."""
+    from polytask.bundle import save_bundle
+    from polytask.model import build_model, load_encoder
+    from polytask.tasks import TaskSpec
+
+    encoder, tokenizer = load_encoder(str(tiny_encoder))
+    specs = [
+        TaskSpec("sentiment", "classification", ["negative", "positive"]),
+        TaskSpec("ner", "token_classification", ["O", "B-person", "I-person"]),
+    ]
+    save_bundle(build_model(encoder, specs, pooling="cls"), tokenizer, path, max_length=32)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_encoder_lands_on_gpu_node_and_heads_on_cpu_pool(tiny_encoder: Path, tmp_path: Path):
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from polytask.serve import compose
+
+    bundle = demo_task_bundle(tiny_encoder, tmp_path / "bundle")
+    ray.shutdown()
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
+    )
+    # FAKE GPU: Ray only counts `num_gpus` as a schedulable resource; nothing here uses CUDA.
+    fake_gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
+    cpu_pool_node = cluster.add_node(num_cpus=2, resources={"cpu_pool": 4})
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        pinned = {"ray_actor_options": {"num_cpus": 0.1, "resources": {"cpu_pool": 0.01}}}
+        args = {
+            "model": str(bundle),
+            "device": "cpu",
+            "head_options": {**pinned, "num_replicas": 1},
+        }
+        options = {
+            "Encoder": {"ray_actor_options": {"num_cpus": 0.1, "num_gpus": 1}, "num_replicas": 1},
+            "Ingress": {"ray_actor_options": {"num_cpus": 0.1}, "num_replicas": 1},
+        }
+        serve.run(compose(args, options), name="polytask", route_prefix="/")
+
+        def node_of(deployment: str) -> str:
+            handle = serve.get_deployment_handle(deployment, "polytask")
+            return handle.stats.remote().result()["node_id"]
+
+        assert node_of("Encoder") == fake_gpu_node.node_id
+        assert node_of("head_sentiment") == cpu_pool_node.node_id
+        assert node_of("head_ner") == cpu_pool_node.node_id
+        assert ray.available_resources().get("GPU", 0) == 0, "the Encoder holds the one GPU"
+
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/v1/predict",
+            json={"inputs": ["alice flew to paris"]},
+            timeout=120,
+        )
+        assert response.status_code == 200, response.text
+        assert set(response.json()["results"][0]) == {"sentiment", "ner"}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
