@@ -45,7 +45,8 @@ class PolytaskModel(PythonModel):
 
         self.predictor = Predictor.from_bundle(context.artifacts["bundle"])
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001 - hints would make MLflow coerce inputs
+    # No type hints on purpose: MLflow would coerce inputs to the hinted type.
+    def predict(self, context, model_input, params=None):
         tasks = (params or {}).get("tasks")
         return self.predictor.predict(to_inputs(model_input), list(tasks) if tasks else None)
 

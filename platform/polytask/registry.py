@@ -3,9 +3,12 @@ turning a model URI back into a local bundle directory."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +73,25 @@ def ensure_experiment(mlflow_client: MlflowClient, name: str, uri: str) -> str:
         return found.experiment_id
 
 
+@contextmanager
+def use_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (log_model, pyfunc.load_model) at `uri` for one block, then put
+    back the global and $MLFLOW_TRACKING_URI, so later callers in this process are unaffected."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved_global, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_global)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
 def _pin(package: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -85,12 +107,13 @@ def log_bundle(bundle_dir: str | Path, run_id: str, uri: str | None = None) -> s
     The model is code (pyfunc_model.py + the polytask sources) plus the bundle as an artifact,
     so nothing is pickled and the model loads without this repository installed.
     """
+    import warnings
+
     import mlflow
 
     uri = uri or tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    with use_tracking_uri(uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=str(PYFUNC_FILE),
@@ -126,9 +149,11 @@ def register_bundle(
     c = client(uri)
     if not c.search_registered_models(filter_string=f"name = '{_quote(name)}'"):
         c.create_registered_model(name, description="polytask multi-task bundle")
-    mv = c.create_model_version(
-        name, source=model_uri, run_id=run_id, tags={OBJECTIVE_TAG: repr(float(objective))}
-    )
+    # MLflow resolves a `models:/m-…` source through the *global* tracking store
+    with use_tracking_uri(uri):
+        mv = c.create_model_version(
+            name, source=model_uri, run_id=run_id, tags={OBJECTIVE_TAG: repr(float(objective))}
+        )
     aliases = [CANDIDATE]
     c.set_registered_model_alias(name, CANDIDATE, mv.version)
     if _should_champion(c, name, float(objective), promote):
@@ -149,7 +174,7 @@ def _should_champion(c: MlflowClient, name: str, objective: float, promote: str)
         best = float(current.tags.get(OBJECTIVE_TAG, "nan"))
     except ValueError:
         best = float("nan")
-    return best != best or objective > best  # a champion without an objective loses
+    return math.isnan(best) or objective > best  # a champion without an objective loses
 
 
 def _version_by_alias(c: MlflowClient, name: str, alias: str) -> Any:
@@ -219,7 +244,7 @@ def _format_time(ms: int | None) -> str:
 
 
 def resolve_bundle(uri: str) -> Path:
-    """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/PATH` or a directory → local bundle."""
+    """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/PATH` or a dir → local bundle."""
     if "://" not in uri and ":/" not in uri:
         path = Path(uri).expanduser()
         if not (path / "polytask.json").is_file():
@@ -228,40 +253,30 @@ def resolve_bundle(uri: str) -> Path:
                 "or a models:/NAME@ALIAS URI"
             )
         return path.resolve()
-    store = tracking_uri()
-    local = _download(uri, store)
-    bundle = _bundle_in(local)
-    if bundle is None:
-        raise FileNotFoundError(f"model '{uri}' resolved to {local}, which holds no polytask bundle")
-    return bundle
+    local = _download(uri, tracking_uri())
+    return _bundle_in(local) or local
 
 
 def _download(uri: str, store: str) -> Path:
-    """Download once per concrete version into the home cache; aliases resolve first, so a moved
-    alias never mixes files of two versions."""
+    """Download once per concrete model into the home cache. Aliases resolve to a version first
+    (a moved alias never mixes files of two versions); `runs:/ID/NAME` resolves to the model
+    that run logged under NAME, since MLflow 3 keeps models outside run artifacts."""
     import mlflow
 
-    key = uri
-    if uri.startswith("models:/") and "@" in uri.split("/")[1]:
-        name, alias = uri.removeprefix("models:/").split("/")[0].split("@", 1)
-        mv = _version_by_alias(client(store), name, alias)
-        if mv is None:
-            raise FileNotFoundError(
-                f"model '{uri}': no version of '{name}' has alias '{alias}'; see "
-                f"`polytask registry list {name}`"
-            )
-        key = f"models:/{name}/{mv.version}"
-        uri = key + uri.removeprefix(f"models:/{name}@{alias}")
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
+    uri = _concrete(uri, store)
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in uri)
     dst = default_home() / "models" / safe
     if (dst / ".complete").is_file():
         return dst
     tmp = dst.with_name(f"{dst.name}.{uuid.uuid4().hex[:8]}.partial")
     tmp.mkdir(parents=True)
     try:
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(tmp), tracking_uri=store, registry_uri=store
-        )
+        with use_tracking_uri(store):  # a version's `models:/m-…` source resolves globally
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(tmp), tracking_uri=store, registry_uri=store
+            )
+        if _bundle_in(tmp) is None:
+            raise FileNotFoundError(f"model '{uri}' holds no polytask bundle (no polytask.json)")
         (tmp / ".complete").write_text(uri)
         if not (dst / ".complete").is_file():
             shutil.rmtree(dst, ignore_errors=True)
@@ -269,6 +284,32 @@ def _download(uri: str, store: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst
+
+
+def _concrete(uri: str, store: str) -> str:
+    """`models:/NAME@ALIAS` → `models:/NAME/VERSION`; `runs:/ID/NAME` → `models:/<model id>`."""
+    c = client(store)
+    if uri.startswith("models:/") and "@" in uri.split("/")[1]:
+        name, alias = uri.removeprefix("models:/").split("/")[0].split("@", 1)
+        mv = _version_by_alias(c, name, alias)
+        if mv is None:
+            raise FileNotFoundError(
+                f"model '{uri}': no version of '{name}' has alias '{alias}'; see "
+                f"`polytask registry list {name}`"
+            )
+        return f"models:/{name}/{mv.version}" + uri.removeprefix(f"models:/{name}@{alias}")
+    if uri.startswith("runs:/"):
+        run_id, _, name = uri.removeprefix("runs:/").partition("/")
+        experiment_id = c.get_run(run_id).info.experiment_id
+        found = c.search_logged_models(
+            [experiment_id],
+            filter_string=f"source_run_id = '{_quote(run_id)}' AND name = '{_quote(name)}'",
+            order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+            max_results=1,
+        )
+        if found:
+            return f"models:/{found[0].model_id}"
+    return uri
 
 
 def _bundle_in(local: Path) -> Path | None:

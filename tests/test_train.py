@@ -1,0 +1,176 @@
+"""Ray Train runs on a real local Ray, tracked in a real MLflow SQLite store.
+
+Bad configs come first: they must fail before Ray is ever started in this process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import ray
+import yaml
+from typer.testing import CliRunner
+
+from polytask.config import config_from_dict
+from polytask.data import DataError
+from polytask.demo import demo_experiment
+from polytask.train import RUN_NAME_TAG, run_training
+
+TEXTS = ["alice flew to paris last week", "the movie was wonderful", {"text": "what a bad meal"}]
+FAST = {"sampling": {"steps_per_epoch": 4}, "optim": {"eval_batch_size": 64}}
+
+
+def _cfg(demo_data: Path, tiny_encoder: Path, **kw):
+    sections = {**FAST, **kw.pop("sections", {})}
+    data = demo_experiment(demo_data, tiny_encoder, **kw)
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return config_from_dict(data)
+
+
+@pytest.fixture()
+def no_ray():
+    """These tests assert Ray was never started, so begin without it."""
+    ray.shutdown()
+    assert not ray.is_initialized()
+    yield
+    assert not ray.is_initialized(), "a bad config started Ray before failing"
+
+
+def test_unknown_task_kind_fails_in_cli_before_ray(no_ray, demo_data, tiny_encoder, tmp_path):
+    from polytask.cli import app
+
+    data = demo_experiment(demo_data, tiny_encoder)
+    data["tasks"][0]["kind"] = "sentiment_magic"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 2
+    flat = " ".join(result.output.split())
+    assert "tasks[0].kind" in flat and "'sentiment_magic' is not a task kind" in flat
+
+
+def test_missing_data_file_fails_before_ray(no_ray, demo_data, tiny_encoder, mlflow_uri):
+    cfg = _cfg(demo_data, tiny_encoder)
+    cfg.tasks[1].data.train = str(demo_data / "ner" / "nope.conll")
+    with pytest.raises(DataError, match=r"tasks\.ner\.data\.train: file '.*nope\.conll' not found"):
+        run_training(cfg, run_name="missing-file")
+
+
+def test_label_outside_label_set_fails_before_ray(no_ray, demo_data, tiny_encoder, mlflow_uri):
+    cfg = _cfg(demo_data, tiny_encoder)
+    cfg.tasks[0].labels = ["positive", "neutral"]
+    with pytest.raises(DataError, match=r"label 'negative' is not in the label set"):
+        run_training(cfg, run_name="bad-label")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One MLflow store + polytask home for the Ray runs of this module."""
+    root = tmp_path_factory.mktemp("train_store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("POLYTASK_HOME", str(root / "home"))
+        mp.delenv("POLYTASK_STORAGE_PATH", raising=False)
+        yield SimpleNamespace(uri=uri, root=root)
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, store, demo_data, tiny_encoder):
+    """A 2-worker DDP run that also survives an injected crash in rank 0 after epoch 0's
+    checkpoint, so one (slow) fit covers both the happy path and fault tolerance."""
+    cfg = _cfg(
+        demo_data,
+        tiny_encoder,
+        epochs=2,
+        num_workers=2,
+        registered_model="train-demo",
+        sections={"run": {"fail_at_epoch": 0, "max_failures": 1}},
+    )
+    return SimpleNamespace(cfg=cfg, result=run_training(cfg, run_name="joint"))
+
+
+def _client(store):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=store.uri, registry_uri=store.uri)
+
+
+def _runs_named(store, name):
+    c = _client(store)
+    exp = c.get_experiment_by_name("polytask")
+    return c.search_runs([exp.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{name}'")
+
+
+def _steps(store, run_id, key):
+    return [m.step for m in _client(store).get_metric_history(run_id, key)]
+
+
+def test_two_worker_run_is_tracked_and_registered(store, first_run):
+    res = first_run.result
+    assert [row["epoch"] for row in res.history] == [0, 1]
+    assert set(res.metrics) == {"sentiment", "ner"}
+    assert 0.0 <= res.metrics["ner"]["f1"] <= 1.0
+    assert res.model_version == 1 and res.aliases == ["candidate", "champion"]
+    assert (Path(res.bundle_path) / "polytask.json").is_file()
+    assert (Path(res.checkpoint_path) / "state" / "train_state.json").is_file()
+
+    [run] = _runs_named(store, "joint")
+    assert run.info.run_id == res.run_id and run.info.status == "FINISHED"
+    assert run.data.params["optim.epochs"] == "2"
+    assert run.data.params["tasks.ner.weight"] == "1.0"
+    for key in (
+        "sentiment/accuracy",
+        "ner/f1",
+        "objective",
+        "train_loss/ner",
+        "loss_weight/sentiment",
+    ):
+        assert _steps(store, res.run_id, key) == [0, 1], key
+
+    summary = res.summary()
+    assert summary["model_version"] == 1 and "mlflow ui --backend-store-uri" in summary["mlflow_ui"]
+
+
+def test_worker_crash_resumes_from_last_checkpoint(store, first_run):
+    history = first_run.result.history
+    # epoch 1 ran in a second attempt that started from epoch 0's checkpoint, not from scratch
+    assert [(row["epoch"], row["start_epoch"]) for row in history] == [(0, 0), (1, 1)]
+    assert len(_runs_named(store, "joint")) == 1
+    assert _steps(store, first_run.result.run_id, "ner/f1") == [0, 1]  # each epoch logged once
+
+
+def test_champion_loads_through_pyfunc_and_bundle_alike(store, first_run):
+    import mlflow
+
+    from polytask.inference import Predictor
+    from polytask.registry import resolve_bundle, use_tracking_uri
+
+    expected = Predictor.from_bundle(first_run.result.bundle_path).predict(TEXTS)
+    assert set(expected[0]) == {"sentiment", "ner"}
+    uri = "models:/train-demo@champion"
+    with use_tracking_uri(store.uri):
+        assert mlflow.pyfunc.load_model(uri).predict(TEXTS) == expected
+    resolved = resolve_bundle(uri)
+    assert (resolved / "polytask.json").is_file()
+    assert Predictor.from_bundle(str(resolved)).predict(TEXTS) == expected
+
+
+def test_relaunch_with_more_epochs_resumes_the_same_run(store, first_run, demo_data, tiny_encoder):
+    before = first_run.result
+    cfg = _cfg(demo_data, tiny_encoder, epochs=3, num_workers=2, registered_model="train-demo")
+    res = run_training(cfg, run_name="joint")
+    assert res.run_id == before.run_id
+    assert [row["epoch"] for row in res.history] == [0, 1, 2]
+    assert res.history[2]["start_epoch"] == 2  # the new attempt began at the stored checkpoint
+    assert res.history[:2] == before.history
+    assert len(_runs_named(store, "joint")) == 1
+    assert _steps(store, res.run_id, "objective") == [0, 1, 2]
+    [run] = _runs_named(store, "joint")
+    assert run.data.tags["relaunch.optim.epochs"] == "3"  # params are immutable; changes are tags
+    # a new version only when the best checkpoint changed; otherwise the earlier one is reused
+    assert res.model_version == (1 if res.best_epoch == before.best_epoch else 2)
+    assert res.model_uri and res.model_uri.startswith("models:/")
