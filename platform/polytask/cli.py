@@ -176,6 +176,45 @@ def predict(
 
 
 @app.command()
+def compress(
+    model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or bundle dir.")],
+    method: Annotated[str, typer.Option(help="int8 (dynamic quantization) or prune (structured).")],
+    sparsity: Annotated[float, typer.Option(help="prune: fraction of encoder-layer weights to remove.")] = 0.3,
+    eval_experiment: Annotated[
+        Optional[Path], typer.Option("--eval", help="Experiment YAML whose validation splits score both.")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output bundle dir.")] = None,
+    register: Annotated[bool, typer.Option(help="Register as a new version of the source model.")] = True,
+    finetune_steps: Annotated[int, typer.Option(help="prune: recovery fine-tune steps (needs --eval).")] = 0,
+) -> None:
+    """Compress a model's encoder for CPU serving; the result is a new bundle / model version."""
+    if method not in ("int8", "prune"):
+        _fail(f"--method '{method}' is not a method; choose int8 or prune")
+    from polytask.compress import run_compress
+
+    summary = run_compress(
+        model, method, sparsity, eval_experiment, out, register, console, finetune_steps=finetune_steps
+    )
+    console.print_json(json.dumps(summary, default=str))
+
+
+@bench_app.command("serve")
+def bench_serve(
+    texts: Annotated[
+        Optional[Path], typer.Option(help="Text file (one per line) or SST-2 TSV; default ../shared/data/sst2/dev.tsv.")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Results directory.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Bundle or models:/ URI; default packaged MiniLM.")] = None,
+    tiny: Annotated[bool, typer.Option(help="Tiny random encoder, few requests (smoke test).")] = False,
+) -> None:
+    """Serving throughput/latency: polytask vs two HF pipelines vs the in-process limit."""
+    from polytask.bench import run_serve_bench
+
+    results = run_serve_bench(texts, out, model, tiny, log=console.print)
+    console.print_json(json.dumps(results.get("summary", {}), default=str))
+
+
+@app.command()
 def quickstart(
     workdir: Annotated[Path, typer.Option(help="Where demo data and state go.")] = Path(
         ".polytask/quickstart"

@@ -251,7 +251,10 @@ def make_trainer(
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            callbacks=callbacks,
+            callbacks=[
+                mlflow_callback(loop_config["tracking_uri"], loop_config["run_id"]),
+                *(callbacks or []),
+            ],
         ),
     )
 
@@ -419,14 +422,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None
     if start is not None:
         with start.as_directory() as d:
             load_state(tr, Path(d) / STATE_DIR)
-    logger = _MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     start_epoch = tr.epoch
     while tr.epoch < cfg.optim.epochs:
         record = _run_epoch(tr, cfg, rank, world)
         record["start_epoch"] = start_epoch  # where this attempt began: > 0 means it resumed
         _report(tr, cfg, record, rank, config["run_name"])
-        if logger:
-            logger.log(record)
         if rank == 0 and cfg.run.fail_at_epoch == record["epoch"] and start is None:
             _fail_once(record["epoch"])
     return tr.history if rank == 0 else None
@@ -527,22 +527,28 @@ def _fail_once(epoch: int) -> None:
     )
 
 
-class _MetricLogger:
-    """Rank 0's MLflow writer: explicit run id, no global active run; never stops training."""
+def mlflow_callback(uri: str, run_id: str) -> Any:
+    """A Ray Train callback that logs rank 0's epoch metrics from the controller, right after
+    the epoch's checkpoint is committed: an epoch is never logged twice after a restart, and
+    it is logged before Tune (a later callback) can stop the trial."""
+    from ray.train.v2.api.callback import UserCallback
 
-    def __init__(self, uri: str, run_id: str) -> None:
-        self.uri, self.run_id = uri, run_id
+    class MlflowEpochLogger(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            from mlflow.entities import Metric
 
-    def log(self, record: dict[str, Any]) -> None:
-        from mlflow.entities import Metric
+            record = metrics[0] if metrics else {}
+            if "epoch" not in record:
+                return
+            step, now = int(record["epoch"]), int(time.time() * 1000)
+            batch = [
+                Metric(k, float(v), now, step)
+                for k, v in record.items()
+                if k != "epoch" and isinstance(v, (int, float))
+            ]
+            try:
+                client(uri).log_batch(run_id, metrics=batch)
+            except Exception as exc:  # noqa: BLE001 - a tracking outage must not cost the run
+                print(f"warning: MLflow logging failed for epoch {step}: {exc}")
 
-        step, now = int(record["epoch"]), int(time.time() * 1000)
-        metrics = [
-            Metric(k, float(v), now, step)
-            for k, v in record.items()
-            if k != "epoch" and isinstance(v, (int, float))
-        ]
-        try:
-            client(self.uri).log_batch(self.run_id, metrics=metrics)
-        except Exception as exc:  # noqa: BLE001 - a tracking outage must not cost the training run
-            print(f"warning: MLflow logging failed for epoch {step}: {exc}")
+    return MlflowEpochLogger()
