@@ -26,6 +26,6 @@ def test_quickstart_fast_mode_answers_over_http(tmp_path: Path, mlflow_uri: str)
         assert 0.0 <= answer["sentiment"]["score"] <= 1.0
         assert isinstance(answer["ner"]["entities"], list)
     version = MlflowClient(mlflow_uri).get_model_version_by_alias(MODEL_NAME, "champion")
-    assert version.version == "1"
+    assert str(version.version) == "1"
     assert (tmp_path / "qs" / "experiment.yaml").is_file()
     assert not ray.is_initialized(), "quickstart shuts Ray down when it is done"
