@@ -44,7 +44,7 @@ def test_save_load_identical_outputs_and_layout(tiny_encoder: Path, tmp_path: Pa
             else:  # JSON and tokenizer text: neither a raw pickle nor a torch.save zip
                 head = path.read_bytes()[:4]
                 assert head[:1] != b"\x80" and head != b"PK\x03\x04", f"{path} looks pickled"
-    loaded, tok2, manifest = load_bundle(tmp_path / "b")
+    loaded, _, manifest = load_bundle(tmp_path / "b")
     assert manifest.pooling == "mean" and [s.name for s in manifest.tasks] == ["sentiment", "ner", "score"]
     batch = tok(["alice flew to lima", "the movie was great"], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -64,7 +64,7 @@ def test_head_from_other_encoder_is_refused(tiny_encoder: Path, tmp_path: Path) 
         model_b.encoder.embeddings.word_embeddings.weight.add_(0.01)  # "fine-tuned" differently
     save_bundle(model_b, tok, tmp_path / "b", max_length=32)
     _, _, fingerprint_a = load_encoder_part(tmp_path / "a")
-    head, spec = load_head(tmp_path / "a", "ner", fingerprint_a)
+    _, spec = load_head(tmp_path / "a", "ner", fingerprint_a)
     assert spec.labels == ["O", "B-person", "I-person"]
     with pytest.raises(BundleError, match="trained against encoder .* but the loaded encoder is"):
         load_head(tmp_path / "b", "ner", fingerprint_a)

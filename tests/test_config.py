@@ -130,7 +130,7 @@ def test_validate_cli_does_not_import_torch_or_ray(tmp_path: Path) -> None:
         "heavy = [m for m in ('torch', 'ray', 'mlflow', 'transformers') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
 
 

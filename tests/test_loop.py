@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from polytask.data import load_task_data
-from polytask.loop import build_features, evaluate, load_state, objective, save_state, setup, train_epoch
+from polytask.loop import (
+    build_features,
+    evaluate,
+    load_state,
+    objective,
+    save_state,
+    setup,
+    train_epoch,
+)
 from polytask.model import load_encoder
 
 

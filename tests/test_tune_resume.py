@@ -55,11 +55,11 @@ def test_interrupted_sweep_resumes_without_repeating(demo_data: Path, tiny_encod
     assert first.poll() is None, "the first launch ended before it could be interrupted"
     os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C does; Tune saves its state and exits
     first.wait(timeout=120)
-    finished_before = {r.info.run_id: r.data.tags[f"trial.optim.lr"] for r in _children(c)
+    finished_before = {r.info.run_id: r.data.tags["trial.optim.lr"] for r in _children(c)
                        if r.info.status == "FINISHED"}
     assert 2 <= len(finished_before) < 4 or len(_children(c)) < 4
 
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming sweep resume" in second.stdout
     children = _children(c)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -26,7 +26,7 @@ app.add_typer(bench_app, name="bench")
 console = Console()
 
 Overrides = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", "-s", help="Override a config key, e.g. --set optim.lr=3e-5 (repeatable)."),
 ]
 
@@ -74,7 +74,7 @@ def validate(
 def train(
     experiment: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
     overrides: Overrides = None,
-    run_name: Annotated[Optional[str], typer.Option(help="Run name; reuse it to resume.")] = None,
+    run_name: Annotated[str | None, typer.Option(help="Run name; reuse it to resume.")] = None,
 ) -> None:
     """Joint multi-task training on Ray Train; logs to MLflow and registers the bundle."""
     cfg = _load(experiment, overrides)
@@ -104,7 +104,7 @@ def tune(
 
 @registry_app.command("list")
 def registry_list(
-    name: Annotated[Optional[str], typer.Argument(help="Registered model name.")] = None,
+    name: Annotated[str | None, typer.Argument(help="Registered model name.")] = None,
 ) -> None:
     """Registered models, or one model's versions with their aliases and objective."""
     from polytask.registry import list_versions
@@ -146,7 +146,7 @@ def registry_show(
 def serve(
     model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, runs:/ID/model or bundle dir.")],
     config: Annotated[
-        Optional[Path], typer.Option(help="Serve config YAML (e.g. serve_configs/local.yaml).")
+        Path | None, typer.Option(help="Serve config YAML (e.g. serve_configs/local.yaml).")
     ] = None,
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
@@ -161,7 +161,7 @@ def serve(
 def predict(
     model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, runs:/ID/model or bundle dir.")],
     texts: Annotated[list[str], typer.Argument(help="Input texts.")],
-    task: Annotated[Optional[list[str]], typer.Option(help="Tasks to run (default: all).")] = None,
+    task: Annotated[list[str] | None, typer.Option(help="Tasks to run (default: all).")] = None,
 ) -> None:
     """Predict in-process (no Ray) and print JSON."""
     from polytask.inference import Predictor
@@ -181,9 +181,9 @@ def compress(
     method: Annotated[str, typer.Option(help="int8 (dynamic quantization) or prune (structured).")],
     sparsity: Annotated[float, typer.Option(help="prune: fraction of encoder-layer weights to remove.")] = 0.3,
     eval_experiment: Annotated[
-        Optional[Path], typer.Option("--eval", help="Experiment YAML whose validation splits score both.")
+        Path | None, typer.Option("--eval", help="Experiment YAML whose validation splits score both.")
     ] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output bundle dir.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output bundle dir.")] = None,
     register: Annotated[bool, typer.Option(help="Register as a new version of the source model.")] = True,
     finetune_steps: Annotated[int, typer.Option(help="prune: recovery fine-tune steps (needs --eval).")] = 0,
 ) -> None:
@@ -201,10 +201,10 @@ def compress(
 @bench_app.command("serve")
 def bench_serve(
     texts: Annotated[
-        Optional[Path], typer.Option(help="Text file (one per line) or SST-2 TSV; default ../shared/data/sst2/dev.tsv.")
+        Path | None, typer.Option(help="Text file (one per line) or SST-2 TSV; default ../shared/data/sst2/dev.tsv.")
     ] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Results directory.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Bundle or models:/ URI; default packaged MiniLM.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Results directory.")] = None,
+    model: Annotated[str | None, typer.Option(help="Bundle or models:/ URI; default packaged MiniLM.")] = None,
     tiny: Annotated[bool, typer.Option(help="Tiny random encoder, few requests (smoke test).")] = False,
 ) -> None:
     """Serving throughput/latency: polytask vs two HF pipelines vs the in-process limit."""

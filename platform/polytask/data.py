@@ -7,9 +7,10 @@ object store, a DataLoader, or a unit test without conversion.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -256,7 +257,7 @@ def tokenize_records(
         enc = tokenizer([r.text for r in records], pairs, truncation=True, max_length=max_length)
     features = []
     for i, rec in enumerate(records):
-        feat = {k: enc[k][i] for k in enc.keys()}
+        feat = {k: enc[k][i] for k in enc}
         if kind.level == "token":
             feat["labels"] = align_labels(enc.word_ids(i), [spec.labels.index(t) for t in rec.label])
         else:

@@ -75,8 +75,7 @@ def write_demo_data(root: str | Path, n_train: int = 400, n_eval: int = 100, see
     for split, n in (("train", n_train), ("validation", n_eval)):
         (root / "sentiment").mkdir(parents=True, exist_ok=True)
         with open(root / "sentiment" / f"{split}.jsonl", "w") as f:
-            for _ in range(n):
-                f.write(json.dumps(_sentiment_example(rng)) + "\n")
+            f.writelines(json.dumps(_sentiment_example(rng)) + "\n" for _ in range(n))
         (root / "ner").mkdir(parents=True, exist_ok=True)
         with open(root / "ner" / f"{split}.conll", "w") as f:
             f.write("-DOCSTART-\tO\n\n")

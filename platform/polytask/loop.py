@@ -225,7 +225,7 @@ def evaluate(
         targets: list[Any] = [None] * len(feats)
         for idx, batch in eval_batches(feats, batch_size, pad_token_id, token):
             batch = {k: v.to(device) for k, v in batch.items()}
-            lg, loss, _ = model(task, batch)
+            lg, _, _ = model(task, batch)
             lg = lg.float().cpu().numpy()
             for row, i in enumerate(idx):
                 n = len(feats[i]["input_ids"])

@@ -23,7 +23,7 @@ FUNCTIONS = {
     "choice": 1,
     "grid": 1,
 }
-_CALL = re.compile(r"^\s*([a-z_]+)\s*\((.*)\)\s*$", re.S)
+_CALL = re.compile(r"^\s*([a-z_]+)\s*\((.*)\)\s*$", re.DOTALL)
 
 
 class SearchSpaceError(ValueError):
