@@ -64,13 +64,24 @@ def run_quickstart(
 
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    result = run_training(load_config(path), run_name=f"quickstart-{int(time.time())}", console=console)
+    try:
+        run_name = f"quickstart-{int(time.time())}"
+        result = run_training(load_config(path), run_name=run_name, console=console)
+        return _serve_and_ask(console, result, port, keep_serving)
+    finally:
+        from ray import serve
 
-    console.rule("[bold]3/4 serving models:/polytask-demo@champion on Ray Serve")
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _serve_and_ask(console: Console, result: Any, port: int, keep_serving: bool) -> list[dict[str, Any]]:
+    """Deploy the champion, ask it the examples, print the answers and how to reach it."""
     from ray import serve
 
     from polytask.serve import build_app
 
+    console.rule("[bold]3/4 serving models:/polytask-demo@champion on Ray Serve")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"model": f"models:/{MODEL_NAME}@champion", "device": "cpu"})
     serve.run(app, name="polytask", route_prefix="/")
@@ -90,15 +101,13 @@ def run_quickstart(
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
-    serve.shutdown()
-    ray.shutdown()
     return answers
 
 
 def _ask(url: str, texts: list[str]) -> list[dict[str, Any]]:
     import httpx
 
-    response = httpx.post(f"{url}/v1/predict", json={"inputs": texts}, timeout=60)
+    response = httpx.post(f"{url}/v1/predict", json={"inputs": texts}, timeout=300)
     response.raise_for_status()
     return response.json()["results"]
 

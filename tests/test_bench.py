@@ -1,0 +1,225 @@
+"""Benchmarks as smoke tests: they run end to end on tiny inputs and write the promised files.
+
+Nothing here asserts speed (a shared 2-core CI box makes timings meaningless); the assertions
+are about what the result files contain, error accounting, and the experiment files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from polytask.bench import (
+    BenchError,
+    ServeBenchSettings,
+    check_targets,
+    compute_ratios,
+    read_texts,
+    run_load,
+)
+from polytask.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "jobs" / "bench"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _run_script(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, *args],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+# --- experiment files --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["quality_joint", "quality_sst2", "quality_wnut17"])
+def test_quality_yamls_validate_and_say_how_to_run(name):
+    path = BENCH / f"{name}.yaml"
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# python jobs/bench/quality.py") and "polytask train" in first
+    cfg = load_config(path)
+    for task in cfg.tasks:
+        train = cfg.resolve_path(task.data.train).resolve()
+        assert train.parts[-4:-2] == ("shared", "data"), train
+        assert train.parent.parent.parent.parent == ROOT.parent
+
+
+def test_single_task_yamls_match_the_joint_one():
+    """Same encoder, optimizer and per-task data: the only difference is the other task."""
+    joint = load_config(BENCH / "quality_joint.yaml")
+    for name in ("quality_sst2", "quality_wnut17"):
+        single = load_config(BENCH / f"{name}.yaml")
+        assert single.encoder == joint.encoder
+        assert single.optim == joint.optim
+        assert single.sampling.strategy == joint.sampling.strategy
+        (task,) = single.tasks
+        assert task == joint.task(task.name)
+
+
+# --- pieces of the serving benchmark -------------------------------------------------------------
+
+
+def test_read_texts_takes_the_sentence_column_or_lines(tmp_path):
+    tsv = tmp_path / "dev.tsv"
+    tsv.write_text('sentence\tlabel\nit \'s "great" . \t1\n\t0\nbleak \t0\n')
+    assert read_texts(tsv) == ['it \'s "great" .', "bleak"]
+    txt = tmp_path / "texts.txt"
+    txt.write_text("one\n\n  two  \n")
+    assert read_texts(txt) == ["one", "two"]
+    with pytest.raises(BenchError, match="--texts"):
+        read_texts(tmp_path / "missing.txt")
+
+
+def test_load_generator_counts_errors_and_respects_bounds():
+    calls: list[list[str]] = []
+
+    async def send(batch: list[str]) -> None:
+        calls.append(batch)
+        await asyncio.sleep(0.001)
+        if batch[0] == "bad":
+            raise RuntimeError("HTTP 500: boom")
+
+    texts = ["a", "b", "bad", "c"]
+    result = asyncio.run(
+        run_load(
+            send,
+            texts,
+            concurrency=3,
+            inputs_per_request=1,
+            duration_s=30,
+            max_requests=20,
+            warmup_requests=2,
+        )
+    )
+    assert result["requests"] == 20 and len(calls) == 22  # 2 warm-up requests are not counted
+    assert result["errors"] == result["requests"] - result["ok_requests"] >= 4
+    assert result["inputs"] == result["ok_requests"]
+    assert result["error_examples"] == ["RuntimeError: HTTP 500: boom"]
+    assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
+
+    timed = asyncio.run(
+        run_load(
+            send, ["x"] * 5, concurrency=2, inputs_per_request=4, duration_s=0.2, max_requests=10**9
+        )
+    )
+    assert timed["errors"] == 0 and timed["inputs"] == 4 * timed["requests"]
+    assert 0.2 <= timed["duration_s"] < 2
+
+
+def test_ratios_and_targets():
+    settings = ServeBenchSettings(concurrency=[1, 4], inputs_per_request=[1, 16])
+    runs = []
+    for system, scale in (("polytask", 2.0), ("baseline", 1.0)):
+        for ipr in (1, 16):
+            for c in (1, 4):
+                runs.append(
+                    {
+                        "system": system,
+                        "inputs_per_request": ipr,
+                        "concurrency": c,
+                        "throughput_inputs_per_s": scale * ipr * c,
+                        "errors": 0,
+                    }
+                )
+    runs[-1]["errors"] = 2
+    ratios = compute_ratios(runs, limit=100.0, settings=settings)
+    assert ratios["polytask_over_baseline"]["inputs_per_request=16"] == {
+        "c=1": 2.0,
+        "c=4": 2.0,
+        "peak": 2.0,
+    }
+    assert ratios["polytask_over_limit"]["inputs_per_request=16"] == pytest.approx(1.28)
+    targets = check_targets(
+        {"ratios": ratios, "runs": runs, "settings": {"inputs_per_request": [1, 16]}}
+    )
+    assert targets["speedup_vs_baseline"]["met"] and targets["fraction_of_limit"]["met"]
+    assert targets["errors"] == {"target": 0, "value": 2, "met": False}
+
+
+# --- end to end ------------------------------------------------------------------------------------
+
+
+def test_serve_bench_tiny_end_to_end(tmp_path):
+    from polytask.demo import demo_corpus
+
+    texts = tmp_path / "texts.tsv"
+    texts.write_text("sentence\tlabel\n" + "".join(f"{t} \t0\n" for t in demo_corpus()[::5]))
+    out = tmp_path / "serve"
+    proc = _run_script(
+        "jobs/bench/serve_bench.py", "--tiny", "--texts", str(texts), "--out", str(out)
+    )
+    assert "polytask/baseline at peak" in proc.stdout
+
+    result = json.loads((out / "results.json").read_text())
+    assert result["texts"] == {"source": str(texts), "count": len(demo_corpus()[::5])}
+    assert result["settings"]["concurrency"] == [1, 4]
+    levels = {(r["system"], r["inputs_per_request"], r["concurrency"]) for r in result["runs"]}
+    assert levels == {(s, i, c) for s in ("polytask", "baseline") for i in (1, 16) for c in (1, 4)}
+    for r in result["runs"]:
+        assert r["errors"] == 0, r["error_examples"]
+        assert 0 < r["requests"] <= result["settings"]["max_requests"]
+        assert r["inputs"] == r["requests"] * r["inputs_per_request"]
+        assert r["throughput_inputs_per_s"] > 0
+        lat = r["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+    assert result["limit"]["inputs_per_s"] > 0
+    assert result["padding"]["arrival_max_length"]["padded_tokens_per_input"] == 64
+    assert (
+        result["padding"]["arrival_dynamic"]["padded_tokens_per_input"]
+        < result["padding"]["arrival_max_length"]["padded_tokens_per_input"]
+    )
+    for ipr in ("inputs_per_request=1", "inputs_per_request=16"):
+        assert result["ratios"]["polytask_over_baseline"][ipr]["peak"] > 0
+        assert result["ratios"]["polytask_over_limit"][ipr] > 0
+    assert result["targets"]["errors"] == {"target": 0, "value": 0, "met": True}
+    assert {"cpu_model", "usable_cores", "torch", "ray"} <= set(result["machine"])
+    assert result["systems"]["baseline"]["models"]["ner"]["head"] == "copied from bundle"
+
+    table = (out / "results.md").read_text()
+    assert "| polytask | 16 | 4 |" in table and "| baseline | 1 | 1 |" in table
+    for png in ("throughput.png", "latency.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+
+
+def test_quality_tiny_end_to_end(tmp_path):
+    out = tmp_path / "quality"
+    proc = _run_script("jobs/bench/quality.py", "--tiny", "--steps", "6", "--out", str(out))
+    assert "joint − single" in proc.stdout
+
+    result = json.loads((out / "results.json").read_text())
+    runs = result["runs"]
+    assert set(runs) == {"joint", "sentiment_only", "ner_only"}
+    joint_steps = runs["joint"][0]["steps"]
+    assert sum(joint_steps.values()) == 12
+    assert runs["sentiment_only"][0]["steps"] == {"sentiment": joint_steps["sentiment"]}
+    assert runs["ner_only"][0]["steps"] == {"ner": joint_steps["ner"]}
+    s = result["summary"]
+    for name, keys in (
+        ("joint", ("sst2_dev_accuracy", "wnut17_test_f1")),
+        ("sentiment_only", ("sst2_dev_accuracy",)),
+        ("ner_only", ("wnut17_test_f1",)),
+    ):
+        for key in keys:
+            assert 0.0 <= s[name][key] <= 100.0
+    assert s["sentiment_only"]["wnut17_test_f1"] is None
+    assert result["delta_points"]["sst2_dev_accuracy"] == pytest.approx(
+        s["joint"]["sst2_dev_accuracy"] - s["sentiment_only"]["sst2_dev_accuracy"]
+    )
+    assert isinstance(result["target"]["met"], bool)
+    assert "| joint |" in (out / "results.md").read_text()
