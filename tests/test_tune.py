@@ -19,7 +19,7 @@ def ray_with_dashboard():
     dashboard serves: without it, trials that ASHA stops would leak their workers' CPUs."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
+    ray.init(num_cpus=6, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -112,9 +112,9 @@ def _tune_config(cfg: ExperimentConfig) -> Any:
         search_alg = OptunaSearch(seed=cfg.optim.seed)
     scheduler = None
     if t.scheduler == "asha":
-        scheduler = ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=cfg.optim.epochs,
+        scheduler = ASHAScheduler(  # max_t past the last epoch: finished trials end by returning
+            time_attr="training_iteration",  # (a Tune stop kills the trial's Train controller)
+            max_t=cfg.optim.epochs + 1,
             grace_period=min(t.grace_period, cfg.optim.epochs),
             reduction_factor=t.reduction_factor,
         )
