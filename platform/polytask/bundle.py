@@ -1,7 +1,8 @@
 """The bundle: what training writes and serving reads. Encoder and heads load separately.
 
     bundle/
-      polytask.json              format version, tasks, encoder fingerprint, pooling, max_length
+      polytask.json              format version, tasks, encoder fingerprint, pooling, max_length,
+                                 compression recipe (replayed at load by compress.py)
       encoder/                   save_pretrained(): config.json, model.safetensors, tokenizer files
       heads/<task>/head.safetensors
       heads/<task>/head.json     the task spec, hidden size, and the encoder fingerprint it expects
@@ -43,6 +44,7 @@ class Manifest:
     source: str = ""
     variant: str = "fp32"
     extra: dict[str, Any] = field(default_factory=dict)
+    recipe: list[dict[str, Any]] = field(default_factory=list)  # compression steps (compress.py)
 
     def task(self, name: str) -> TaskSpec:
         for spec in self.tasks:
@@ -61,6 +63,7 @@ class Manifest:
                 "max_length": self.max_length,
                 "source": self.source,
                 "variant": self.variant,
+                "recipe": self.recipe,
             },
             "extra": self.extra,
         }
@@ -68,8 +71,13 @@ class Manifest:
 
 def encoder_fingerprint(module: nn.Module) -> str:
     """sha256 over every encoder tensor (name, dtype, shape, bytes): same weights ⇔ same id."""
+    return tensors_fingerprint(module.state_dict())
+
+
+def tensors_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """The fingerprint of a plain name → tensor dict (what a compressed encoder saves)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -95,6 +103,7 @@ def read_manifest(path: str | Path) -> Manifest:
         source=enc.get("source", ""),
         variant=enc.get("variant", "fp32"),
         extra=data.get("extra", {}),
+        recipe=enc.get("recipe", []),
     )
 
 
@@ -138,12 +147,19 @@ def save_bundle(
 def load_encoder_part(
     path: str | Path, device: str = "cpu", trust_remote_code: bool = False
 ) -> tuple[nn.Module, Any, str]:
-    """(encoder in eval mode, tokenizer, fingerprint computed from the loaded weights)."""
+    """(encoder in eval mode, tokenizer, fingerprint computed from the loaded weights).
+
+    A compressed encoder (int8, pruned) is rebuilt from the recipe in polytask.json."""
     from polytask.model import load_encoder
 
     enc_dir = Path(path) / "encoder"
     if not enc_dir.is_dir():
         raise BundleError(f"{path}: no encoder/ directory; is this a polytask bundle?")
+    recipe = read_manifest(path).recipe if (Path(path) / MANIFEST).is_file() else []
+    if recipe:
+        from polytask.compress import load_compressed_encoder
+
+        return load_compressed_encoder(enc_dir, recipe, device, trust_remote_code)
     encoder, tokenizer = load_encoder(str(enc_dir), trust_remote_code=trust_remote_code)
     fingerprint = encoder_fingerprint(encoder)
     return encoder.to(device).eval(), tokenizer, fingerprint

@@ -1,0 +1,554 @@
+"""Compress a bundle for serving — int8 (quantize.py) or structured pruning (prune.py) — measure
+it against its source, and register it as a new model version next to the source.
+
+A compressed bundle keeps the bundle layout; polytask.json's `encoder.recipe` lists the steps,
+and `load_compressed_encoder` (called by bundle.load_encoder_part) replays them on an fp32
+skeleton before reading the weights, so loading never unpickles and never guesses shapes.
+Training-side imports (data, loop, registry) stay inside functions: serving imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from polytask.bundle import (
+    MANIFEST,
+    BundleError,
+    Manifest,
+    encoder_fingerprint,
+    load_bundle,
+    load_encoder_part,
+    read_manifest,
+    tensors_fingerprint,
+)
+from polytask.prune import prune_encoder, rebuild_pruned
+from polytask.quantize import int8_state, quantize_encoder, rebuild_int8
+
+if TYPE_CHECKING:
+    from polytask.config import ExperimentConfig
+    from polytask.model import MultiTaskModel
+
+METHODS = ("int8", "prune")
+VARIANT_NAMES = {"int8": "int8", "prune": "pruned"}
+COMPRESSION_TAG = "polytask.compression"
+SOURCE_VERSION_TAG = "polytask.source_version"
+WEIGHTS = "model.safetensors"
+
+
+# --- loading (serving path: torch + bundle only) -------------------------------------------------
+
+
+def load_compressed_encoder(
+    enc_dir: str | Path,
+    recipe: list[dict[str, Any]],
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, Any, str]:
+    """config → fp32 skeleton → replay the recipe's shape/quantization steps → load the weights.
+
+    Returns what `bundle.load_encoder_part` returns: (encoder in eval mode, tokenizer, fingerprint).
+    """
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    enc_dir = Path(enc_dir)
+    methods = [step.get("method") for step in recipe]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise BundleError(f"{enc_dir.parent}: unknown compression step(s) {unknown} in {MANIFEST}")
+    if "int8" in methods and device != "cpu":
+        raise BundleError(
+            f"{enc_dir.parent} is an int8 bundle, which runs on CPU only; serve the fp32 "
+            "version on GPU (device: cpu for this one)"
+        )
+    config = AutoConfig.from_pretrained(enc_dir, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        enc_dir, use_fast=True, trust_remote_code=trust_remote_code
+    )
+    encoder = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    state = load_file(enc_dir / WEIGHTS)
+    for step in recipe:
+        if step["method"] == "prune":
+            rebuild_pruned(encoder, step)
+    if "int8" in methods:
+        encoder = rebuild_int8(encoder, recipe[methods.index("int8")], state)
+        fingerprint = tensors_fingerprint(int8_state(encoder))
+    else:
+        try:
+            encoder.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise BundleError(
+                f"{enc_dir}: weights do not match the recipe's shapes: {exc}"
+            ) from None
+        fingerprint = encoder_fingerprint(encoder)
+    return encoder.to(device).eval(), tokenizer, fingerprint
+
+
+# --- compressing -------------------------------------------------------------------------------
+
+
+def compress_bundle(
+    src_bundle: str | Path,
+    out: str | Path,
+    method: str,
+    sparsity: float = 0.3,
+    *,
+    experiment: ExperimentConfig | None = None,
+    finetune_steps: int = 0,
+    skip: tuple[str, ...] = (),
+    engine: str | None = None,
+) -> Manifest:
+    """Write a compressed copy of `src_bundle` to `out` and return its manifest.
+
+    int8: every encoder nn.Linear (minus names containing a `skip` part) → dynamic int8, CPU.
+    prune: remove `sparsity` of the transformer-layer parameters as whole heads and FFN neurons,
+    ranked by gradient importance on the experiment's train split when `experiment` is given
+    (else weight magnitude), then optionally `finetune_steps` of recovery training.
+    """
+    src_bundle, out = Path(src_bundle), Path(out)
+    if method not in METHODS:
+        raise ValueError(f"--method '{method}': choose one of {', '.join(METHODS)}")
+    if out.resolve() == src_bundle.resolve():
+        raise ValueError(f"--out {out} is the source bundle; pick another directory")
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise ValueError(f"--out {out} exists and is not a bundle; pick an empty or new directory")
+    manifest = read_manifest(src_bundle)
+    if any(step["method"] == "int8" for step in manifest.recipe):
+        raise ValueError(
+            f"{src_bundle} is already int8; compress its fp32 (or pruned) source instead"
+        )
+    heads = None
+    if method == "int8":
+        encoder, _, _ = load_encoder_part(src_bundle)
+        quantized, step = quantize_encoder(encoder, skip, engine)
+        state = int8_state(quantized)
+        fingerprint = tensors_fingerprint(state)
+    else:
+        if finetune_steps and experiment is None:
+            raise ValueError("--finetune-steps needs --eval EXPERIMENT.yaml (its train data)")
+        model, tokenizer, _ = load_bundle(src_bundle)
+        train = _features(experiment, manifest, tokenizer, "train") if experiment else None
+        pad_id, batch_size = (
+            tokenizer.pad_token_id,
+            experiment.optim.batch_size if experiment else 0,
+        )
+        losses = _importance_losses(model, train, pad_id, batch_size) if train else None
+        _, step = prune_encoder(model.encoder, sparsity, losses)
+        model.zero_grad(set_to_none=True)
+        if finetune_steps:
+            _recover(model, train, experiment, pad_id, finetune_steps)
+            step["finetune_steps"] = finetune_steps
+            heads = {n: h.state_dict() for n, h in model.heads.items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
+        fingerprint = encoder_fingerprint(model.encoder)
+    recipe = [*manifest.recipe, step]
+    new = Manifest(
+        tasks=manifest.tasks,
+        fingerprint=fingerprint,
+        pooling=manifest.pooling,
+        max_length=manifest.max_length,
+        source=manifest.source,
+        variant="+".join(VARIANT_NAMES[s["method"]] for s in recipe),
+        extra={
+            **manifest.extra,
+            "compressed_from": {"fingerprint": manifest.fingerprint, "variant": manifest.variant},
+        },
+        recipe=recipe,
+    )
+    _write(src_bundle, out, new, state, heads)
+    return new
+
+
+def _write(
+    src: Path,
+    out: Path,
+    manifest: Manifest,
+    encoder_state: dict[str, torch.Tensor],
+    heads: dict[str, dict[str, torch.Tensor]] | None,
+) -> None:
+    """Copy the source bundle, swap in the new encoder weights, re-stamp every head's expected
+    fingerprint; `out` is replaced only once complete."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(
+        src,
+        tmp,
+        ignore=shutil.ignore_patterns("model*.safetensors", "model.safetensors.index.json"),
+    )
+    save_file(encoder_state, tmp / "encoder" / WEIGHTS, metadata={"format": "pt"})
+    for spec in manifest.tasks:
+        head_dir = tmp / "heads" / spec.name
+        meta = json.loads((head_dir / "head.json").read_text())
+        meta["encoder_fingerprint"] = manifest.fingerprint
+        (head_dir / "head.json").write_text(json.dumps(meta, indent=2))
+        if heads is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in heads[spec.name].items()}
+            save_file(state, head_dir / "head.safetensors")
+    (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def _features(
+    cfg: ExperimentConfig, manifest: Manifest, tokenizer: Any, split: str
+) -> dict[str, list[dict[str, Any]]]:
+    """Tokenized features of one split for the tasks the bundle and the experiment share,
+    labelled with the bundle's own label order."""
+    from polytask.data import load_task_data, tokenize_records
+
+    known = {s.name for s in manifest.tasks}
+    shared = [t for t in cfg.task_names if t in known]
+    if not shared:
+        raise ValueError(
+            f"the experiment's tasks {[t.name for t in cfg.tasks]} share none with the model's "
+            f"{sorted(known)}; pass the experiment the model was trained with"
+        )
+    task_data = load_task_data(cfg)
+    return {
+        name: tokenize_records(
+            task_data[name].splits[split], manifest.task(name), tokenizer, manifest.max_length
+        )
+        for name in shared
+        if task_data[name].splits.get(split)
+    }
+
+
+def _importance_losses(
+    model: MultiTaskModel,
+    features: dict[str, list[dict[str, Any]]],
+    pad_id: int,
+    batch_size: int,
+    batches: int = 16,
+) -> Iterator[Callable[[], torch.Tensor]]:
+    """Loss closures over up to `batches` train batches per task (train, not validation, so the
+    evaluation afterwards is not scored on data that chose what to prune)."""
+    from polytask.data import eval_batches
+
+    model.eval()  # no dropout: importance should reflect the deterministic network
+    for task, feats in features.items():
+        token = model.specs[task].task_kind.level == "token"
+        for _, batch in eval_batches(feats[: batches * batch_size], batch_size, pad_id, token):
+            yield lambda task=task, batch=batch: model(task, batch)[1]
+
+
+def _recover(
+    model: MultiTaskModel,
+    features: dict[str, list[dict[str, Any]]],
+    cfg: ExperimentConfig,
+    pad_id: int,
+    steps: int,
+) -> None:
+    """A short recovery fine-tune of the pruned model (encoder and heads) with the plain loop's
+    own optimizer, schedule, sampler and step."""
+    from polytask.data import TaskBatches, TaskSampler
+    from polytask.loop import Trainer, make_optimizer, make_scheduler, train_epoch
+    from polytask.model import LossWeighting
+
+    model.weighting = LossWeighting(
+        list(model.specs), "static", {t.name: t.weight for t in cfg.tasks}
+    )
+    o = cfg.optim
+    sizes = {name: len(f) for name, f in features.items()}
+    sampler = TaskSampler(
+        sizes, cfg.sampling.strategy, cfg.sampling.temperature, o.seed, 1, steps, o.batch_size
+    )
+    token_tasks = {n for n in features if model.specs[n].task_kind.level == "token"}
+    batches = TaskBatches(features, token_tasks, o.batch_size, 0, 1, o.seed, pad_id)
+    optimizer = make_optimizer(model, o)
+    scheduler = make_scheduler(optimizer, steps, o.warmup_ratio)
+    tr = Trainer(
+        cfg, model, model, None, optimizer, scheduler, sampler, batches, {}, torch.device("cpu")
+    )
+    train_epoch(tr)
+    model.eval()
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+def compare_bundles(
+    bundles: dict[str, str | Path], cfg: ExperimentConfig, batch_size: int = 32, repeats: int = 3
+) -> dict[str, dict[str, Any]]:
+    """Per bundle: validation metrics, encoder seq/s (same length-sorted texts and batch size for
+    all, passes interleaved), and bytes on disk. The first bundle's tokenizer tokenizes for all."""
+    from polytask.loop import evaluate
+
+    loaded = {key: load_bundle(path) for key, path in bundles.items()}
+    _, tokenizer, manifest = next(iter(loaded.values()))
+    features = _features(cfg, manifest, tokenizer, "validation")
+    if not features:
+        raise ValueError("--eval: the experiment has no validation split for the model's tasks")
+    batches = _throughput_batches(features, tokenizer.pad_token_id, batch_size)
+    speed = encoder_throughput(
+        {k: model.encoder for k, (model, _, _) in loaded.items()}, batches, repeats
+    )
+    return {
+        key: {
+            "variant": man.variant,
+            "metrics": evaluate(model, features, batch_size, tokenizer.pad_token_id),
+            "seq_per_s": speed[key],
+            "sequences": sum(len(b["input_ids"]) for b in batches),
+            "encoder_bytes": dir_bytes(Path(bundles[key]) / "encoder", "*.safetensors"),
+            "bundle_bytes": dir_bytes(Path(bundles[key])),
+            "layer_params": _layer_params_or_none(model.encoder),
+        }
+        for key, (model, _, man) in loaded.items()
+    }
+
+
+def _layer_params_or_none(encoder: nn.Module) -> int | None:
+    from polytask.prune import layer_params
+
+    try:
+        return layer_params(encoder)
+    except ValueError:
+        return None
+
+
+def evaluate_compression(
+    src_bundle: str | Path,
+    compressed: str | Path,
+    cfg: ExperimentConfig,
+    batch_size: int = 32,
+    repeats: int = 3,
+) -> dict[str, Any]:
+    """Source vs compressed side by side (see compare_bundles), plus metric deltas, the
+    throughput ratio and the encoder size ratio."""
+    report: dict[str, Any] = compare_bundles(
+        {"source": src_bundle, "compressed": compressed}, cfg, batch_size, repeats
+    )
+    report["batch_size"] = batch_size
+    report["speedup"] = report["compressed"]["seq_per_s"] / report["source"]["seq_per_s"]
+    report["size_ratio"] = report["compressed"]["encoder_bytes"] / report["source"]["encoder_bytes"]
+    report["delta"] = metric_deltas(report["source"]["metrics"], report["compressed"]["metrics"])
+    return report
+
+
+def metric_deltas(
+    source: dict[str, dict[str, float]], other: dict[str, dict[str, float]]
+) -> dict[str, float]:
+    """{'task/metric': other − source} for every numeric metric."""
+    return {
+        f"{task}/{name}": other[task][name] - value
+        for task, values in source.items()
+        for name, value in values.items()
+        if isinstance(value, (int, float))
+    }
+
+
+def _throughput_batches(
+    features: dict[str, list[dict[str, Any]]], pad_id: int, batch_size: int
+) -> list[dict[str, torch.Tensor]]:
+    """Every validation input of every task, length-sorted and padded per batch."""
+    from polytask.data import collate
+
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    feats = [{k: v for k, v in f.items() if k in keys} for fs in features.values() for f in fs]
+    feats.sort(key=lambda f: len(f["input_ids"]))
+    out = []
+    for i in range(0, len(feats), batch_size):
+        out.append(collate(feats[i : i + batch_size], pad_id))
+    return out
+
+
+@torch.inference_mode()
+def encoder_throughput(
+    encoders: dict[str, nn.Module], batches: list[dict[str, torch.Tensor]], repeats: int = 3
+) -> dict[str, float]:
+    """Sequences per second of each encoder over the same batches. Each batch is timed `repeats`
+    times per encoder, interleaved across encoders, and its fastest time counts: a busy neighbour
+    on a shared machine inflates some timings, rarely all of them, and hits every encoder alike."""
+    n = sum(len(b["input_ids"]) for b in batches)
+    keys = list(encoders)
+    best = {k: [math.inf] * len(batches) for k in keys}
+    for enc in encoders.values():
+        enc(**batches[0])
+    for r in range(repeats):
+        for i, batch in enumerate(batches):
+            for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+                start = time.perf_counter()
+                encoders[key](**batch)
+                best[key][i] = min(best[key][i], time.perf_counter() - start)
+    return {k: n / sum(times) for k, times in best.items()}
+
+
+def dir_bytes(path: Path, pattern: str = "*") -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob(pattern) if f.is_file())
+
+
+# --- registry ----------------------------------------------------------------------------------
+
+
+def registered_version(model_uri: str, uri: str | None = None) -> tuple[str, str]:
+    """(registered name, version) of a `models:/NAME/VERSION` or `models:/NAME@ALIAS` URI."""
+    from polytask import registry
+
+    if not model_uri.startswith("models:/"):
+        raise ValueError(
+            f"model '{model_uri}': --register needs a models:/NAME/VERSION or models:/NAME@ALIAS "
+            "source (the compressed bundle is registered next to it); pass --no-register"
+        )
+    ref = model_uri.removeprefix("models:/").split("/")
+    if "@" in ref[0]:
+        name, alias = ref[0].split("@", 1)
+        return name, str(registry.client(uri).get_model_version_by_alias(name, alias).version)
+    if len(ref) < 2 or not ref[1].isdigit():
+        raise ValueError(
+            f"model '{model_uri}': expected models:/NAME/VERSION or models:/NAME@ALIAS"
+        )
+    return ref[0], ref[1]
+
+
+def register_compressed(
+    bundle_dir: str | Path,
+    name: str,
+    source_version: str | int,
+    report: dict[str, Any] | None = None,
+    uri: str | None = None,
+) -> dict[str, Any]:
+    """Log the compressed bundle in a new run (with the evaluation, if any) and register it as
+    a NEW version of `name`, tagged with its method and source; no alias is set or moved."""
+    from polytask import registry
+    from polytask.loop import objective
+
+    uri = uri or registry.tracking_uri()
+    c = registry.client(uri)
+    source = c.get_model_version(name, str(source_version))
+    manifest = read_manifest(bundle_dir)
+    method = manifest.recipe[-1]["method"] if manifest.recipe else "none"
+    experiment_id = (
+        c.get_run(source.run_id).info.experiment_id
+        if source.run_id
+        else registry.ensure_experiment(c, "polytask", uri)
+    )
+    run = c.create_run(
+        experiment_id,
+        run_name=f"{name}-v{source.version}-{manifest.variant}",
+        tags={COMPRESSION_TAG: method, SOURCE_VERSION_TAG: str(source.version)},
+    )
+    run_id = run.info.run_id
+    step = manifest.recipe[-1] if manifest.recipe else {}
+    for key in ("sparsity", "importance", "engine", "scheme", "finetune_steps"):
+        if key in step:
+            c.log_param(run_id, key, step[key])
+    c.log_param(run_id, "variant", manifest.variant)
+    c.log_param(run_id, "source_model", f"models:/{name}/{source.version}")
+    tags = {COMPRESSION_TAG: method, SOURCE_VERSION_TAG: str(source.version)}
+    if report:
+        for key, value in flat_report(report).items():
+            c.log_metric(run_id, key, value)
+        c.log_dict(run_id, report, "compression_report.json")
+        specs = [s for s in manifest.tasks if s.name in report["compressed"]["metrics"]]
+        tags[registry.OBJECTIVE_TAG] = repr(
+            float(objective(report["compressed"]["metrics"], specs))
+        )
+    model_uri = registry.log_bundle(bundle_dir, run_id, uri)
+    c.set_terminated(run_id)
+    mv = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags)
+    return {
+        "name": name,
+        "version": int(mv.version),
+        "source_version": int(source.version),
+        "run_id": run_id,
+        "model_uri": f"models:/{name}/{mv.version}",
+    }
+
+
+def flat_report(report: dict[str, Any]) -> dict[str, float]:
+    """The evaluation as MLflow metric names: source/…, compressed/…, delta/…, speedup."""
+    out: dict[str, float] = {"speedup": report["speedup"], "size_ratio": report["size_ratio"]}
+    for side in ("source", "compressed"):
+        for task, values in report[side]["metrics"].items():
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    out[f"{side}/{task}/{key}"] = float(value)
+        for key in ("seq_per_s", "encoder_bytes", "bundle_bytes"):
+            out[f"{side}/{key}"] = float(report[side][key])
+    out.update({f"delta/{k}": float(v) for k, v in report["delta"].items()})
+    return out
+
+
+# --- the CLI's entry ---------------------------------------------------------------------------
+
+
+def run_compress(
+    model_uri: str,
+    method: str,
+    sparsity: float = 0.3,
+    eval_experiment: str | Path | None = None,
+    out: str | Path | None = None,
+    register: bool = True,
+    console: Any = None,
+    finetune_steps: int = 0,
+) -> dict[str, Any]:
+    """`polytask compress`: resolve → compress → (evaluate) → (register); returns a summary."""
+    from polytask.config import default_home, load_config
+    from polytask.registry import resolve_bundle
+
+    say = console.print if console is not None else (lambda *a, **k: None)
+    if register:  # fail before the slow part; pin an alias so source and tag name one version
+        name, version = registered_version(model_uri)
+        model_uri = f"models:/{name}/{version}"
+    src = resolve_bundle(model_uri)
+    cfg = load_config(eval_experiment) if eval_experiment else None
+    if out is None:
+        slug = "".join(
+            ch if ch.isalnum() or ch in "-_." else "_" for ch in model_uri.split("://")[-1]
+        )
+        out = (
+            default_home() / "compressed" / f"{slug.strip('_')}-{VARIANT_NAMES.get(method, method)}"
+        )
+    say(f"compressing {model_uri} ({src}) with {method} …")
+    manifest = compress_bundle(
+        src, out, method, sparsity, experiment=cfg, finetune_steps=finetune_steps
+    )
+    summary: dict[str, Any] = {
+        "bundle": str(Path(out).resolve()),
+        "method": method,
+        "variant": manifest.variant,
+        "fingerprint": manifest.fingerprint,
+    }
+    if manifest.recipe[-1]["method"] == "prune":
+        step = manifest.recipe[-1]
+        summary["layer_params"] = {"before": step["params_before"], "after": step["params_after"]}
+    if cfg is not None:
+        say("evaluating source vs compressed …")
+        report = evaluate_compression(src, out, cfg)
+        summary["evaluation"] = report
+        say(format_report(report))
+    if register:
+        summary["registered"] = register_compressed(out, name, version, summary.get("evaluation"))
+        say(
+            f"registered {summary['registered']['model_uri']} (source v{version}; aliases untouched)"
+        )
+    say(f"wrote {summary['bundle']} ({manifest.variant})")
+    return summary
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A markdown table: metrics, throughput and size of source vs compressed."""
+    src, cmp = report["source"], report["compressed"]
+    rows = [f"| | {src['variant']} | {cmp['variant']} | Δ |", "| --- | ---: | ---: | ---: |"]
+    for task, values in src["metrics"].items():
+        for key, value in values.items():
+            if isinstance(value, (int, float)):
+                new = cmp["metrics"][task][key]
+                rows.append(f"| {task}/{key} | {value:.4f} | {new:.4f} | {new - value:+.4f} |")
+    rows.append(
+        f"| encoder seq/s | {src['seq_per_s']:.1f} | {cmp['seq_per_s']:.1f} | ×{report['speedup']:.2f} |"
+    )
+    rows.append(
+        f"| encoder MB | {src['encoder_bytes'] / 1e6:.2f} | {cmp['encoder_bytes'] / 1e6:.2f} "
+        f"| ×{report['size_ratio']:.2f} |"
+    )
+    return "\n".join(rows)
