@@ -63,6 +63,23 @@ def trained_bundle(tmp_path_factory: pytest.TempPathFactory, demo_data: Path, ti
     return path
 
 
+@pytest.fixture(scope="session")
+def untrained_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Path) -> Path:
+    """The demo tasks (sentiment, ner) with random heads: a real bundle, no training needed."""
+    from polytask.bundle import save_bundle
+    from polytask.model import build_model, load_encoder
+    from polytask.tasks import TaskSpec
+
+    encoder, tokenizer = load_encoder(str(tiny_encoder))
+    specs = [
+        TaskSpec("sentiment", "classification", ["negative", "positive"]),
+        TaskSpec("ner", "token_classification", ["O", "B-person", "I-person"]),
+    ]
+    path = tmp_path_factory.mktemp("untrained") / "bundle"
+    save_bundle(build_model(encoder, specs, pooling="cls"), tokenizer, path, max_length=32)
+    return path
+
+
 @pytest.fixture()
 def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A real MLflow store: SQLite in this test's tmp dir, artifacts beside it."""

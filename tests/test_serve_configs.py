@@ -12,21 +12,6 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "serve_configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
-def demo_task_bundle(tiny_encoder: Path, path: Path) -> Path:
-    """The demo tasks (sentiment, ner) with random heads: a real bundle, no training needed."""
-    from polytask.bundle import save_bundle
-    from polytask.model import build_model, load_encoder
-    from polytask.tasks import TaskSpec
-
-    encoder, tokenizer = load_encoder(str(tiny_encoder))
-    specs = [
-        TaskSpec("sentiment", "classification", ["negative", "positive"]),
-        TaskSpec("ner", "token_classification", ["O", "B-person", "I-person"]),
-    ]
-    save_bundle(build_model(encoder, specs, pooling="cls"), tokenizer, path, max_length=32)
-    return path
-
-
 def _apps(path: Path) -> list[Any]:
     from ray.serve.schema import ServeDeploySchema
 
@@ -51,7 +36,7 @@ def test_both_configs_exist():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_config_validates_and_builds(path: Path, tiny_encoder: Path, tmp_path: Path):
+def test_config_validates_and_builds(path: Path, untrained_bundle: Path, tmp_path: Path):
     from ray._common.utils import import_attr
 
     from polytask.serve import build_app, compose, parse_args
@@ -64,7 +49,7 @@ def test_config_validates_and_builds(path: Path, tiny_encoder: Path, tmp_path: P
             d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in app.deployments
         }
         # The config's deployment names and options fit the app the builder makes (demo tasks).
-        bundle = demo_task_bundle(tiny_encoder, tmp_path / "bundle")
+        bundle = untrained_bundle
         built = compose(parse_args({**app.args, "model": str(bundle)}), options)
         assert built is not None
 
@@ -125,10 +110,10 @@ def test_bad_args_name_the_field_and_the_fix():
     assert parse_args({"model": "m", "tasks": "a, b", "max_batch_size": "8"}).tasks == ["a", "b"]
 
 
-def test_builder_rejects_unknown_tasks_models_and_deployments(tiny_encoder: Path, tmp_path: Path):
+def test_builder_rejects_unknown_tasks_models_and_deployments(untrained_bundle: Path, tmp_path: Path):
     from polytask.serve import ServeArgsError, build_app, compose
 
-    bundle = demo_task_bundle(tiny_encoder, tmp_path / "bundle")
+    bundle = untrained_bundle
 
     with pytest.raises(ServeArgsError, match="tasks: nope not in model .*it has: sentiment, ner"):
         build_app({"model": str(bundle), "tasks": "sentiment,nope"})

@@ -11,35 +11,20 @@ from pathlib import Path
 import httpx
 
 
-def demo_task_bundle(tiny_encoder: Path, path: Path) -> Path:
-    """The demo tasks (sentiment, ner) with random heads: a real bundle, no training needed."""
-    from polytask.bundle import save_bundle
-    from polytask.model import build_model, load_encoder
-    from polytask.tasks import TaskSpec
-
-    encoder, tokenizer = load_encoder(str(tiny_encoder))
-    specs = [
-        TaskSpec("sentiment", "classification", ["negative", "positive"]),
-        TaskSpec("ner", "token_classification", ["O", "B-person", "I-person"]),
-    ]
-    save_bundle(build_model(encoder, specs, pooling="cls"), tokenizer, path, max_length=32)
-    return path
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_encoder_lands_on_gpu_node_and_heads_on_cpu_pool(tiny_encoder: Path, tmp_path: Path):
+def test_encoder_lands_on_gpu_node_and_heads_on_cpu_pool(untrained_bundle: Path, tmp_path: Path):
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
 
     from polytask.serve import compose
 
-    bundle = demo_task_bundle(tiny_encoder, tmp_path / "bundle")
+    bundle = untrained_bundle
     ray.shutdown()
     cluster = Cluster(
         initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
