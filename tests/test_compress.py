@@ -243,6 +243,7 @@ def test_compressed_version_is_registered_beside_the_source(
         client.get_model_version("polytask-demo", "2"),
     )
     assert v2.tags["polytask.compression"] == "int8" and v2.tags["polytask.source_version"] == "1"
+    assert v2.tags["polytask.variant"] == "int8" and v2.tags["polytask.base_version"] == "1"
     assert "polytask.compression" not in v1.tags and v1.source == source["model_uri"]
     metrics = client.get_run(v2.run_id).data.metrics
     assert (
@@ -271,23 +272,34 @@ def test_register_needs_a_registry_source(trained_bundle, tmp_path):
     assert summary["variant"] == "pruned" and "registered" not in summary
 
 
-def test_int8_bundle_serves_over_http(ray_local, int8_bundle):
-    """The Encoder deployment loads the int8 encoder through bundle.load_encoder_part."""
+def test_cpu_variant_serves_the_int8_version_over_http(trained_bundle, int8_bundle, mlflow_uri):
+    """`cpu_variant: int8` turns `models:/NAME@champion` into the int8 version compressed from
+    the champion, and the CPU Encoder deployment serves it (through bundle.load_encoder_part)."""
     import httpx
+    import ray
     from ray import serve
 
+    from polytask import registry
+    from polytask.compress import register_compressed
     from polytask.serve import run_server
 
+    c = registry.client()
+    run = c.create_run(registry.ensure_experiment(c, "polytask", mlflow_uri))
+    registry.register_bundle(trained_bundle, "polytask-demo", run.info.run_id, 0.5, "always")
+    assert register_compressed(int8_bundle, "polytask-demo", 1)["version"] == 2
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     texts = ["alice flew to paris last week with bob smith", "the hotel was dreadful"]
+    # Started after mlflow_uri set MLFLOW_TRACKING_URI, so the replicas read the same store.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         url = run_server(
-            str(int8_bundle),
+            "models:/polytask-demo@champion",
             config_path=ROOT / "serve_configs/local.yaml",
             port=port,
             blocking=False,
+            cpu_variant="int8",
         )
         with httpx.Client(base_url=url, timeout=120) as client:
             response = client.post("/v1/predict", json={"inputs": texts})
@@ -295,6 +307,9 @@ def test_int8_bundle_serves_over_http(ray_local, int8_bundle):
             body = response.json()
     finally:
         serve.shutdown()
+        ray.shutdown()
     want = Predictor.from_bundle(str(int8_bundle)).predict(texts)
+    assert body["model"]["ref"] == "models:/polytask-demo/2"
+    assert body["model"]["variant"] == "int8"
     assert body["model"]["fingerprint"] == read_manifest(int8_bundle).fingerprint
     assert _answers(body["results"]) == _answers(want)

@@ -377,7 +377,7 @@ def test_serve_config_v2_is_cluster_yaml(path):
 def test_cpu_only_serve_config_is_cluster_yaml_on_cpu():
     cluster = yaml.safe_load(CLUSTER_SERVE.read_text())
     cpu = _serve_config("overlays/cpu-only")
-    assert cpu == _render_module().cpu_variant(cluster)
+    assert cpu == _render_module().cpu_only(cluster)
     assert "num_gpus: 1" not in yaml.safe_dump(cpu) and cpu != cluster
     for app in cpu["applications"]:
         assert app["args"].get("device", "cpu") == "cpu"

@@ -62,6 +62,7 @@ def test_worse_version_is_candidate_not_champion_until_promoted(trained_bundle, 
 
     rows = {r["version"]: r for r in list_versions("reg-demo")}
     assert rows[1]["aliases"] == "champion" and rows[1]["objective"] == "0.6"
+    assert rows[1]["variant"] == "fp32"
     assert rows[2]["aliases"] == "candidate" and rows[2]["run_id"] == run_id
     assert list_versions(None) == [
         {"name": "reg-demo", "versions": 2, "latest": 2, "aliases": "candidate→v2, champion→v1"}

@@ -105,8 +105,8 @@ def test_bad_args_name_the_field_and_the_fix():
     assert "overflow: Input should be 'reject' or 'truncate'" in message
     with pytest.raises(ServeArgsError, match="remove num_gpus"):
         parse_args({"model": "m", "head_options": {"ray_actor_options": {"num_gpus": 1}}})
-    with pytest.raises(ServeArgsError, match="encoder_variant"):
-        parse_args({"model": "m", "encoder_variant": "int8"})
+    with pytest.raises(ServeArgsError, match="cpu_variant: String should match pattern"):
+        parse_args({"model": "m", "cpu_variant": "int 8"})
     assert parse_args({"model": "m", "tasks": "a, b", "max_batch_size": "8"}).tasks == ["a", "b"]
 
 
@@ -140,3 +140,53 @@ def test_alias_is_pinned_to_the_version_it_names_at_deploy_time(mlflow_uri: str,
     assert pin_model_uri("models:/demo/1") == "models:/demo/1"
     with pytest.raises(ServeArgsError, match="has no alias 'staging'"):
         pin_model_uri("models:/demo@staging")
+
+
+def test_cpu_variant_picks_the_compressed_version_for_cpu_encoders_only(
+    mlflow_uri: str, tmp_path: Path
+):
+    """cpu_variant follows the alias to the version compressed from it (chains included);
+    a GPU encoder keeps full precision; a missing variant or a bundle dir is a clear error."""
+    from polytask import registry
+    from polytask.serve import ServeArgsError, parse_args
+    from polytask.serve.refs import served_ref
+
+    c = registry.client()
+    c.create_registered_model("demo")
+
+    def version(variant: str | None = None, source: int | None = None, base: int | None = None):
+        tags = {}
+        if variant:
+            tags = {
+                registry.VARIANT_TAG: variant,
+                registry.SOURCE_VERSION_TAG: str(source),
+                registry.BASE_VERSION_TAG: str(base),
+            }
+        return int(c.create_model_version("demo", source=str(tmp_path), tags=tags).version)
+
+    v1, v2 = version(), version()
+    v3 = version("int8", v1, v1)
+    v4 = version("pruned", v2, v2)
+    v5 = version("pruned+int8", v4, v2)
+    v6 = version("int8", v1, v1)  # a newer int8 of v1 wins
+    c.set_registered_model_alias("demo", "champion", str(v1))
+
+    def ref(**args) -> str:
+        return served_ref(parse_args({"model": "models:/demo@champion", **args}))
+
+    assert ref(cpu_variant="int8") == f"models:/demo/{v6}"
+    assert ref(cpu_variant="int8", device="cuda") == f"models:/demo/{v1}"
+    assert ref() == f"models:/demo/{v1}"
+    assert served_ref(parse_args({"model": f"models:/demo/{v3}", "cpu_variant": "int8"})) == (
+        f"models:/demo/{v3}"
+    )
+    c.set_registered_model_alias("demo", "champion", str(v2))
+    assert ref(cpu_variant="pruned+int8") == f"models:/demo/{v5}"
+    with pytest.raises(ServeArgsError) as err:
+        ref(cpu_variant="int8")
+    message = str(err.value)
+    assert f"cpu_variant: no 'int8' version of models:/demo/{v2}" in message
+    assert "(it has: pruned, pruned+int8)" in message
+    assert f"polytask compress models:/demo/{v2}` --method int8" in message
+    with pytest.raises(ServeArgsError, match="cpu_variant: .* is not a registered model"):
+        served_ref(parse_args({"model": str(tmp_path), "cpu_variant": "int8"}))

@@ -150,11 +150,21 @@ def serve(
     ] = None,
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    cpu_variant: Annotated[
+        str | None,
+        typer.Option(help="On a CPU encoder, serve this compressed variant of MODEL (e.g. int8)."),
+    ] = None,
 ) -> None:
     """Serve a model with Ray Serve: encoder and head deployments behind one HTTP API."""
     from polytask.serve import run_server
+    from polytask.serve.schemas import ServeArgsError
 
-    run_server(model, config_path=config, host=host, port=port, console=console)
+    try:
+        run_server(
+            model, config_path=config, host=host, port=port, console=console, cpu_variant=cpu_variant
+        )
+    except ServeArgsError as exc:
+        _fail(str(exc))
 
 
 @app.command()

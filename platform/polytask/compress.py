@@ -4,7 +4,7 @@ it against its source, and register it as a new model version next to the source
 A compressed bundle keeps the bundle layout; polytask.json's `encoder.recipe` lists the steps,
 and `load_compressed_encoder` (called by bundle.load_encoder_part) replays them on an fp32
 skeleton before reading the weights, so loading never unpickles and never guesses shapes.
-Training-side imports (data, loop, registry) stay inside functions: serving imports this module.
+Training-side imports (data, loop, MLflow) stay inside functions: serving imports this module.
 """
 
 from __future__ import annotations
@@ -33,15 +33,13 @@ from polytask.bundle import (
 )
 from polytask.prune import prune_encoder, rebuild_pruned
 from polytask.quantize import int8_state, quantize_encoder, rebuild_int8
+from polytask.registry import VARIANT_OF_METHOD
 
 if TYPE_CHECKING:
     from polytask.config import ExperimentConfig
     from polytask.model import MultiTaskModel
 
 METHODS = ("int8", "prune")
-VARIANT_NAMES = {"int8": "int8", "prune": "pruned"}
-COMPRESSION_TAG = "polytask.compression"
-SOURCE_VERSION_TAG = "polytask.source_version"
 WEIGHTS = "model.safetensors"
 
 
@@ -157,7 +155,7 @@ def compress_bundle(
         pooling=manifest.pooling,
         max_length=manifest.max_length,
         source=manifest.source,
-        variant="+".join(VARIANT_NAMES[s["method"]] for s in recipe),
+        variant="+".join(VARIANT_OF_METHOD[s["method"]] for s in recipe),
         extra={
             **manifest.extra,
             "compressed_from": {"fingerprint": manifest.fingerprint, "variant": manifest.variant},
@@ -431,10 +429,14 @@ def register_compressed(
         if source.run_id
         else registry.ensure_experiment(c, "polytask", uri)
     )
+    tags = {
+        registry.COMPRESSION_TAG: method,
+        registry.SOURCE_VERSION_TAG: str(source.version),
+        registry.BASE_VERSION_TAG: source.tags.get(registry.BASE_VERSION_TAG, str(source.version)),
+        registry.VARIANT_TAG: manifest.variant,
+    }
     run = c.create_run(
-        experiment_id,
-        run_name=f"{name}-v{source.version}-{manifest.variant}",
-        tags={COMPRESSION_TAG: method, SOURCE_VERSION_TAG: str(source.version)},
+        experiment_id, run_name=f"{name}-v{source.version}-{manifest.variant}", tags=dict(tags)
     )
     run_id = run.info.run_id
     step = manifest.recipe[-1] if manifest.recipe else {}
@@ -443,7 +445,6 @@ def register_compressed(
             c.log_param(run_id, key, step[key])
     c.log_param(run_id, "variant", manifest.variant)
     c.log_param(run_id, "source_model", f"models:/{name}/{source.version}")
-    tags = {COMPRESSION_TAG: method, SOURCE_VERSION_TAG: str(source.version)}
     if report:
         for key, value in flat_report(report).items():
             c.log_metric(run_id, key, value)
@@ -506,7 +507,7 @@ def run_compress(
             ch if ch.isalnum() or ch in "-_." else "_" for ch in model_uri.split("://")[-1]
         )
         out = (
-            default_home() / "compressed" / f"{slug.strip('_')}-{VARIANT_NAMES.get(method, method)}"
+            default_home() / "compressed" / f"{slug.strip('_')}-{VARIANT_OF_METHOD.get(method, method)}"
         )
     say(f"compressing {model_uri} ({src}) with {method} …")
     manifest = compress_bundle(

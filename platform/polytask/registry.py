@@ -23,6 +23,14 @@ PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_NAME = "model"  # the logged model's name inside its run
 CANDIDATE, CHAMPION = "candidate", "champion"
 OBJECTIVE_TAG = "objective"
+# Tags of compressed versions (`polytask compress`): the method of the last step, the version it
+# was made from, the full-precision version at the root of the chain, and the bundle variant.
+COMPRESSION_TAG = "polytask.compression"
+SOURCE_VERSION_TAG = "polytask.source_version"
+BASE_VERSION_TAG = "polytask.base_version"
+VARIANT_TAG = "polytask.variant"
+FULL_PRECISION = "fp32"
+VARIANT_OF_METHOD = {"int8": "int8", "prune": "pruned"}  # a variant is these joined by '+'
 # Pinned from what is installed, so logging never spawns MLflow's slow requirement inference.
 _REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas")
 
@@ -225,12 +233,43 @@ def list_versions(name: str | None = None) -> list[dict[str, Any]]:
             {
                 "version": int(v.version),
                 "aliases": ", ".join(sorted(by_version.get(str(v.version), []))),
+                "variant": v.tags.get(VARIANT_TAG, FULL_PRECISION),
                 "objective": v.tags.get(OBJECTIVE_TAG, ""),
                 "run_id": v.run_id or "",
                 "created": _format_time(v.creation_timestamp),
             }
         )
     return rows
+
+
+def find_variant(name: str, version: str | int, variant: str, uri: str | None = None) -> int:
+    """The newest version of `name` that is `variant` of full-precision `version` (made from it
+    by `polytask compress`, possibly in several steps); `version` itself if it is that variant.
+
+    Raises LookupError naming the variants that do exist and the command that makes this one.
+    """
+    c = client(uri)
+    own = c.get_model_version(name, str(version))
+    base = own.tags.get(BASE_VERSION_TAG, str(own.version))
+    if own.tags.get(VARIANT_TAG, FULL_PRECISION) == variant:
+        return int(own.version)
+    family = [
+        v
+        for v in c.search_model_versions(f"name = '{_quote(name)}'")
+        if v.tags.get(BASE_VERSION_TAG) == base
+    ]
+    matches = [int(v.version) for v in family if v.tags.get(VARIANT_TAG) == variant]
+    if matches:
+        return max(matches)
+    have = sorted({v.tags.get(VARIANT_TAG, "?") for v in family})
+    methods = {v: m for m, v in VARIANT_OF_METHOD.items()}
+    steps = [methods.get(step, "METHOD") for step in variant.split("+")]
+    how = " then ".join(f"--method {m}" for m in steps)
+    raise LookupError(
+        f"no '{variant}' version of models:/{name}/{base} is registered"
+        + (f" (it has: {', '.join(have)})" if have else " (it has no compressed versions)")
+        + f"; make one with `polytask compress models:/{name}/{base}` {how}"
+    )
 
 
 def _format_aliases(aliases: dict[str, Any] | None) -> str:

@@ -34,10 +34,10 @@ def compose(
     last, the way a config's `deployments:` list overrides options set in code."""
     from polytask.bundle import BundleError, read_manifest
     from polytask.serve.deployments import Encoder, Head, Ingress
-    from polytask.serve.refs import local_bundle, pin_model_uri
+    from polytask.serve.refs import local_bundle, served_ref
 
     args = parse_args(args)
-    ref = pin_model_uri(args.model)
+    ref = served_ref(args)
     try:
         manifest = read_manifest(local_bundle(ref))
     except (FileNotFoundError, BundleError) as exc:
@@ -85,6 +85,7 @@ def compose(
     settings = {
         "model_uri": args.model,
         "model_ref": ref,
+        "variant": manifest.variant,
         "tasks": [s.to_dict() for s in manifest.tasks if s.name in tasks],
         "max_inputs_per_request": args.max_inputs_per_request,
         "max_chars_per_input": args.max_chars_per_input,
@@ -146,8 +147,10 @@ def run_server(
     port: int = 8000,
     console: Any = None,
     blocking: bool = True,
+    cpu_variant: str | None = None,
 ) -> str:
-    """Start Serve on host:port and deploy MODEL with the config's args and deployment options.
+    """Start Serve on host:port and deploy MODEL with the config's args and deployment options;
+    a given `cpu_variant` replaces the config's.
 
     Returns the base URL; with `blocking`, serves until Ctrl-C and then shuts Serve down.
     """
@@ -170,15 +173,18 @@ def run_server(
         }
         name, prefix = app_cfg.name, app_cfg.route_prefix or "/"
         runtime_env = app_cfg.runtime_env or None
+    if cpu_variant is not None:
+        args["cpu_variant"] = cpu_variant
     parsed = parse_args({**args, "model": model})
     app = compose(parsed, options)
     if not ray.is_initialized():
         ray.init(runtime_env=runtime_env)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name=name, route_prefix=prefix)
+    served = serve.run(app, name=name, route_prefix=prefix).model_info.remote().result()
     url = f"http://{host}:{port}{prefix.rstrip('/')}"
     auth = f' -H "Authorization: Bearer ${parsed.api_key_env}"' if parsed.api_key_env else ""
-    say(f"polytask is serving {parsed.model} at {url}  (API docs: {url}/docs)")
+    target = parsed.model if served["ref"] == parsed.model else f"{parsed.model} → {served['ref']}"
+    say(f"polytask is serving {target} ({served['variant']}) at {url}  (API docs: {url}/docs)")
     say(
         f"  curl -s {url}/v1/predict -H 'Content-Type: application/json'{auth} "
         """-d '{"inputs": ["the movie was great"]}'"""

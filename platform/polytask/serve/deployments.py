@@ -250,6 +250,7 @@ class IngressSettings:
 
     model_uri: str
     model_ref: str
+    variant: str
     tasks: list[dict[str, Any]]
     max_inputs_per_request: int
     max_chars_per_input: int
@@ -310,6 +311,7 @@ class Ingress:
         return {
             "uri": self.settings.model_uri,
             "ref": self.settings.model_ref,
+            "variant": self.settings.variant,
             "fingerprint": fingerprint,
         }
 

@@ -5,9 +5,32 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from polytask.serve.schemas import ServeArgsError
+from polytask.serve.schemas import ServeArgs, ServeArgsError
 
 _ALIAS = re.compile(r"models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)")
+_VERSION = re.compile(r"models:/(?P<name>[^/@]+)/(?P<version>[0-9]+)")
+
+
+def served_ref(args: ServeArgs) -> str:
+    """The one model reference every replica loads: `model` pinned to a version, swapped for its
+    `cpu_variant` when the encoder runs on CPU (a GPU encoder keeps full precision)."""
+    ref = pin_model_uri(args.model)
+    if args.cpu_variant is None or args.device != "cpu":
+        return ref
+    match = _VERSION.fullmatch(ref)
+    if match is None:
+        raise ServeArgsError(
+            f"cpu_variant: '{args.cpu_variant}' is looked up in the Model Registry, but model "
+            f"'{args.model}' is not a registered model; pass models:/NAME@ALIAS, or point model "
+            "at the compressed bundle and drop cpu_variant"
+        )
+    from polytask.registry import find_variant
+
+    try:
+        version = find_variant(match["name"], match["version"], args.cpu_variant)
+    except LookupError as exc:
+        raise ServeArgsError(f"cpu_variant: {exc}, or remove cpu_variant") from exc
+    return f"models:/{match['name']}/{version}"
 
 
 def pin_model_uri(uri: str) -> str:

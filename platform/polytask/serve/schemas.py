@@ -77,8 +77,11 @@ class ServeArgs(BaseModel):
         None, min_length=1, description="Env var holding the API key; unset = no auth."
     )
     head_options: HeadOptions = Field(default_factory=HeadOptions)
-    encoder_variant: Literal["default"] = Field(
-        "default", description="Reserved for compressed encoders; only 'default' exists."
+    cpu_variant: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9]+(\+[a-z0-9]+)*$",
+        description="With device cpu, serve this `polytask compress` variant of `model` (int8, "
+        "pruned, pruned+int8) from the registry; device cuda always serves full precision.",
     )
 
     @field_validator("tasks", mode="before")
