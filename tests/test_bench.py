@@ -223,3 +223,23 @@ def test_quality_tiny_end_to_end(tmp_path):
     )
     assert isinstance(result["target"]["met"], bool)
     assert "| joint |" in (out / "results.md").read_text()
+
+
+def test_compress_bench_tiny_end_to_end(tmp_path):
+    out = tmp_path / "compress"
+    proc = _run_script("jobs/bench/compress_bench.py", "--tiny", "--out", str(out))
+    assert "| int8[onednn] |" in proc.stdout or "| int8[x86] |" in proc.stdout
+
+    result = json.loads((out / "results.json").read_text())
+    rows = result["results"]
+    assert rows.keys() >= {"fp32", "pruned"} and any(k.startswith("int8[") for k in rows)
+    for row in rows.values():
+        assert set(row["seq_per_s_by_threads"]) == {"1", "2"}  # JSON keys
+        assert row["seq_per_s"] == row["seq_per_s_by_threads"]["1"] > 0
+    assert rows["pruned"]["layer_params"] < rows["fp32"]["layer_params"]
+    t = result["targets"]
+    assert t["variant"].startswith("int8[") and isinstance(t["speedup_met"], bool)
+    assert t["speedup"] == pytest.approx(
+        rows[t["variant"]]["seq_per_s"] / rows["fp32"]["seq_per_s"]
+    )
+    assert "seq/s, 1 thread (× fp32)" in (out / "results.md").read_text()

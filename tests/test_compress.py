@@ -128,6 +128,42 @@ def test_int8_refuses_gpu_and_double_quantization(int8_bundle, tmp_path):
         compress_bundle(int8_bundle, tmp_path / "again", "int8")
 
 
+def test_int8_activations_use_8_bits_where_the_cpu_sums_in_int32(int8_bundle):
+    """On oneDNN with VNNI the loaded modules skip torch.ao's 7-bit activation range, and that
+    halves the error against fp32; elsewhere they keep 7 bits (no int16 saturation)."""
+    from polytask.quantize import _dynamic_linears, _torch_ao, _usable, full_range_activations
+
+    encoder, _, _ = load_encoder_part(int8_bundle)
+    modules = list(_dynamic_linears(encoder).values())
+    engine = _usable(read_manifest(int8_bundle).recipe[-1]["engine"])
+    assert modules and {m.full_range for m in modules} == {full_range_activations(engine)}
+    if not modules[0].full_range:
+        return
+    torch.manual_seed(0)
+    module = modules[0]
+    linear = torch.nn.Linear(module.in_features, module.out_features)
+    weight = linear.weight.detach()
+    with _torch_ao(engine):
+        module.set_weight_bias(
+            torch.quantize_per_channel(
+                weight,
+                weight.abs().amax(1) / 127,
+                torch.zeros(len(weight), dtype=torch.long),
+                0,
+                torch.qint8,
+            ),
+            linear.bias.detach(),
+        )
+    x = 3 * torch.randn(64, linear.in_features)
+    with torch.inference_mode():
+        want = linear(x)
+        errors = {}
+        for full in (True, False):
+            module.full_range = full
+            errors[full] = ((module(x) - want).norm() / want.norm()).item()
+    assert errors[True] < 0.7 * errors[False], errors
+
+
 def test_pruned_bundle_removes_the_requested_share_and_keeps_output_shapes(
     trained_bundle, pruned_bundle
 ):

@@ -275,10 +275,18 @@ def _recover(
 
 
 def compare_bundles(
-    bundles: dict[str, str | Path], cfg: ExperimentConfig, batch_size: int = 32, repeats: int = 3
+    bundles: dict[str, str | Path],
+    cfg: ExperimentConfig,
+    batch_size: int = 32,
+    repeats: int = 3,
+    threads: tuple[int, ...] = (),
 ) -> dict[str, dict[str, Any]]:
     """Per bundle: validation metrics, encoder seq/s (same length-sorted texts and batch size for
-    all, passes interleaved), and bytes on disk. The first bundle's tokenizer tokenizes for all."""
+    all, passes interleaved), and bytes on disk. The first bundle's tokenizer tokenizes for all.
+
+    With `threads`, throughput is measured once per torch thread count (`seq_per_s_by_threads`;
+    `seq_per_s` is the first), since int8 and fp32 scale differently with threads.
+    """
     from polytask.loop import evaluate
 
     loaded = {key: load_bundle(path) for key, path in bundles.items()}
@@ -287,14 +295,22 @@ def compare_bundles(
     if not features:
         raise ValueError("--eval: the experiment has no validation split for the model's tasks")
     batches = _throughput_batches(features, tokenizer.pad_token_id, batch_size)
-    speed = encoder_throughput(
-        {k: model.encoder for k, (model, _, _) in loaded.items()}, batches, repeats
-    )
+    encoders = {k: model.encoder for k, (model, _, _) in loaded.items()}
+    previous = torch.get_num_threads()
+    by_threads: dict[int, dict[str, float]] = {}
+    try:
+        for n in threads or (previous,):
+            torch.set_num_threads(n)
+            by_threads[n] = encoder_throughput(encoders, batches, repeats)
+    finally:
+        torch.set_num_threads(previous)
+    first = next(iter(by_threads.values()))
     return {
         key: {
             "variant": man.variant,
             "metrics": evaluate(model, features, batch_size, tokenizer.pad_token_id),
-            "seq_per_s": speed[key],
+            "seq_per_s": first[key],
+            "seq_per_s_by_threads": {n: speed[key] for n, speed in by_threads.items()},
             "sequences": sum(len(b["input_ids"]) for b in batches),
             "encoder_bytes": dir_bytes(Path(bundles[key]) / "encoder", "*.safetensors"),
             "bundle_bytes": dir_bytes(Path(bundles[key])),
