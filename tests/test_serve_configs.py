@@ -182,6 +182,9 @@ def test_cpu_variant_picks_the_compressed_version_for_cpu_encoders_only(
     )
     c.set_registered_model_alias("demo", "champion", str(v2))
     assert ref(cpu_variant="pruned+int8") == f"models:/demo/{v5}"
+    assert served_ref(parse_args({"model": f"models:/demo/{v5}", "cpu_variant": "fp32"})) == (
+        f"models:/demo/{v2}"
+    )
     with pytest.raises(ServeArgsError) as err:
         ref(cpu_variant="int8")
     message = str(err.value)

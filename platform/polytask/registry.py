@@ -244,7 +244,8 @@ def list_versions(name: str | None = None) -> list[dict[str, Any]]:
 
 def find_variant(name: str, version: str | int, variant: str, uri: str | None = None) -> int:
     """The newest version of `name` that is `variant` of full-precision `version` (made from it
-    by `polytask compress`, possibly in several steps); `version` itself if it is that variant.
+    by `polytask compress`, possibly in several steps); `version` itself if it is that variant,
+    and the full-precision root for variant "fp32".
 
     Raises LookupError naming the variants that do exist and the command that makes this one.
     """
@@ -253,6 +254,8 @@ def find_variant(name: str, version: str | int, variant: str, uri: str | None = 
     base = own.tags.get(BASE_VERSION_TAG, str(own.version))
     if own.tags.get(VARIANT_TAG, FULL_PRECISION) == variant:
         return int(own.version)
+    if variant == FULL_PRECISION:
+        return int(base)
     family = [
         v
         for v in c.search_model_versions(f"name = '{_quote(name)}'")
