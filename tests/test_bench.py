@@ -55,7 +55,7 @@ def test_quality_yamls_validate_and_say_how_to_run(name):
     assert first.startswith("# python jobs/bench/quality.py") and "polytask train" in first
     cfg = load_config(path)
     for task in cfg.tasks:
-        train = cfg.resolve_path(task.data.train).resolve()
+        train = Path(os.path.normpath(cfg.resolve_path(task.data.train)))  # keeps symlinks
         assert train.parts[-4:-2] == ("shared", "data"), train
         assert train.parent.parent.parent.parent == ROOT.parent
 
