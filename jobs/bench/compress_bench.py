@@ -13,7 +13,7 @@ interleaved across variants, fastest kept; at 1 and 2 torch threads, 1 being wha
 replica with num_cpus: 1 runs with) and encoder bytes on disk. Targets: int8 ≥ 2x
 encoder throughput, ≤ 1 point drop per task. Writes results.json and results.md under --out.
 Time on 2 shared cores: the 200-step fine-tune 12 min under heavy load (less when idle),
-everything after it 4 min; --workdir DIR keeps the fine-tuned bundle for reruns.
+everything after it 6 min; --workdir DIR keeps the fine-tuned bundle for reruns.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch quantized engines to build an int8 variant with (first = headline)",
     )
     p.add_argument(
-        "--repeats", type=int, default=3, help="timings per batch and variant (fastest kept)"
+        "--repeats", type=int, default=5, help="timings per batch and variant (fastest kept)"
     )
     p.add_argument(
         "--workdir",
