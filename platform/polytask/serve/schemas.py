@@ -5,6 +5,7 @@ Imports neither torch nor ray, so configs can be validated cheaply (tests, `poly
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -79,10 +80,19 @@ class ServeArgs(BaseModel):
     head_options: HeadOptions = Field(default_factory=HeadOptions)
     cpu_variant: str | None = Field(
         None,
-        pattern=r"^[a-z0-9]+(\+[a-z0-9]+)*$",
         description="With device cpu, serve this `polytask compress` variant of `model` (int8, "
         "pruned, pruned+int8) from the registry; device cuda always serves full precision.",
     )
+
+    @field_validator("cpu_variant")
+    @classmethod
+    def _variant_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[a-z0-9]+(\+[a-z0-9]+)*", value):
+            raise ValueError(
+                f"'{value}' is not a variant name; use one `polytask compress` registers, "
+                "e.g. int8, pruned or pruned+int8"
+            )
+        return value
 
     @field_validator("tasks", mode="before")
     @classmethod
