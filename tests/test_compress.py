@@ -290,6 +290,9 @@ def test_compressed_version_is_registered_beside_the_source(
         metrics
     )
     assert metrics["compressed/encoder_bytes"] < metrics["source/encoder_bytes"]
+    assert metrics["speedup"] == metrics["speedup/threads_1"] == pytest.approx(
+        metrics["compressed/seq_per_s/threads_1"] / metrics["source/seq_per_s/threads_1"]
+    )
 
     local = registry.resolve_bundle("models:/polytask-demo/2")
     assert read_manifest(local).variant == "int8"

@@ -337,12 +337,16 @@ def evaluate_compression(
     repeats: int = 3,
 ) -> dict[str, Any]:
     """Source vs compressed side by side (see compare_bundles), plus metric deltas, the
-    throughput ratio and the encoder size ratio."""
+    throughput ratio and the encoder size ratio. Throughput is timed at 1 thread (a CPU Encoder
+    replica with num_cpus: 1) and at this process's thread count; `speedup` is the 1-thread one."""
+    threads = tuple(dict.fromkeys((1, torch.get_num_threads())))
     report: dict[str, Any] = compare_bundles(
-        {"source": src_bundle, "compressed": compressed}, cfg, batch_size, repeats
+        {"source": src_bundle, "compressed": compressed}, cfg, batch_size, repeats, threads
     )
     report["batch_size"] = batch_size
-    report["speedup"] = report["compressed"]["seq_per_s"] / report["source"]["seq_per_s"]
+    src, cmp = report["source"]["seq_per_s_by_threads"], report["compressed"]["seq_per_s_by_threads"]
+    report["speedup_by_threads"] = {n: cmp[n] / src[n] for n in threads}
+    report["speedup"] = report["speedup_by_threads"][1]
     report["size_ratio"] = report["compressed"]["encoder_bytes"] / report["source"]["encoder_bytes"]
     report["delta"] = metric_deltas(report["source"]["metrics"], report["compressed"]["metrics"])
     return report
@@ -491,6 +495,9 @@ def flat_report(report: dict[str, Any]) -> dict[str, float]:
                     out[f"{side}/{task}/{key}"] = float(value)
         for key in ("seq_per_s", "encoder_bytes", "bundle_bytes"):
             out[f"{side}/{key}"] = float(report[side][key])
+        for n, value in report[side]["seq_per_s_by_threads"].items():
+            out[f"{side}/seq_per_s/threads_{n}"] = float(value)
+    out.update({f"speedup/threads_{n}": float(v) for n, v in report["speedup_by_threads"].items()})
     out.update({f"delta/{k}": float(v) for k, v in report["delta"].items()})
     return out
 
@@ -561,9 +568,11 @@ def format_report(report: dict[str, Any]) -> str:
             if isinstance(value, (int, float)):
                 new = cmp["metrics"][task][key]
                 rows.append(f"| {task}/{key} | {value:.4f} | {new:.4f} | {new - value:+.4f} |")
-    rows.append(
-        f"| encoder seq/s | {src['seq_per_s']:.1f} | {cmp['seq_per_s']:.1f} | ×{report['speedup']:.2f} |"
-    )
+    for n, ratio in report["speedup_by_threads"].items():
+        before, after = src["seq_per_s_by_threads"][n], cmp["seq_per_s_by_threads"][n]
+        rows.append(
+            f"| encoder seq/s, {n} thread{'s' * (n > 1)} | {before:.1f} | {after:.1f} | ×{ratio:.2f} |"
+        )
     rows.append(
         f"| encoder MB | {src['encoder_bytes'] / 1e6:.2f} | {cmp['encoder_bytes'] / 1e6:.2f} "
         f"| ×{report['size_ratio']:.2f} |"
