@@ -7,6 +7,7 @@ so the plain-PyTorch baseline and the Ray path execute the very same step.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -75,6 +76,8 @@ class Trainer:
     rank: int = 0
     epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    sharded: bool = False  # FSDP: no rank holds the whole model (see polytask.sharding)
+    shadow: MultiTaskModel | None = None  # FSDP, rank 0: a plain copy to load gathered state into
 
     @property
     def specs(self) -> list[TaskSpec]:
@@ -120,6 +123,8 @@ def setup(
         {t.name: t.weight for t in cfg.tasks},
         cfg.loss_weighting.dwa_temperature,
     )
+    sharded = wrap is not None and cfg.scaling.parallel_strategy == "fsdp"
+    shadow = copy.deepcopy(core) if sharded and rank == 0 else None
     model = wrap(core) if wrap else core.to(device)
     sizes = {name: max(1, math.ceil(len(f) / world_size)) for name, f in train_features.items()}
     sampler = TaskSampler(
@@ -148,7 +153,7 @@ def setup(
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     return Trainer(
         cfg, model, core, tokenizer, optimizer, scheduler, sampler, batches, eval_features,
-        device, dtype, scaler, rank,
+        device, dtype, scaler, rank, sharded=sharded, shadow=shadow,
     )
 
 
@@ -196,7 +201,11 @@ def _backward(tr: Trainer, loss: torch.Tensor) -> None:
 def _optimizer_step(tr: Trainer) -> None:
     if tr.scaler:
         tr.scaler.unscale_(tr.optimizer)
-    if tr.cfg.optim.max_grad_norm:
+    if tr.cfg.optim.max_grad_norm and tr.sharded:
+        from polytask import sharding
+
+        sharding.clip_grad_norm(tr.model, tr.cfg.optim.max_grad_norm)
+    elif tr.cfg.optim.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(tr.model.parameters(), tr.cfg.optim.max_grad_norm)
     if tr.scaler:
         tr.scaler.step(tr.optimizer)
@@ -257,12 +266,33 @@ def flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
 # --- training state: safetensors tensors + JSON scalars, never pickle --------------------------
 
 
-def save_state(tr: Trainer, path: str | Path) -> None:
+Gathered = tuple[dict[str, torch.Tensor], dict[str, Any]]
+
+
+def gather_state(tr: Trainer) -> Gathered:
+    """(model state, optimizer state) of the whole model. Under FSDP this is a collective that
+    every rank calls and only rank 0 gets a result from."""
+    if tr.sharded:
+        from polytask import sharding
+
+        return sharding.gather_state(tr.model, tr.optimizer)
+    return tr.core.state_dict(), tr.optimizer.state_dict()
+
+
+def plain_model(tr: Trainer, model_state: dict[str, torch.Tensor]) -> MultiTaskModel:
+    """An unwrapped model holding `model_state` (rank 0), e.g. to write a bundle from."""
+    if tr.shadow is None:
+        return tr.core
+    tr.shadow.load_state_dict(model_state)
+    return tr.shadow
+
+
+def save_state(tr: Trainer, path: str | Path, gathered: Gathered | None = None) -> None:
     """Model, optimizer, scheduler, sampler, loss weighting and epoch, for exact resumption."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tr.core.state_dict().items()}, path / "model.safetensors")
-    opt = tr.optimizer.state_dict()
+    model_state, opt = gathered or gather_state(tr)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, path / "model.safetensors")
     tensors, scalars = {}, {}
     for pid, pstate in opt["state"].items():
         for key, value in pstate.items():
@@ -287,16 +317,24 @@ def save_state(tr: Trainer, path: str | Path) -> None:
 def load_state(tr: Trainer, path: str | Path) -> None:
     """Inverse of save_state, applied to a freshly set-up Trainer."""
     path = Path(path)
-    tr.core.load_state_dict(load_file(path / "model.safetensors", device=str(tr.device)))
+    device = "cpu" if tr.sharded else str(tr.device)  # FSDP copies each rank's shard itself
+    model_state = load_file(path / "model.safetensors", device=device)
     meta = json.loads((path / "train_state.json").read_text())
-    tensors = load_file(path / "optimizer.safetensors", device=str(tr.device))
-    state: dict[int, dict[str, Any]] = {}
+    tensors = load_file(path / "optimizer.safetensors", device=device)
+    state: dict[int | str, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(meta["optimizer_scalars"].items()):
         if key == "_empty":
             continue
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    tr.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
+        pid, name = key.rsplit(".", 1)  # pid: an index, or a parameter name under FSDP
+        state.setdefault(int(pid) if pid.isdigit() else pid, {})[name] = value
+    opt = {"state": state, "param_groups": meta["optimizer_param_groups"]}
+    if tr.sharded:
+        from polytask import sharding
+
+        sharding.load_state(tr.model, tr.optimizer, model_state, opt)
+    else:
+        tr.core.load_state_dict(model_state)
+        tr.optimizer.load_state_dict(opt)
     tr.scheduler.last_epoch = meta["scheduler_last_epoch"]
     tr.scheduler._last_lr = [g["lr"] for g in tr.optimizer.param_groups]
     tr.sampler.load_state_dict(meta["sampler"])

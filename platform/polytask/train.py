@@ -407,7 +407,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     train_features = ray.get(config["train_ref"])
-    eval_features = ray.get(config["eval_ref"]) if rank == 0 else {}
+    sharded = cfg.scaling.parallel_strategy == "fsdp"  # every rank takes part in FSDP's eval
+    eval_features = ray.get(config["eval_ref"]) if rank == 0 or sharded else {}
     tr = setup(
         cfg,
         specs,
@@ -433,13 +434,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None
 
 
 def _wrapper(cfg: ExperimentConfig) -> Any:
-    """prepare_model with DDP that tolerates idle heads: each step trains one task's head only."""
+    """prepare_model with DDP that tolerates idle heads (each step trains one task's head only);
+    FSDP is wrapped by polytask.sharding (one unit per layer; Ray's own FSDP needs a GPU)."""
     import ray.train.torch
 
-    strategy = cfg.scaling.parallel_strategy
-    kwargs = {"find_unused_parameters": True} if strategy == "ddp" else None
+    if cfg.scaling.parallel_strategy == "fsdp":
+        from polytask import sharding
+
+        return lambda model: sharding.wrap(model, ray.train.torch.get_device())
     return lambda model: ray.train.torch.prepare_model(
-        model, parallel_strategy=strategy, parallel_strategy_kwargs=kwargs
+        model, parallel_strategy="ddp", parallel_strategy_kwargs={"find_unused_parameters": True}
     )
 
 
@@ -453,19 +457,34 @@ def _run_epoch(tr: Any, cfg: ExperimentConfig, rank: int, world: int) -> dict[st
     tr.sampler.next_epoch()
     tr.epoch += 1
     record: dict[str, Any] = {"epoch": epoch}
-    if rank != 0:
+    if rank != 0 and not tr.sharded:
         return record
     metrics = evaluate(
-        tr.core, tr.eval_features, cfg.optim.eval_batch_size, tr.tokenizer.pad_token_id, tr.device
+        tr.model if tr.sharded else tr.core,
+        tr.eval_features,
+        cfg.optim.eval_batch_size,
+        tr.tokenizer.pad_token_id,
+        tr.device,
     )
+    weights = _loss_weights(tr)
+    if rank != 0:
+        return record
     record["objective"] = objective(metrics, tr.specs)
     record.update(flat_metrics(metrics))
     record.update({f"train_loss/{t}": v for t, v in losses.items()})
-    record.update({f"loss_weight/{t}": w for t, w in tr.core.weighting.weights().items()})
+    record.update({f"loss_weight/{t}": w for t, w in weights.items()})
     samples = tr.sampler.steps_per_epoch * cfg.optim.batch_size * world
     record.update({"epoch_time_s": seconds, "samples_per_s": samples / max(seconds, 1e-9)})
     tr.history.append(record)  # the same dict: fields added before the report land in history
     return record
+
+
+def _loss_weights(tr: Any) -> dict[str, float]:
+    if tr.sharded:
+        from polytask import sharding
+
+        return sharding.loss_weights(tr.model)
+    return tr.core.weighting.weights()
 
 
 def _global_means(tr: Any, losses: dict[str, float], world: int) -> dict[str, float]:
@@ -492,14 +511,15 @@ def _report(
     import ray.train
 
     from polytask.bundle import save_bundle
-    from polytask.loop import save_state
+    from polytask.loop import gather_state, plain_model, save_state
 
     with tempfile.TemporaryDirectory(prefix="polytask-ckpt-") as tmp:
         checkpoint = None
+        gathered = gather_state(tr) if rank == 0 or tr.sharded else None
         if rank == 0:
-            save_state(tr, Path(tmp) / STATE_DIR)
+            save_state(tr, Path(tmp) / STATE_DIR, gathered)
             save_bundle(
-                tr.core,
+                plain_model(tr, gathered[0]),
                 tr.tokenizer,
                 Path(tmp) / BUNDLE_DIR,
                 cfg.encoder.max_length,

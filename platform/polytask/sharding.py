@@ -1,0 +1,87 @@
+"""FSDP (`scaling.parallel_strategy: fsdp`) for encoders too big for one device.
+
+Under FSDP no rank holds the whole model, so whatever needs all of it — checkpoints, the
+servable bundle, the loss weights that get logged — is gathered here with collectives that
+every rank must call. Each transformer layer (the encoder's `_no_split_modules`, the Hugging
+Face convention) becomes its own FSDP unit, so a forward pass holds one layer unsharded at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+
+def wrap(model: nn.Module, device: torch.device) -> FSDP:
+    """FSDP with one unit per encoder layer and per task head; original parameters kept
+    (use_orig_params) so the optimizer's encoder/head learning rates still see them.
+
+    A head is its own unit so that a step of another task leaves its gradients None, not zero:
+    as under DDP, AdamW then skips it instead of moving it on momentum and weight decay.
+    """
+    from torch.distributed.fsdp.wrap import CustomPolicy
+
+    names = set(getattr(model.encoder, "_no_split_modules", None) or ())
+    layers = tuple({type(m) for m in model.encoder.modules() if type(m).__name__ in names})
+    heads = {id(h) for h in model.heads.values()}
+    return FSDP(
+        model,
+        auto_wrap_policy=CustomPolicy(lambda m: isinstance(m, layers) or id(m) in heads),
+        device_id=device,
+        use_orig_params=True,
+    )
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDP)
+
+
+def _options(model: FSDP, **kwargs: Any) -> Any:
+    """Full (unsharded) state dicts, moved to the CPU when the model is on an accelerator."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(
+        full_state_dict=True, cpu_offload=model.compute_device.type != "cpu", **kwargs
+    )
+
+
+def gather_state(
+    model: FSDP, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The whole model's state dict and the optimizer's (keyed by parameter name). Collective."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(model, optimizer, options=_options(model))
+
+
+def load_state(
+    model: FSDP,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+) -> None:
+    """Inverse of gather_state; every rank passes the full states and keeps its own shard."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=optimizer_state,
+        # a parameter no step has used yet (an idle head, an unused pooler) has no AdamW state
+        options=_options(model, strict=False),
+    )
+
+
+def loss_weights(model: FSDP) -> dict[str, float]:
+    """The loss weighting's current λ per task (its parameters may sit on another rank). Collective."""
+    with FSDP.summon_full_params(model, writeback=False):
+        return model.module.weighting.weights()
+
+
+def clip_grad_norm(model: FSDP, max_norm: float) -> None:
+    """Clip by the norm over all shards (torch.nn.utils would see only this rank's)."""
+    model.clip_grad_norm_(max_norm)
