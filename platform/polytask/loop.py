@@ -271,7 +271,7 @@ Gathered = tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 def gather_state(tr: Trainer) -> Gathered:
     """(model state, optimizer state) of the whole model. Under FSDP this is a collective that
-    every rank calls and only rank 0 gets a result from."""
+    every rank calls; rank 0's result is the one written."""
     if tr.sharded:
         from polytask import sharding
 

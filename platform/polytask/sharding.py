@@ -3,7 +3,8 @@
 Under FSDP no rank holds the whole model, so whatever needs all of it — checkpoints, the
 servable bundle, the loss weights that get logged — is gathered here with collectives that
 every rank must call. Each transformer layer (the encoder's `_no_split_modules`, the Hugging
-Face convention) becomes its own FSDP unit, so a forward pass holds one layer unsharded at a time.
+Face convention) and each task head becomes its own FSDP unit, so a forward pass holds one
+layer unsharded at a time.
 """
 
 from __future__ import annotations
@@ -35,10 +36,6 @@ def wrap(model: nn.Module, device: torch.device) -> FSDP:
     )
 
 
-def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDP)
-
-
 def _options(model: FSDP, **kwargs: Any) -> Any:
     """Full (unsharded) state dicts, moved to the CPU when the model is on an accelerator."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -51,7 +48,8 @@ def _options(model: FSDP, **kwargs: Any) -> Any:
 def gather_state(
     model: FSDP, optimizer: torch.optim.Optimizer
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The whole model's state dict and the optimizer's (keyed by parameter name). Collective."""
+    """The whole model's state dict and the optimizer's (keyed by parameter name); from GPUs only
+    rank 0 gets them (others get empty dicts). Collective."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     return get_state_dict(model, optimizer, options=_options(model))
