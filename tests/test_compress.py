@@ -243,15 +243,20 @@ def test_gradient_pruning_with_recovery_steps(trained_bundle, experiment, tmp_pa
 
 
 def test_compressed_version_is_registered_beside_the_source(
-    trained_bundle, demo_data, tiny_encoder, mlflow_uri, tmp_path
+    trained_bundle, demo_data, tiny_encoder, mlflow_uri, tmp_path, monkeypatch
 ):
+    """In the default store (SQLite under the polytask home, no MLFLOW_TRACKING_URI), as the CLI
+    uses it: MLflow's global store is then elsewhere, and registering must not depend on it."""
     from mlflow import MlflowClient
 
     from polytask import registry
     from polytask.demo import demo_experiment, write_yaml
 
-    client = MlflowClient(mlflow_uri, mlflow_uri)
-    exp = registry.ensure_experiment(client, "polytask", mlflow_uri)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    uri = registry.tracking_uri()
+    assert uri != mlflow_uri and uri.startswith("sqlite:///")
+    client = MlflowClient(uri, uri)
+    exp = registry.ensure_experiment(client, "polytask", uri)
     run = client.create_run(exp)
     source = registry.register_bundle(
         trained_bundle, "polytask-demo", run.info.run_id, 0.5, "always"

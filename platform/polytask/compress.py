@@ -475,7 +475,7 @@ def register_compressed(
         )
     model_uri = registry.log_bundle(bundle_dir, run_id, uri)
     c.set_terminated(run_id)
-    mv = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags)
+    mv = registry.create_version(name, model_uri, run_id, tags, uri)
     return {
         "name": name,
         "version": int(mv.version),

@@ -157,17 +157,22 @@ def register_bundle(
     c = client(uri)
     if not c.search_registered_models(filter_string=f"name = '{_quote(name)}'"):
         c.create_registered_model(name, description="polytask multi-task bundle")
-    # MLflow resolves a `models:/m-…` source through the *global* tracking store
-    with use_tracking_uri(uri):
-        mv = c.create_model_version(
-            name, source=model_uri, run_id=run_id, tags={OBJECTIVE_TAG: repr(float(objective))}
-        )
+    mv = create_version(name, model_uri, run_id, {OBJECTIVE_TAG: repr(float(objective))}, uri)
     aliases = [CANDIDATE]
     c.set_registered_model_alias(name, CANDIDATE, mv.version)
     if _should_champion(c, name, float(objective), promote):
         c.set_registered_model_alias(name, CHAMPION, mv.version)
         aliases.append(CHAMPION)
     return {"name": name, "version": int(mv.version), "aliases": aliases, "model_uri": model_uri}
+
+
+def create_version(
+    name: str, model_uri: str, run_id: str, tags: dict[str, str], uri: str
+) -> Any:
+    """A new version of `name` from a logged model. MLflow resolves a `models:/m-…` source
+    through its *global* tracking store, so that store is pointed at `uri` meanwhile."""
+    with use_tracking_uri(uri):
+        return client(uri).create_model_version(name, source=model_uri, run_id=run_id, tags=tags)
 
 
 def _should_champion(c: MlflowClient, name: str, objective: float, promote: str) -> bool:
