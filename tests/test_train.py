@@ -177,40 +177,36 @@ def test_relaunch_with_more_epochs_resumes_the_same_run(store, first_run, demo_d
     assert res.model_uri and res.model_uri.startswith("models:/")
 
 
-def test_fsdp_run_resumes_exactly_and_writes_a_whole_model(store, first_run, demo_data, tiny_encoder):
-    """FSDP on CPU (gloo): each rank holds a shard, yet checkpoints and bundles hold the whole
-    model, and a run that crashed after epoch 0 ends exactly where an uninterrupted run does
-    (model, optimizer moments and schedule come back from the gathered checkpoint)."""
+def test_fsdp_run_resumes_and_matches_ddp(store, first_run, demo_data, tiny_encoder):
+    """FSDP on CPU (gloo): each rank holds a shard, yet the bundle holds the whole model, and a
+    run that crashed after epoch 0 and resumed from its gathered checkpoint trains like the DDP
+    run of this module (same data, seeds, averaging and crash) up to summation order: a lost
+    optimizer state or model shard on resume would move epoch 1 far beyond that."""
     from polytask.bundle import load_bundle
     from polytask.inference import Predictor
     from polytask.model import load_encoder
 
-    def fsdp(run_name: str, **run):
-        cfg = _cfg(
-            demo_data,
-            tiny_encoder,
-            epochs=2,
-            num_workers=2,
-            registered_model=None,
-            sections={"scaling": {"parallel_strategy": "fsdp"}, "run": run},
-        )
-        return run_training(cfg, run_name=run_name)
+    cfg = _cfg(
+        demo_data,
+        tiny_encoder,
+        epochs=2,
+        num_workers=2,
+        registered_model=None,
+        sections={
+            "scaling": {"parallel_strategy": "fsdp"},
+            "run": {"fail_at_epoch": 0, "max_failures": 1},
+        },
+    )
+    res = run_training(cfg, run_name="fsdp")
+    assert [(r["epoch"], r["start_epoch"]) for r in res.history] == [(0, 0), (1, 1)]
+    for ddp, fsdp in zip(first_run.result.history, res.history, strict=True):
+        for key in ("train_loss/sentiment", "train_loss/ner", "objective"):
+            assert fsdp[key] == pytest.approx(ddp[key], rel=1e-3), (fsdp["epoch"], key)
 
-    straight = fsdp("fsdp-straight")
-    crashed = fsdp("fsdp-crash", fail_at_epoch=0, max_failures=1)
-    assert [(r["epoch"], r["start_epoch"]) for r in crashed.history] == [(0, 0), (1, 1)]
-    for a, b in zip(straight.history, crashed.history):
-        for key in ("objective", "train_loss/sentiment", "train_loss/ner"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
-
-    model, _, _ = load_bundle(crashed.bundle_path)
+    model, _, _ = load_bundle(res.bundle_path)
     full = sum(p.numel() for p in load_encoder(str(tiny_encoder))[0].parameters())
     assert sum(p.numel() for p in model.encoder.parameters()) == full
-    reference = load_bundle(straight.bundle_path)[0].state_dict()
-    for name, tensor in model.state_dict().items():
-        torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert Predictor.from_bundle(crashed.bundle_path).predict(TEXTS)[0].keys() == {"sentiment", "ner"}
-    # same data, seeds and averaging as the DDP run of this module: the same training, up to
-    # floating-point summation order
-    for a, b in zip(first_run.result.history, straight.history):
-        assert a["train_loss/ner"] == pytest.approx(b["train_loss/ner"], rel=1e-3)
+    initial = load_encoder(str(tiny_encoder))[0].state_dict()
+    changed = [k for k, v in model.encoder.state_dict().items() if not torch.equal(v, initial[k])]
+    assert changed, "the bundle holds trained weights, not the initial ones"
+    assert Predictor.from_bundle(res.bundle_path).predict(TEXTS)[0].keys() == {"sentiment", "ner"}
