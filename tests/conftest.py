@@ -44,13 +44,13 @@ def experiment(demo_data: Path, tiny_encoder: Path):
 @pytest.fixture(scope="session")
 def trained_bundle(tmp_path_factory: pytest.TempPathFactory, demo_data: Path, tiny_encoder: Path) -> Path:
     """A bundle from a short plain-PyTorch run (no Ray): good enough to give non-trivial answers."""
-    from polytask.bundle import save_bundle
-    from polytask.data import load_task_data
-    from polytask.loop import build_features, setup, train_epoch
+    from polytask.model.bundle import save_bundle
+    from polytask.training.data import load_task_data
+    from polytask.training.loop import build_features, setup, train_epoch
 
     cfg = config_from_dict(demo_experiment(demo_data, tiny_encoder, epochs=3, num_workers=1))
     task_data = load_task_data(cfg)
-    from polytask.model import load_encoder
+    from polytask.model.network import load_encoder
 
     _, tokenizer = load_encoder(str(tiny_encoder))
     train_f, eval_f = build_features(cfg, task_data, tokenizer)
@@ -66,8 +66,8 @@ def trained_bundle(tmp_path_factory: pytest.TempPathFactory, demo_data: Path, ti
 @pytest.fixture(scope="session")
 def untrained_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Path) -> Path:
     """The demo tasks (sentiment, ner) with random heads: a real bundle, no training needed."""
-    from polytask.bundle import save_bundle
-    from polytask.model import build_model, load_encoder
+    from polytask.model.bundle import save_bundle
+    from polytask.model.network import build_model, load_encoder
     from polytask.tasks import TaskSpec
 
     encoder, tokenizer = load_encoder(str(tiny_encoder))

@@ -10,9 +10,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from polytask.bundle import BundleError, load_bundle, load_encoder_part, load_head, save_bundle
-from polytask.inference import Predictor
-from polytask.model import build_model, load_encoder
+from polytask.model.bundle import (
+    BundleError,
+    load_bundle,
+    load_encoder_part,
+    load_head,
+    save_bundle,
+)
+from polytask.model.inference import Predictor
+from polytask.model.network import build_model, load_encoder
 from polytask.tasks import TaskSpec
 
 SPECS = [

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from polytask.bundle import BundleError, load_bundle, load_encoder_part, read_manifest
-from polytask.compress import compress_bundle, run_compress
-from polytask.inference import Predictor
-from polytask.prune import layer_params
+from polytask.compression.compress import compress_bundle, run_compress
+from polytask.model.bundle import BundleError, load_bundle, load_encoder_part, read_manifest
+from polytask.model.inference import Predictor
+from polytask.model.pruning import layer_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
@@ -131,7 +131,7 @@ def test_int8_refuses_gpu_and_double_quantization(int8_bundle, tmp_path):
 def test_int8_activations_use_8_bits_where_the_cpu_sums_in_int32(int8_bundle):
     """On oneDNN with VNNI the loaded modules skip torch.ao's 7-bit activation range, and that
     halves the error against fp32; elsewhere they keep 7 bits (no int16 saturation)."""
-    from polytask.quantize import _dynamic_linears, _torch_ao, _usable, full_range_activations
+    from polytask.model.int8 import _dynamic_linears, _torch_ao, _usable, full_range_activations
 
     encoder, _, _ = load_encoder_part(int8_bundle)
     modules = list(_dynamic_linears(encoder).values())
@@ -207,7 +207,7 @@ def test_compressed_bundles_load_in_a_fresh_process(pruned_bundle, int8_bundle, 
     texts = ["alice flew to paris last week", "what a dreadful meal"]
     script = (
         "import json, sys\n"
-        "from polytask.inference import Predictor\n"
+        "from polytask.model.inference import Predictor\n"
         "print(json.dumps([Predictor.from_bundle(p).predict(json.loads(sys.argv[1])) for p in sys.argv[2:]]))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT / "platform")}
@@ -249,8 +249,8 @@ def test_compressed_version_is_registered_beside_the_source(
     uses it: MLflow's global store is then elsewhere, and registering must not depend on it."""
     from mlflow import MlflowClient
 
-    from polytask import registry
     from polytask.demo import demo_experiment, write_yaml
+    from polytask.tracking import registry
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     uri = registry.tracking_uri()
@@ -323,9 +323,9 @@ def test_cpu_variant_serves_the_int8_version_over_http(trained_bundle, int8_bund
     import ray
     from ray import serve
 
-    from polytask import registry
-    from polytask.compress import register_compressed
+    from polytask.compression.compress import register_compressed
     from polytask.serve import run_server
+    from polytask.tracking import registry
 
     c = registry.client()
     run = c.create_run(registry.ensure_experiment(c, "polytask", mlflow_uri))

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from polytask.data import (
+from polytask.model.network import load_encoder
+from polytask.tasks import IGNORE_INDEX
+from polytask.training.data import (
     DataError,
     TaskSampler,
     align_labels,
@@ -19,8 +21,6 @@ from polytask.data import (
     shard_indices,
     tokenize_records,
 )
-from polytask.model import load_encoder
-from polytask.tasks import IGNORE_INDEX
 
 
 def test_conll_reader_skips_docstart_and_splits_sentences(tmp_path: Path) -> None:

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from polytask.data import load_task_data
-from polytask.loop import (
+from polytask.model.network import load_encoder
+from polytask.training.data import load_task_data
+from polytask.training.loop import (
     build_features,
     evaluate,
     load_state,
@@ -17,7 +18,6 @@ from polytask.loop import (
     setup,
     train_epoch,
 )
-from polytask.model import load_encoder
 
 
 def _trainer(cfg, tiny_encoder: Path):

@@ -7,8 +7,8 @@ import os
 import pandas as pd
 import pytest
 
-from polytask.inference import Predictor
-from polytask.registry import (
+from polytask.model.inference import Predictor
+from polytask.tracking.registry import (
     artifact_location,
     client,
     ensure_experiment,

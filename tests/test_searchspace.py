@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from polytask.searchspace import SearchSpaceError, apply_trial, parse_search_space, to_tune
+from polytask.training.searchspace import SearchSpaceError, apply_trial, parse_search_space, to_tune
 
 
 def test_valid_space_parses_and_converts(experiment) -> None:

@@ -77,7 +77,7 @@ def serving(ray_local):
 @pytest.fixture(scope="module")
 def v1(serving, trained_bundle):
     """The demo bundle served through `run_server` with serve_configs/local.yaml."""
-    from polytask.inference import Predictor
+    from polytask.model.inference import Predictor
     from polytask.serve import run_server
 
     url = run_server(str(trained_bundle), config_path=LOCAL_CONFIG, port=serving, blocking=False)
@@ -91,8 +91,8 @@ def all_kinds_bundle(tiny_encoder, tmp_path_factory) -> Path:
     """Untrained encoder + random heads of every kind: no training needed to compare answers."""
     import torch
 
-    from polytask.bundle import save_bundle
-    from polytask.model import build_model, load_encoder
+    from polytask.model.bundle import save_bundle
+    from polytask.model.network import build_model, load_encoder
     from polytask.tasks import TaskSpec
 
     torch.manual_seed(7)
@@ -367,7 +367,7 @@ def test_bad_input_is_a_4xx_json_error_and_never_restarts_a_replica(v1):
 
 def test_head_refuses_states_of_another_encoder(trained_bundle, all_kinds_bundle, tmp_path):
     """A head never decodes states of an encoder it was not trained with (the fingerprint check)."""
-    from polytask.bundle import BundleError
+    from polytask.model.bundle import BundleError
     from polytask.serve.deployments import Head
 
     head = Head.func_or_class(str(all_kinds_bundle), "sentiment")
@@ -385,7 +385,7 @@ def test_head_refuses_states_of_another_encoder(trained_bundle, all_kinds_bundle
 
 def test_head_reconfigure_keeps_answering_both_versions(trained_bundle, all_kinds_bundle):
     """A head moved to a new model still decodes the old encoder's states with the old head."""
-    from polytask.bundle import read_manifest
+    from polytask.model.bundle import read_manifest
     from polytask.serve.deployments import Head
 
     head = Head.func_or_class(str(trained_bundle), "sentiment")
@@ -401,7 +401,7 @@ def v2(v1, serving, all_kinds_bundle):
     requests; returns what they saw, then the client and a Predictor of the new bundle."""
     from ray import serve
 
-    from polytask.inference import Predictor
+    from polytask.model.inference import Predictor
     from polytask.serve import compose, load_serve_config
 
     client, _ = v1
@@ -512,7 +512,7 @@ def test_encoder_reconfigure_switches_model_and_heads_follow(v2, trained_bundle)
     (same replica), and heads decode its states with the matching version, loaded on demand."""
     from ray import serve
 
-    from polytask.inference import Predictor
+    from polytask.model.inference import Predictor
 
     _, client, _ = v2
     encoder = serve.get_deployment_handle("Encoder", "polytask")

@@ -125,9 +125,9 @@ def test_builder_rejects_unknown_tasks_models_and_deployments(untrained_bundle: 
 
 def test_alias_is_pinned_to_the_version_it_names_at_deploy_time(mlflow_uri: str, tmp_path: Path):
     """Every replica of one deploy loads the same version, even if the alias moves meanwhile."""
-    from polytask.registry import client
     from polytask.serve import ServeArgsError
     from polytask.serve.refs import pin_model_uri
+    from polytask.tracking.registry import client
 
     c = client()
     c.create_registered_model("demo")
@@ -147,9 +147,9 @@ def test_cpu_variant_picks_the_compressed_version_for_cpu_encoders_only(
 ):
     """cpu_variant follows the alias to the version compressed from it (chains included);
     a GPU encoder keeps full precision; a missing variant or a bundle dir is a clear error."""
-    from polytask import registry
     from polytask.serve import ServeArgsError, parse_args
     from polytask.serve.refs import served_ref
+    from polytask.tracking import registry
 
     c = registry.client()
     c.create_registered_model("demo")

@@ -15,9 +15,9 @@ import yaml
 from typer.testing import CliRunner
 
 from polytask.config import config_from_dict
-from polytask.data import DataError
 from polytask.demo import demo_experiment
-from polytask.train import RUN_NAME_TAG, run_training
+from polytask.training.data import DataError
+from polytask.training.train import RUN_NAME_TAG, run_training
 
 TEXTS = ["alice flew to paris last week", "the movie was wonderful", {"text": "what a bad meal"}]
 FAST = {"sampling": {"steps_per_epoch": 4}, "optim": {"eval_batch_size": 64}}
@@ -147,8 +147,8 @@ def test_worker_crash_resumes_from_last_checkpoint(store, first_run):
 def test_champion_loads_through_pyfunc_and_bundle_alike(store, first_run):
     import mlflow
 
-    from polytask.inference import Predictor
-    from polytask.registry import resolve_bundle, use_tracking_uri
+    from polytask.model.inference import Predictor
+    from polytask.tracking.registry import resolve_bundle, use_tracking_uri
 
     expected = Predictor.from_bundle(first_run.result.bundle_path).predict(TEXTS)
     assert set(expected[0]) == {"sentiment", "ner"}
@@ -182,9 +182,9 @@ def test_fsdp_run_resumes_and_matches_ddp(store, first_run, demo_data, tiny_enco
     run that crashed after epoch 0 and resumed from its gathered checkpoint trains like the DDP
     run of this module (same data, seeds, averaging and crash) up to summation order: a lost
     optimizer state or model shard on resume would move epoch 1 far beyond that."""
-    from polytask.bundle import load_bundle
-    from polytask.inference import Predictor
-    from polytask.model import load_encoder
+    from polytask.model.bundle import load_bundle
+    from polytask.model.inference import Predictor
+    from polytask.model.network import load_encoder
 
     cfg = _cfg(
         demo_data,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from polytask.searchspace import SearchSpaceError
-from polytask.tune import PARENT_TAG, SWEEP_TAG, run_sweep
+from polytask.training.searchspace import SearchSpaceError
+from polytask.training.tune import PARENT_TAG, SWEEP_TAG, run_sweep
 
 SPACE = {"tasks.sentiment.weight": "loguniform(0.2, 5)", "optim.lr": "loguniform(1e-4, 3e-3)"}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from polytask.demo import demo_experiment, write_yaml
-from polytask.tune import PARENT_TAG, SWEEP_TAG
+from polytask.training.tune import PARENT_TAG, SWEEP_TAG
 
 
 def _children(c: MlflowClient) -> list:

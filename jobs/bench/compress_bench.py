@@ -3,9 +3,9 @@
     python jobs/bench/compress_bench.py                          # MiniLM-L6 on SST-2 + WNUT-17
     python jobs/bench/compress_bench.py --tiny --out /tmp/cb     # smoke test, tiny encoder + demo data
 
-Fine-tunes the packaged MiniLM-L6 briefly with the plain loop (`polytask.loop`, no Ray) on an
+Fine-tunes the packaged MiniLM-L6 briefly with the plain loop (`polytask.training.loop`, no Ray) on an
 SST-2 subset + WNUT-17 (or on generated demo data when --data is missing), saves the fp32
-bundle, compresses it with `polytask.compress` — int8 once per quantized engine, pruned
+bundle, compresses it with `polytask.compression.compress` — int8 once per quantized engine, pruned
 (gradient importance + a short recovery fine-tune), pruned then int8 — and measures every
 variant on the same validation texts: SST-2 dev accuracy, WNUT-17 dev entity F1, encoder
 throughput (seq/s; same length-sorted texts and batch size; each batch timed --repeats times,
@@ -151,10 +151,10 @@ def experiment(args: argparse.Namespace, tmp: Path) -> tuple[Any, str]:
 
 def fine_tune(cfg: Any, path: Path) -> dict[str, Any]:
     """The fp32 source bundle: cfg.sampling.steps_per_epoch steps of the plain loop."""
-    from polytask.bundle import save_bundle
-    from polytask.data import load_task_data
-    from polytask.loop import build_features, setup, train_epoch
-    from polytask.model import load_encoder
+    from polytask.model.bundle import save_bundle
+    from polytask.model.network import load_encoder
+    from polytask.training.data import load_task_data
+    from polytask.training.loop import build_features, setup, train_epoch
 
     task_data = load_task_data(cfg)
     _, tokenizer = load_encoder(cfg.encoder.name_or_path)
@@ -172,7 +172,7 @@ def fine_tune(cfg: Any, path: Path) -> dict[str, Any]:
 
 def build_variants(args: argparse.Namespace, cfg: Any, work: Path) -> dict[str, dict[str, Any]]:
     """Every compressed bundle, with how long compressing took and its recipe step."""
-    from polytask.compress import compress_bundle
+    from polytask.compression.compress import compress_bundle
 
     recover = args.recover_steps if args.recover_steps is not None else (10 if args.tiny else 40)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from polytask.bench import machine_info
-    from polytask.compress import compare_bundles
+    from polytask.compression.compress import compare_bundles
 
     threads = tuple(int(n) for n in str(args.threads).split(",") if n.strip())
     torch.set_num_threads(threads[0])

@@ -3,7 +3,7 @@
     python jobs/bench/quality.py --data ../shared/data --out bench_results/quality
     python jobs/bench/quality.py --tiny --out /tmp/q            # smoke test on generated data
 
-Three runs with the plain loop (`polytask.loop`, one process, no Ray): quality_joint.yaml,
+Three runs with the plain loop (`polytask.training.loop`, one process, no Ray): quality_joint.yaml,
 then quality_sst2.yaml and quality_wnut17.yaml, each single-task run given exactly the number
 of steps its task got in the joint run. Reports SST-2 dev accuracy and WNUT-17 test entity F1
 (seqeval, strict IOB2) for each. Target: joint within 1 point of single-task on both.
@@ -150,9 +150,9 @@ def train_and_evaluate(cfg: Any, device: str) -> dict[str, Any]:
     """One plain-loop run: train cfg.optim.epochs epochs, then every task's validation and test."""
     import torch
 
-    from polytask.data import load_task_data, tokenize_records
-    from polytask.loop import build_features, evaluate, setup, train_epoch
-    from polytask.model import load_encoder
+    from polytask.model.network import load_encoder
+    from polytask.training.data import load_task_data, tokenize_records
+    from polytask.training.loop import build_features, evaluate, setup, train_epoch
 
     task_data = load_task_data(cfg)
     _, tokenizer = load_encoder(cfg.encoder.name_or_path)
@@ -268,7 +268,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "device": args.device,
             "torch_threads": torch.get_num_threads(),
             "configs": {k: str(v.relative_to(HERE.parents[1])) for k, v in CONFIGS.items()},
-            "trainer": "polytask.loop (plain PyTorch, one process)",
+            "trainer": "polytask.training.loop (plain PyTorch, one process)",
         },
         "summary": summary,
         "delta_points": {"sst2_dev_accuracy": d_sst2, "wnut17_test_f1": d_wnut},

@@ -5,7 +5,7 @@
     python jobs/bench/train_overhead.py --steps 40 --epochs 4 --out bench_results/t.json
 
 Every variant trains the same config on the same tokenized features, in one invocation:
-  plain    polytask.loop in this process (setup, train_epoch, evaluate, save_state+bundle per
+  plain    polytask.training.loop in this process (setup, train_epoch, evaluate, save_state+bundle per
            epoch), torch pinned to --cpus-per-worker threads like a Ray worker
   ray_1    Ray Train, 1 worker (run_training's worker loop, checkpoints and MLflow logging)
   ray_2    Ray Train, 2 DDP workers (gloo on CPU); per-worker batch unchanged, so ideal = 2x
@@ -76,8 +76,8 @@ def run_plain(
     """The Ray-free baseline doing the same per-epoch work as a Ray Train rank 0."""
     import torch
 
-    from polytask.bundle import save_bundle
-    from polytask.loop import evaluate, save_state, setup, train_epoch
+    from polytask.model.bundle import save_bundle
+    from polytask.training.loop import evaluate, save_state, setup, train_epoch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -103,8 +103,8 @@ def run_plain(
 
 def run_ray(cfg: ExperimentConfig, workers: int, specs: list, train_f: dict, eval_f: dict) -> dict:
     """run_training's Ray Train path (TorchTrainer.fit) on pre-tokenized features."""
-    from polytask.registry import client, ensure_experiment, tracking_uri
-    from polytask.train import fit_on_ray, storage_path
+    from polytask.tracking.registry import client, ensure_experiment, tracking_uri
+    from polytask.training.train import fit_on_ray, storage_path
 
     cfg = cfg.model_copy(deep=True)
     cfg.scaling.num_workers = workers
@@ -138,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from polytask.data import load_task_data
-    from polytask.loop import build_features
-    from polytask.train import load_tokenizer
+    from polytask.training.data import load_task_data
+    from polytask.training.loop import build_features
+    from polytask.training.train import load_tokenizer
 
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="polytask-bench-") as tmp:

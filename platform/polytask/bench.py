@@ -101,8 +101,8 @@ def build_demo_bundle(path: str | Path, encoder: str, max_length: int = 128, see
     """A bundle of `encoder` with untrained sentiment + WNUT-style NER heads (speed, not quality)."""
     import torch
 
-    from polytask.bundle import save_bundle
-    from polytask.model import build_model, load_encoder
+    from polytask.model.bundle import save_bundle
+    from polytask.model.network import build_model, load_encoder
     from polytask.tasks import TaskSpec
 
     _quiet_transformers()
@@ -118,7 +118,7 @@ def build_demo_bundle(path: str | Path, encoder: str, max_length: int = 128, see
 
 def pick_tasks(bundle: str | Path) -> tuple[str, str]:
     """(sentence-classification task, token-classification task) of a bundle."""
-    from polytask.bundle import read_manifest
+    from polytask.model.bundle import read_manifest
 
     specs = read_manifest(bundle).tasks
     cls = [s.name for s in specs if s.kind == "classification"]
@@ -143,7 +143,7 @@ def export_hf_models(bundle: str | Path, out_dir: str | Path) -> dict[str, dict[
         AutoTokenizer,
     )
 
-    from polytask.bundle import read_manifest
+    from polytask.model.bundle import read_manifest
 
     _quiet_transformers()
     bundle, out_dir = Path(bundle), Path(out_dir)
@@ -237,7 +237,7 @@ def _limit_process(
     """One single-threaded encoder process of the multi-process limit; starts with its peers."""
     import torch
 
-    from polytask.bundle import load_encoder_part
+    from polytask.model.bundle import load_encoder_part
 
     torch.set_num_threads(1)
     encoder, tokenizer, _ = load_encoder_part(bundle)
@@ -287,7 +287,7 @@ def measure_limit(
     padding on the same texts in arrival order (how a server sees them)."""
     import torch
 
-    from polytask.bundle import load_encoder_part
+    from polytask.model.bundle import load_encoder_part
 
     previous = torch.get_num_threads()
     encoder, tokenizer, _ = load_encoder_part(bundle)
@@ -860,7 +860,7 @@ def run_serve_bench(
     """
     import ray
 
-    from polytask.registry import resolve_bundle
+    from polytask.tracking.registry import resolve_bundle
 
     settings = settings or (tiny_settings() if tiny else ServeBenchSettings())
     if concurrency:
@@ -899,7 +899,7 @@ def run_serve_bench(
         else:
             bundle = resolve_bundle(model)
             model_desc = {"model": model, "bundle": str(bundle)}
-        from polytask.bundle import read_manifest
+        from polytask.model.bundle import read_manifest
 
         settings.max_length = read_manifest(bundle).max_length
         tasks = list(pick_tasks(bundle))

@@ -53,7 +53,7 @@ def validate(
     """Check an experiment file (and optionally its data) without starting Ray."""
     cfg = _load(experiment, overrides)
     if data:
-        from polytask.data import DataError, load_task_data
+        from polytask.training.data import DataError, load_task_data
 
         try:
             task_data = load_task_data(cfg)
@@ -62,7 +62,7 @@ def validate(
         for name, td in task_data.items():
             console.print(f"  {name}: {len(td.splits['train'])} train rows, labels {td.spec.labels}")
     if cfg.tune is not None:
-        from polytask.searchspace import SearchSpaceError, parse_search_space
+        from polytask.training.searchspace import SearchSpaceError, parse_search_space
 
         try:
             parse_search_space(cfg)
@@ -79,8 +79,8 @@ def train(
 ) -> None:
     """Joint multi-task training on Ray Train; logs to MLflow and registers the bundle."""
     cfg = _load(experiment, overrides)
-    from polytask.data import DataError
-    from polytask.train import run_training
+    from polytask.training.data import DataError
+    from polytask.training.train import run_training
 
     try:
         result = run_training(cfg, run_name=run_name, console=console)
@@ -98,7 +98,7 @@ def tune(
     cfg = _load(experiment, overrides)
     if cfg.tune is None:
         _fail(f"{experiment}: no `tune` section; add tune.search_space (see jobs/sweep.yaml)")
-    from polytask.tune import run_sweep
+    from polytask.training.tune import run_sweep
 
     run_sweep(cfg, console=console)
 
@@ -108,7 +108,7 @@ def registry_list(
     name: Annotated[str | None, typer.Argument(help="Registered model name.")] = None,
 ) -> None:
     """Registered models, or one model's versions with their aliases and objective."""
-    from polytask.registry import list_versions
+    from polytask.tracking.registry import list_versions
 
     rows = list_versions(name)
     table = Table(*rows[0].keys()) if rows else Table("nothing registered")
@@ -124,7 +124,7 @@ def registry_promote(
     alias: Annotated[str, typer.Option(help="Alias to set.")] = "champion",
 ) -> None:
     """Point an alias (default `champion`) at a version."""
-    from polytask.registry import promote
+    from polytask.tracking.registry import promote
 
     promote(name, version, alias)
     console.print(f"models:/{name}@{alias} → version {version}")
@@ -135,8 +135,8 @@ def registry_show(
     uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or a path.")],
 ) -> None:
     """Where a model URI resolves to, and its tasks."""
-    from polytask.bundle import read_manifest
-    from polytask.registry import resolve_bundle
+    from polytask.model.bundle import read_manifest
+    from polytask.tracking.registry import resolve_bundle
 
     path = resolve_bundle(uri)
     manifest = read_manifest(path)
@@ -175,8 +175,8 @@ def predict(
     task: Annotated[list[str] | None, typer.Option(help="Tasks to run (default: all).")] = None,
 ) -> None:
     """Predict in-process (no Ray) and print JSON."""
-    from polytask.inference import Predictor
-    from polytask.registry import resolve_bundle
+    from polytask.model.inference import Predictor
+    from polytask.tracking.registry import resolve_bundle
 
     predictor = Predictor.from_bundle(str(resolve_bundle(model)))
     try:
@@ -201,7 +201,7 @@ def compress(
     """Compress a model's encoder for CPU serving; the result is a new bundle / model version."""
     if method not in ("int8", "prune"):
         _fail(f"--method '{method}' is not a method; choose int8 or prune")
-    from polytask.compress import run_compress
+    from polytask.compression.compress import run_compress
 
     summary = run_compress(
         model, method, sparsity, eval_experiment, out, register, console, finetune_steps=finetune_steps

@@ -60,7 +60,7 @@ def run_quickstart(
     console.rule("[bold]2/4 joint training on Ray Train (2 workers)")
     import ray
 
-    from polytask.train import run_training
+    from polytask.training.train import run_training
 
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)

@@ -16,19 +16,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from polytask.serve.refs import local_bundle, pin_model_uri
+from polytask.serve.replica import replica_identity
 
 HEAD_VERSIONS_KEPT = 2
-
-
-def replica_identity() -> dict[str, str]:
-    """Actor and node of this replica: tests and operators use it to see restarts and placement."""
-    ctx = ray.get_runtime_context()
-    return {"actor_id": ctx.get_actor_id() or "", "node_id": ctx.get_node_id()}
 
 
 def _model_from(config: dict[str, Any] | None) -> str | None:
@@ -92,7 +86,7 @@ class Encoder:
         self.state = self._load(model)
 
     def _load(self, ref: str) -> _EncoderState:
-        from polytask.bundle import BundleError, load_encoder_part, read_manifest
+        from polytask.model.bundle import BundleError, load_encoder_part, read_manifest
 
         path = local_bundle(ref)
         manifest = read_manifest(path)
@@ -153,7 +147,7 @@ class Encoder:
     async def _encode_items(self, items: list[_Item]) -> list[tuple[str, str, Any]]:
         """A batch of inputs from any number of requests; singles and pairs run as two sub-batches,
         each padded to its own longest input."""
-        from polytask.inference import encode_batch
+        from polytask.model.inference import encode_batch
 
         state = self.state
         c = self.counters
@@ -202,7 +196,7 @@ class Head:
 
     def _load(self, ref: str, fingerprint: str | None) -> tuple[Any, Any]:
         """The head for `fingerprint` (the encoder's; None = the bundle's own), loaded once."""
-        from polytask.bundle import load_head, read_manifest
+        from polytask.model.bundle import load_head, read_manifest
 
         with self.lock:
             path = local_bundle(ref)
@@ -224,7 +218,7 @@ class Head:
 
     def predict(self, encoded: dict[str, Any], texts: list[str]) -> dict[str, Any]:
         """Decode the Encoder's output for this task: one answer per input."""
-        from polytask.inference import run_head
+        from polytask.model.inference import run_head
 
         self.calls += 1
         self.inputs += len(texts)
@@ -290,7 +284,7 @@ class Ingress:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """A new model reference refreshes the task list (labels) the API reports and validates."""
-        from polytask.bundle import read_manifest
+        from polytask.model.bundle import read_manifest
 
         model = _model_from(config)
         if model is None:

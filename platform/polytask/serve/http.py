@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from polytask.serve.replica import replica_identity
 from polytask.serve.schemas import (
     ErrorResponse,
     PairInput,
@@ -28,9 +29,23 @@ from polytask.serve.schemas import (
     TasksResponse,
     describe_errors,
 )
+from polytask.tasks import TaskSpec
 
-if TYPE_CHECKING:
-    from polytask.serve.deployments import Ingress
+
+class Ingress(Protocol):
+    """What the routes need from the Ingress replica (kept abstract so this module does not import
+    the deployments, which import it)."""
+
+    specs: dict[str, TaskSpec]
+    settings: Any
+    api_key: str | None
+    encoder: Any
+
+    async def run(
+        self, inputs: list[tuple[str, str | None]], tasks: list[str]
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]: ...
+
+    def model_info(self, fingerprint: str | None = None) -> dict[str, Any]: ...
 
 logger = logging.getLogger("ray.serve")
 
@@ -160,7 +175,7 @@ class RequestGuard:
 
 
 def _internal(exc: BaseException) -> APIError:
-    from polytask.bundle import BundleError
+    from polytask.model.bundle import BundleError
 
     if isinstance(exc, BundleError):
         return APIError(500, "model_mismatch", f"the served model is inconsistent: {exc}")
@@ -260,7 +275,6 @@ def create_api(ingress: Ingress) -> FastAPI:
     """The FastAPI app of one Ingress replica; routes close over the replica's handles and limits."""
     from ray.serve.exceptions import BackPressureError
 
-    from polytask.serve.deployments import replica_identity
 
     app = FastAPI(
         title="polytask",

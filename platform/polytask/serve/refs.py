@@ -24,7 +24,7 @@ def served_ref(args: ServeArgs) -> str:
             f"'{args.model}' is not a registered model; pass models:/NAME@ALIAS, or point model "
             "at the compressed bundle and drop cpu_variant"
         )
-    from polytask.registry import find_variant
+    from polytask.tracking.registry import find_variant
 
     try:
         version = find_variant(match["name"], match["version"], args.cpu_variant)
@@ -43,7 +43,7 @@ def pin_model_uri(uri: str) -> str:
     if match:
         from mlflow.exceptions import MlflowException
 
-        from polytask.registry import client
+        from polytask.tracking.registry import client
 
         name, alias = match["name"], match["alias"]
         try:
@@ -62,6 +62,6 @@ def pin_model_uri(uri: str) -> str:
 
 def local_bundle(ref: str) -> Path:
     """The bundle directory for a reference, downloaded on this node when it is a registry URI."""
-    from polytask.registry import resolve_bundle
+    from polytask.tracking.registry import resolve_bundle
 
     return resolve_bundle(ref)

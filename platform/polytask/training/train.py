@@ -2,7 +2,7 @@
 
 The driver checks data and tokenizes once (bad data fails before Ray starts), hands features to
 the workers through the object store, and owns the one MLflow run per run name. Workers run
-`polytask.loop`; rank 0 evaluates, checkpoints (training state + a servable bundle) and logs.
+`polytask.training.loop`; rank 0 evaluates, checkpoints (training state + a servable bundle) and logs.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from polytask.config import ExperimentConfig, default_home
-from polytask.data import load_task_data
-from polytask.registry import (
+from polytask.tasks import TaskSpec
+from polytask.tracking.registry import (
     client,
     ensure_experiment,
     log_bundle,
@@ -30,7 +30,7 @@ from polytask.registry import (
     tracking_uri,
     ui_command,
 )
-from polytask.tasks import TaskSpec
+from polytask.training.data import load_task_data
 
 RUN_NAME_TAG = "polytask.run_name"
 MODEL_CHECKPOINT_TAG = "polytask.model_checkpoint"
@@ -77,7 +77,7 @@ def run_training(
     console = console or Console()
     task_data = load_task_data(cfg)  # DataError propagates unchanged, before any Ray worker
     tokenizer = load_tokenizer(cfg)
-    from polytask.loop import build_features
+    from polytask.training.loop import build_features
 
     train_features, eval_features = build_features(cfg, task_data, tokenizer)
     specs = [td.spec for td in task_data.values()]
@@ -107,7 +107,7 @@ def load_tokenizer(cfg: ExperimentConfig) -> Any:
     """Only the tokenizer: the driver tokenizes once and never holds the encoder weights."""
     from transformers import AutoTokenizer
 
-    from polytask.model import resolve_encoder_path
+    from polytask.model.network import resolve_encoder_path
 
     tokenizer = AutoTokenizer.from_pretrained(
         resolve_encoder_path(cfg.encoder.name_or_path),
@@ -400,7 +400,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None
     import ray.train
     import ray.train.torch
 
-    from polytask.loop import load_state, setup
+    from polytask.training.loop import load_state, setup
 
     cfg = ExperimentConfig.model_validate(config["cfg"])
     specs = [TaskSpec.from_dict(d) for d in config["specs"]]
@@ -435,11 +435,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None
 
 def _wrapper(cfg: ExperimentConfig) -> Any:
     """prepare_model with DDP that tolerates idle heads (each step trains one task's head only);
-    FSDP is wrapped by polytask.sharding (one unit per layer; Ray's own FSDP needs a GPU)."""
+    FSDP is wrapped by polytask.training.sharding (one unit per layer; Ray's own FSDP needs a GPU)."""
     import ray.train.torch
 
     if cfg.scaling.parallel_strategy == "fsdp":
-        from polytask import sharding
+        from polytask.training import sharding
 
         return lambda model: sharding.wrap(model, ray.train.torch.get_device())
     return lambda model: ray.train.torch.prepare_model(
@@ -448,7 +448,7 @@ def _wrapper(cfg: ExperimentConfig) -> Any:
 
 
 def _run_epoch(tr: Any, cfg: ExperimentConfig, rank: int, world: int) -> dict[str, Any]:
-    from polytask.loop import evaluate, flat_metrics, objective, train_epoch
+    from polytask.training.loop import evaluate, flat_metrics, objective, train_epoch
 
     epoch = tr.epoch
     began = time.perf_counter()
@@ -481,7 +481,7 @@ def _run_epoch(tr: Any, cfg: ExperimentConfig, rank: int, world: int) -> dict[st
 
 def _loss_weights(tr: Any) -> dict[str, float]:
     if tr.sharded:
-        from polytask import sharding
+        from polytask.training import sharding
 
         return sharding.loss_weights(tr.model)
     return tr.core.weighting.weights()
@@ -510,8 +510,8 @@ def _report(
     """Every rank reports (it is a barrier); only rank 0 attaches the checkpoint."""
     import ray.train
 
-    from polytask.bundle import save_bundle
-    from polytask.loop import gather_state, plain_model, save_state
+    from polytask.model.bundle import save_bundle
+    from polytask.training.loop import gather_state, plain_model, save_state
 
     with tempfile.TemporaryDirectory(prefix="polytask-ckpt-") as tmp:
         checkpoint = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -27,6 +28,21 @@ def load_encoder(
             "labels with fast tokenizers' word ids — pick an encoder that ships tokenizer.json"
         )
     return AutoModel.from_pretrained(name_or_path, **kw), tokenizer
+
+
+def encoder_fingerprint(module: nn.Module) -> str:
+    """sha256 over every encoder tensor (name, dtype, shape, bytes): same weights ⇔ same id."""
+    return tensors_fingerprint(module.state_dict())
+
+
+def tensors_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """The fingerprint of a plain name → tensor dict (what a compressed encoder saves)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def resolve_encoder_path(name_or_path: str) -> str:

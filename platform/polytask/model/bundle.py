@@ -2,7 +2,7 @@
 
     bundle/
       polytask.json              format version, tasks, encoder fingerprint, pooling, max_length,
-                                 compression recipe (replayed at load by compress.py)
+                                 compression recipe (replayed at load by variants.py)
       encoder/                   save_pretrained(): config.json, model.safetensors, tokenizer files
       heads/<task>/head.safetensors
       heads/<task>/head.json     the task spec, hidden size, and the encoder fingerprint it expects
@@ -12,17 +12,16 @@ Only safetensors and JSON are written or read: nothing here unpickles.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from polytask.model.network import encoder_fingerprint
 from polytask.tasks import TaskSpec, build_head
 
 FORMAT_VERSION = 1
@@ -44,7 +43,7 @@ class Manifest:
     source: str = ""
     variant: str = "fp32"
     extra: dict[str, Any] = field(default_factory=dict)
-    recipe: list[dict[str, Any]] = field(default_factory=list)  # compression steps (compress.py)
+    recipe: list[dict[str, Any]] = field(default_factory=list)  # compression steps (variants.py)
 
     def task(self, name: str) -> TaskSpec:
         for spec in self.tasks:
@@ -67,21 +66,6 @@ class Manifest:
             },
             "extra": self.extra,
         }
-
-
-def encoder_fingerprint(module: nn.Module) -> str:
-    """sha256 over every encoder tensor (name, dtype, shape, bytes): same weights ⇔ same id."""
-    return tensors_fingerprint(module.state_dict())
-
-
-def tensors_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
-    """The fingerprint of a plain name → tensor dict (what a compressed encoder saves)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(tensors.items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def read_manifest(path: str | Path) -> Manifest:
@@ -150,16 +134,19 @@ def load_encoder_part(
     """(encoder in eval mode, tokenizer, fingerprint computed from the loaded weights).
 
     A compressed encoder (int8, pruned) is rebuilt from the recipe in polytask.json."""
-    from polytask.model import load_encoder
+    from polytask.model.network import load_encoder
 
     enc_dir = Path(path) / "encoder"
     if not enc_dir.is_dir():
         raise BundleError(f"{path}: no encoder/ directory; is this a polytask bundle?")
     recipe = read_manifest(path).recipe if (Path(path) / MANIFEST).is_file() else []
     if recipe:
-        from polytask.compress import load_compressed_encoder
+        from polytask.model.variants import load_compressed_encoder
 
-        return load_compressed_encoder(enc_dir, recipe, device, trust_remote_code)
+        try:
+            return load_compressed_encoder(enc_dir, recipe, device, trust_remote_code)
+        except ValueError as exc:
+            raise BundleError(f"{path}: {exc}") from None
     encoder, tokenizer = load_encoder(str(enc_dir), trust_remote_code=trust_remote_code)
     fingerprint = encoder_fingerprint(encoder)
     return encoder.to(device).eval(), tokenizer, fingerprint
@@ -187,7 +174,7 @@ def load_head(
 
 def load_bundle(path: str | Path, device: str = "cpu", trust_remote_code: bool = False):
     """The whole MultiTaskModel (eval mode), its tokenizer and manifest, for in-process prediction."""
-    from polytask.model import MultiTaskModel
+    from polytask.model.network import MultiTaskModel
 
     manifest = read_manifest(path)
     encoder, tokenizer, fingerprint = load_encoder_part(path, device, trust_remote_code)

@@ -1,10 +1,8 @@
-"""Compress a bundle for serving — int8 (quantize.py) or structured pruning (prune.py) — measure
+"""Compress a bundle for serving — int8 (model/int8.py) or structured pruning (prune.py) — measure
 it against its source, and register it as a new model version next to the source.
 
 A compressed bundle keeps the bundle layout; polytask.json's `encoder.recipe` lists the steps,
-and `load_compressed_encoder` (called by bundle.load_encoder_part) replays them on an fp32
-skeleton before reading the weights, so loading never unpickles and never guesses shapes.
-Training-side imports (data, loop, MLflow) stay inside functions: serving imports this module.
+which `model/variants.py` replays at load time. Serving never imports this module.
 """
 
 from __future__ import annotations
@@ -18,77 +16,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from polytask.bundle import (
+from polytask.compression.prune import prune_encoder
+from polytask.model.bundle import (
     MANIFEST,
-    BundleError,
     Manifest,
-    encoder_fingerprint,
     load_bundle,
     load_encoder_part,
     read_manifest,
-    tensors_fingerprint,
 )
-from polytask.prune import prune_encoder, rebuild_pruned
-from polytask.quantize import int8_state, quantize_encoder, rebuild_int8
-from polytask.registry import VARIANT_OF_METHOD
+from polytask.model.int8 import int8_state, quantize_encoder
+from polytask.model.network import encoder_fingerprint, tensors_fingerprint
+from polytask.model.variants import METHODS, WEIGHTS
+from polytask.tracking.registry import VARIANT_OF_METHOD
 
 if TYPE_CHECKING:
     from polytask.config import ExperimentConfig
-    from polytask.model import MultiTaskModel
+    from polytask.model.network import MultiTaskModel
 
-METHODS = ("int8", "prune")
-WEIGHTS = "model.safetensors"
-
-
-# --- loading (serving path: torch + bundle only) -------------------------------------------------
-
-
-def load_compressed_encoder(
-    enc_dir: str | Path,
-    recipe: list[dict[str, Any]],
-    device: str = "cpu",
-    trust_remote_code: bool = False,
-) -> tuple[nn.Module, Any, str]:
-    """config → fp32 skeleton → replay the recipe's shape/quantization steps → load the weights.
-
-    Returns what `bundle.load_encoder_part` returns: (encoder in eval mode, tokenizer, fingerprint).
-    """
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    enc_dir = Path(enc_dir)
-    methods = [step.get("method") for step in recipe]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise BundleError(f"{enc_dir.parent}: unknown compression step(s) {unknown} in {MANIFEST}")
-    if "int8" in methods and device != "cpu":
-        raise BundleError(
-            f"{enc_dir.parent} is an int8 bundle, which runs on CPU only; serve the fp32 "
-            "version on GPU (device: cpu for this one)"
-        )
-    config = AutoConfig.from_pretrained(enc_dir, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(
-        enc_dir, use_fast=True, trust_remote_code=trust_remote_code
-    )
-    encoder = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
-    state = load_file(enc_dir / WEIGHTS)
-    for step in recipe:
-        if step["method"] == "prune":
-            rebuild_pruned(encoder, step)
-    if "int8" in methods:
-        encoder = rebuild_int8(encoder, recipe[methods.index("int8")], state)
-        fingerprint = tensors_fingerprint(int8_state(encoder))
-    else:
-        try:
-            encoder.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise BundleError(
-                f"{enc_dir}: weights do not match the recipe's shapes: {exc}"
-            ) from None
-        fingerprint = encoder_fingerprint(encoder)
-    return encoder.to(device).eval(), tokenizer, fingerprint
 
 
 # --- compressing -------------------------------------------------------------------------------
@@ -202,7 +149,7 @@ def _features(
 ) -> dict[str, list[dict[str, Any]]]:
     """Tokenized features of one split for the tasks the bundle and the experiment share,
     labelled with the bundle's own label order."""
-    from polytask.data import load_task_data, tokenize_records
+    from polytask.training.data import load_task_data, tokenize_records
 
     known = {s.name for s in manifest.tasks}
     shared = [t for t in cfg.task_names if t in known]
@@ -230,7 +177,7 @@ def _importance_losses(
 ) -> Iterator[Callable[[], torch.Tensor]]:
     """Loss closures over up to `batches` train batches per task (train, not validation, so the
     evaluation afterwards is not scored on data that chose what to prune)."""
-    from polytask.data import eval_batches
+    from polytask.training.data import eval_batches
 
     model.eval()  # no dropout: importance should reflect the deterministic network
     for task, feats in features.items():
@@ -248,9 +195,9 @@ def _recover(
 ) -> None:
     """A short recovery fine-tune of the pruned model (encoder and heads) with the plain loop's
     own optimizer, schedule, sampler and step."""
-    from polytask.data import TaskBatches, TaskSampler
-    from polytask.loop import Trainer, make_optimizer, make_scheduler, train_epoch
-    from polytask.model import LossWeighting
+    from polytask.model.network import LossWeighting
+    from polytask.training.data import TaskBatches, TaskSampler
+    from polytask.training.loop import Trainer, make_optimizer, make_scheduler, train_epoch
 
     model.weighting = LossWeighting(
         list(model.specs), "static", {t.name: t.weight for t in cfg.tasks}
@@ -287,7 +234,7 @@ def compare_bundles(
     With `threads`, throughput is measured once per torch thread count (`seq_per_s_by_threads`;
     `seq_per_s` is the first), since int8 and fp32 scale differently with threads.
     """
-    from polytask.loop import evaluate
+    from polytask.training.loop import evaluate
 
     loaded = {key: load_bundle(path) for key, path in bundles.items()}
     _, tokenizer, manifest = next(iter(loaded.values()))
@@ -321,7 +268,7 @@ def compare_bundles(
 
 
 def _layer_params_or_none(encoder: nn.Module) -> int | None:
-    from polytask.prune import layer_params
+    from polytask.model.pruning import layer_params
 
     try:
         return layer_params(encoder)
@@ -368,7 +315,7 @@ def _throughput_batches(
     features: dict[str, list[dict[str, Any]]], pad_id: int, batch_size: int
 ) -> list[dict[str, torch.Tensor]]:
     """Every validation input of every task, length-sorted and padded per batch."""
-    from polytask.data import collate
+    from polytask.training.data import collate
 
     keys = ("input_ids", "attention_mask", "token_type_ids")
     feats = [{k: v for k, v in f.items() if k in keys} for fs in features.values() for f in fs]
@@ -409,7 +356,7 @@ def dir_bytes(path: Path, pattern: str = "*") -> int:
 
 def registered_version(model_uri: str, uri: str | None = None) -> tuple[str, str]:
     """(registered name, version) of a `models:/NAME/VERSION` or `models:/NAME@ALIAS` URI."""
-    from polytask import registry
+    from polytask.tracking import registry
 
     if not model_uri.startswith("models:/"):
         raise ValueError(
@@ -436,8 +383,8 @@ def register_compressed(
 ) -> dict[str, Any]:
     """Log the compressed bundle in a new run (with the evaluation, if any) and register it as
     a NEW version of `name`, tagged with its method and source; no alias is set or moved."""
-    from polytask import registry
-    from polytask.loop import objective
+    from polytask.tracking import registry
+    from polytask.training.loop import objective
 
     uri = uri or registry.tracking_uri()
     c = registry.client(uri)
@@ -517,7 +464,7 @@ def run_compress(
 ) -> dict[str, Any]:
     """`polytask compress`: resolve → compress → (evaluate) → (register); returns a summary."""
     from polytask.config import default_home, load_config
-    from polytask.registry import resolve_bundle
+    from polytask.tracking.registry import resolve_bundle
 
     say = console.print if console is not None else (lambda *a, **k: None)
     if register:  # fail before the slow part; pin an alias so source and tag name one version

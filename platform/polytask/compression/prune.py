@@ -1,5 +1,5 @@
-"""Structured pruning of a BERT-layout encoder: whole attention heads and FFN neurons are cut out
-of the weight matrices, so the pruned model is smaller *and* dense (faster on any hardware).
+"""Structured pruning: score attention heads and FFN neurons, pick the least important ones
+across layers, and cut them with the pruned-encoder format of `model/pruning.py`.
 
 Sparsity counts parameters of the transformer layers (`encoder.layer.*`, LayerNorms included);
 embeddings are excluded, since they cost a lookup, not FLOPs. The per-layer shapes go into the
@@ -15,51 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-_PARTS = (
-    "attention.self.query",
-    "attention.self.key",
-    "attention.self.value",
-    "attention.output.dense",
-    "intermediate.dense",
-    "output.dense",
-)
+from polytask.model.pruning import apply, head_size, heads_in, layer_params, transformer_layers
+
 MIN_FFN_KEEP = 0.05  # each layer keeps at least this share of its FFN neurons (and one head)
-
-
-def transformer_layers(encoder: nn.Module) -> list[nn.Module]:
-    """The encoder's transformer layers, checked to have the BERT module layout we slice."""
-    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
-    if layers is None or len(layers) == 0:
-        raise ValueError(
-            f"prune: {type(encoder).__name__} has no encoder.layer list; structured pruning "
-            "supports BERT-layout encoders (BERT, MiniLM, RoBERTa, ELECTRA) — use --method int8"
-        )
-    for i, layer in enumerate(layers):
-        for part in _PARTS:
-            try:
-                module = layer.get_submodule(part)
-            except AttributeError:
-                module = None
-            if type(module) is not nn.Linear:
-                raise ValueError(
-                    f"prune: layer {i} has no plain nn.Linear '{part}' (int8 or another layout); "
-                    "prune the fp32 bundle of a BERT-layout encoder"
-                )
-    return list(layers)
-
-
-def layer_params(encoder: nn.Module) -> int:
-    """Parameter count the sparsity is measured over: all transformer layers."""
-    return sum(p.numel() for layer in transformer_layers(encoder) for p in layer.parameters())
-
-
-def head_size(encoder: nn.Module) -> int:
-    cfg = encoder.config
-    return cfg.hidden_size // cfg.num_attention_heads
-
-
-def _heads(layer: nn.Module, size: int) -> int:
-    return layer.attention.self.query.out_features // size
 
 
 def magnitude_scores(encoder: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -68,7 +26,7 @@ def magnitude_scores(encoder: nn.Module) -> tuple[list[torch.Tensor], list[torch
     size = head_size(encoder)
     heads, neurons = [], []
     for layer in transformer_layers(encoder):
-        n = _heads(layer, size)
+        n = heads_in(layer, size)
         value = layer.attention.self.value.weight.detach().reshape(n, size, -1)
         out = layer.attention.output.dense.weight.detach().reshape(-1, n, size)
         heads.append(value.flatten(1).norm(dim=1) * out.transpose(0, 1).flatten(1).norm(dim=1))
@@ -85,7 +43,7 @@ def taylor_scores(
     for a unit feeding a linear layer W, that is |Σ W ⊙ ∂L/∂W| over the unit's input columns."""
     size = head_size(encoder)
     layers = transformer_layers(encoder)
-    heads = [torch.zeros(_heads(layer, size)) for layer in layers]
+    heads = [torch.zeros(heads_in(layer, size)) for layer in layers]
     neurons = [torch.zeros(layer.output.dense.in_features) for layer in layers]
     batches = 0
     for loss_fn in losses:
@@ -157,30 +115,6 @@ def _lowest(scores: list[torch.Tensor], count: int, keep_min: list[int]) -> list
     return dropped
 
 
-def apply(encoder: nn.Module, keep: list[dict[str, list[int]]]) -> nn.Module:
-    """Slice every layer down to its kept heads and neurons, in place; returns the encoder."""
-    from transformers.pytorch_utils import prune_linear_layer
-
-    size = head_size(encoder)
-    layers = transformer_layers(encoder)
-    if len(keep) != len(layers):
-        raise ValueError(f"prune recipe has {len(keep)} layers but the encoder has {len(layers)}")
-    for layer, k in zip(layers, keep):
-        att = layer.attention
-        idx = torch.tensor(
-            [h * size + d for h in k["heads"] for d in range(size)], dtype=torch.long
-        )
-        for name in ("query", "key", "value"):
-            setattr(att.self, name, prune_linear_layer(getattr(att.self, name), idx, dim=0))
-        att.output.dense = prune_linear_layer(att.output.dense, idx, dim=1)
-        att.self.num_attention_heads = len(k["heads"])
-        att.self.all_head_size = len(k["heads"]) * size
-        nidx = torch.tensor(k["neurons"], dtype=torch.long)
-        layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, nidx, dim=0)
-        layer.output.dense = prune_linear_layer(layer.output.dense, nidx, dim=1)
-    return encoder
-
-
 def prune_encoder(
     encoder: nn.Module,
     sparsity: float,
@@ -206,15 +140,3 @@ def prune_encoder(
         ],
     }
     return encoder, step
-
-
-def rebuild_pruned(skeleton: nn.Module, step: dict[str, Any]) -> nn.Module:
-    """Give an unpruned skeleton the recorded per-layer shapes (weights are loaded afterwards)."""
-    keep = [
-        {
-            "heads": list(range(int(layer["heads"]))),
-            "neurons": list(range(int(layer["intermediate"]))),
-        }
-        for layer in step["layers"]
-    ]
-    return apply(skeleton, keep)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from polytask.model import pool
+from polytask.model.network import pool
 from polytask.tasks import TaskSpec
 
 
@@ -118,7 +118,7 @@ class Predictor:
 
     @classmethod
     def from_bundle(cls, path: str, device: str = "cpu") -> Predictor:
-        from polytask.bundle import load_bundle
+        from polytask.model.bundle import load_bundle
 
         model, tokenizer, manifest = load_bundle(path, device)
         return cls(model, tokenizer, manifest.max_length, device)

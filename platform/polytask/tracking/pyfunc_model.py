@@ -41,7 +41,7 @@ class PolytaskModel(PythonModel):
     _skip_type_hint_validation = True  # inputs are mixed (str, dict, DataFrame): to_inputs checks
 
     def load_context(self, context: Any) -> None:
-        from polytask.inference import Predictor
+        from polytask.model.inference import Predictor
 
         self.predictor = Predictor.from_bundle(context.artifacts["bundle"])
 

@@ -17,11 +17,11 @@ from rich.console import Console
 from rich.table import Table
 
 from polytask.config import ExperimentConfig, default_home
-from polytask.data import load_task_data
-from polytask.registry import client, ensure_experiment, register_bundle, tracking_uri
-from polytask.searchspace import apply_trial, parse_search_space, to_tune
 from polytask.tasks import LOWER_IS_BETTER, TaskSpec
-from polytask.train import (
+from polytask.tracking.registry import client, ensure_experiment, register_bundle, tracking_uri
+from polytask.training.data import load_task_data
+from polytask.training.searchspace import apply_trial, parse_search_space, to_tune
+from polytask.training.train import (
     BUNDLE_DIR,
     RUN_NAME_TAG,
     find_or_create_run,
@@ -58,7 +58,7 @@ def run_sweep(cfg: ExperimentConfig, console: Console | None = None) -> SweepRes
     assert cfg.tune is not None, "run_sweep needs a `tune` section"
     dims = parse_search_space(cfg)  # a bad space fails here, before Ray starts
     task_data = load_task_data(cfg)
-    from polytask.loop import build_features
+    from polytask.training.loop import build_features
 
     train_features, eval_features = build_features(cfg, task_data, load_tokenizer(cfg))
     specs = [td.spec for td in task_data.values()]

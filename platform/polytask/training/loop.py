@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from polytask.config import ExperimentConfig, OptimConfig
-from polytask.data import TaskBatches, TaskSampler, eval_batches, tokenize_records
-from polytask.model import MultiTaskModel, build_model, load_encoder
+from polytask.model.network import MultiTaskModel, build_model, load_encoder
 from polytask.tasks import LOWER_IS_BETTER, TaskSpec
+from polytask.training.data import TaskBatches, TaskSampler, eval_batches, tokenize_records
 
 _NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -76,7 +76,7 @@ class Trainer:
     rank: int = 0
     epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-    sharded: bool = False  # FSDP: no rank holds the whole model (see polytask.sharding)
+    sharded: bool = False  # FSDP: no rank holds the whole model (see polytask.training.sharding)
     shadow: MultiTaskModel | None = None  # FSDP, rank 0: a plain copy to load gathered state into
 
     @property
@@ -202,7 +202,7 @@ def _optimizer_step(tr: Trainer) -> None:
     if tr.scaler:
         tr.scaler.unscale_(tr.optimizer)
     if tr.cfg.optim.max_grad_norm and tr.sharded:
-        from polytask import sharding
+        from polytask.training import sharding
 
         sharding.clip_grad_norm(tr.model, tr.cfg.optim.max_grad_norm)
     elif tr.cfg.optim.max_grad_norm:
@@ -273,7 +273,7 @@ def gather_state(tr: Trainer) -> Gathered:
     """(model state, optimizer state) of the whole model. Under FSDP this is a collective that
     every rank calls; rank 0's result is the one written."""
     if tr.sharded:
-        from polytask import sharding
+        from polytask.training import sharding
 
         return sharding.gather_state(tr.model, tr.optimizer)
     return tr.core.state_dict(), tr.optimizer.state_dict()
@@ -329,7 +329,7 @@ def load_state(tr: Trainer, path: str | Path) -> None:
         state.setdefault(int(pid) if pid.isdigit() else pid, {})[name] = value
     opt = {"state": state, "param_groups": meta["optimizer_param_groups"]}
     if tr.sharded:
-        from polytask import sharding
+        from polytask.training import sharding
 
         sharding.load_state(tr.model, tr.optimizer, model_state, opt)
     else:

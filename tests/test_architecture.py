@@ -1,0 +1,106 @@
+"""The package's layering, checked from the source: every import (function-level ones included)
+points to the module's own layer or one below it, and the import graph has no cycles."""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "platform"
+
+# Lowest first. A module may import from its own layer and the layers before it, never after.
+LAYERS = [
+    ("vocabulary", ["polytask", "polytask.tasks", "polytask.errors"]),
+    ("config", ["polytask.config"]),
+    ("model", ["polytask.model"]),
+    ("tracking", ["polytask.tracking"]),
+    ("training", ["polytask.training"]),
+    ("compression", ["polytask.compression"]),
+    ("serve", ["polytask.serve"]),
+    ("apps", ["polytask.cli", "polytask.demo", "polytask.quickstart", "polytask.batch"]),
+]
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for file in (ROOT / "polytask").rglob("*.py"):
+        parts = file.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = file
+    return out
+
+
+def _layer(module: str) -> int:
+    best, rank = -1, None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            inside = module == p or (p != "polytask" and module.startswith(p + "."))
+            if inside and len(p) > best:
+                best, rank = len(p), i
+    assert rank is not None, f"{module} is in no layer; add it to LAYERS (and ARCHITECTURE.md)"
+    return rank
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+    graph: dict[str, set[str]] = defaultdict(set)
+    for name, file in mods.items():
+        for node in ast.walk(ast.parse(file.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    targets.append(sub if sub in mods else node.module)
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            graph[name].update(t for t in targets if t.startswith("polytask") and t != name)
+    return graph
+
+
+def test_every_module_is_in_a_layer_and_imports_only_downwards() -> None:
+    graph = _graph()
+    assert len(graph) > 20  # the walk found the package
+    upward = [
+        f"{src} ({LAYERS[_layer(src)][0]}) imports {dst} ({LAYERS[_layer(dst)][0]})"
+        for src, dsts in graph.items()
+        for dst in dsts
+        if dst != "polytask" and _layer(dst) > _layer(src)
+    ]
+    assert not upward, "upward imports:\n" + "\n".join(sorted(upward))
+
+
+def test_no_import_cycles() -> None:
+    graph = _graph()
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if nxt == "polytask":
+                continue
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_serving_never_imports_training_or_compression() -> None:
+    """A Serve replica must not pull in the training stack (datasets, Ray Train) or the tool."""
+    graph = _graph()
+    seen, todo = set(), ["polytask.serve.deployments", "polytask.serve.app"]
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        todo.extend(graph.get(mod, ()))
+    bad = sorted(m for m in seen if m.startswith(("polytask.training", "polytask.compression")))
+    assert not bad, f"serving reaches {bad}"
