@@ -136,3 +136,176 @@ def test_default_home_store_works_without_env_and_leaves_cwd_clean(
     assert (resolve_bundle("models:/home-demo@champion") / "polytask.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
     assert "MLFLOW_TRACKING_URI" not in os.environ  # restored after the fluent calls
+
+
+# ------------------------------------------------------------------ promotion rules
+def _version(c, name, tmp_path, objective, tasks="ner,sentiment", definition=None):
+    """A registered version carrying the tags register_bundle writes (no model logged: the
+    decision reads only tags and aliases)."""
+    from polytask.tracking import registry
+
+    if not c.search_registered_models(filter_string=f"name = '{name}'"):
+        c.create_registered_model(name)
+    tags = {
+        registry.OBJECTIVE_TAG: repr(float(objective)),
+        registry.TASKS_TAG: tasks,
+        registry.OBJECTIVE_DEF_TAG: definition or "mean(ner:f1,sentiment:accuracy)",
+    }
+    return str(c.create_model_version(name, source=str(tmp_path), tags=tags).version)
+
+
+def _champion(c, name):
+    version = c.get_registered_model(name).aliases.get("champion")
+    return None if version is None else str(version)
+
+
+def test_register_bundle_records_what_the_objective_means(trained_bundle, run_id):
+    from polytask.tracking import registry
+
+    out = register_bundle(trained_bundle, "reg-tags", run_id, objective=0.5)
+    tags = client().get_model_version("reg-tags", "1").tags
+    assert tags[registry.TASKS_TAG] == "ner,sentiment"
+    assert tags[registry.OBJECTIVE_DEF_TAG] == "mean(ner:f1,sentiment:accuracy)"
+    assert tags[registry.PROMOTION_TAG] == out["promotion"] == "promoted: first champion"
+
+
+def test_promotion_compares_like_with_like_and_never_on_nan(store, tmp_path):
+    from polytask.tracking.registry import settle_champion
+
+    c = client()
+    name = "reg-rules"
+    nan = _version(c, name, tmp_path, float("nan"))
+    won, why = settle_champion(c, name, nan, "if_better")
+    assert not won and "objective is NaN" in why and _champion(c, name) is None
+
+    first = _version(c, name, tmp_path, 0.5)
+    assert settle_champion(c, name, first, "if_better") == (True, "promoted: first champion")
+    other_tasks = _version(c, name, tmp_path, 0.9, tasks="ner,sentiment,topic")
+    won, why = settle_champion(c, name, other_tasks, "if_better")
+    assert not won and f"champion v{first} is not comparable" in why and "topic" in why
+    other_def = _version(c, name, tmp_path, 0.9, definition="mean(ner:precision,sentiment:f1)")
+    won, why = settle_champion(c, name, other_def, "if_better")
+    assert not won and "not comparable" in why
+    equal = _version(c, name, tmp_path, 0.5)
+    assert settle_champion(c, name, equal, "if_better")[0] is False
+    better = _version(c, name, tmp_path, 0.6)
+    won, why = settle_champion(c, name, better, "if_better")
+    assert won and "0.6 > champion" in why and _champion(c, name) == better
+    assert settle_champion(c, name, nan, "always")[0] is True  # an explicit choice stands
+    later = _version(c, name, tmp_path, 0.99)
+    won, why = settle_champion(c, name, later, "if_better")  # a NaN champion cannot be beaten
+    assert not won and "has no objective" in why and _champion(c, name) == nan
+    assert c.get_model_version(name, later).tags["polytask.promotion"] == why
+
+
+def test_an_unreadable_registry_never_promotes(store, tmp_path, monkeypatch):
+    """A real MLflow client against a tracking server that is down (connection refused): the
+    error must not read as "no champion"."""
+    import socket
+
+    from polytask.tracking.registry import _version_by_alias, settle_champion
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    down = client(f"http://127.0.0.1:{port}")
+    won, why = settle_champion(down, "reg-down", "1", "if_better")
+    assert not won and "the registry failed while deciding" in why
+    assert "polytask registry promote reg-down 1" in why
+    with pytest.raises(Exception):  # noqa: B017 - any error, as long as it is not None
+        _version_by_alias(down, "reg-down", "champion")
+    assert _version_by_alias(client(), "no-such-model", "champion") is None
+
+
+def test_concurrent_promotions_leave_the_best_as_champion(store, tmp_path):
+    """Six writers decide at once (threads released by one barrier, each with its own client):
+    the lock serialises them, so the best ends as champion and no writer that lost the alias
+    afterwards was ever told it was not compared against."""
+    import random
+    import threading
+
+    from polytask.tracking.registry import LOCK_SUFFIX, settle_champion
+
+    name = "reg-race"
+    c = client()
+    base = _version(c, name, tmp_path, 0.1)
+    settle_champion(c, name, base, "if_better")
+    objectives = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    random.Random(0).shuffle(objectives)
+    versions = {_version(c, name, tmp_path, o): o for o in objectives}
+    barrier = threading.Barrier(len(versions))
+    outcome: dict[str, tuple[bool, str]] = {}
+
+    def decide(version: str) -> None:
+        own = client()
+        barrier.wait()
+        outcome[version] = settle_champion(own, name, version, "if_better")
+
+    threads = [threading.Thread(target=decide, args=(v,)) for v in versions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(outcome) == len(versions)
+    best = max(versions, key=versions.get)
+    assert _champion(c, name) == best and outcome[best][0] is True
+    for version, (won, why) in outcome.items():
+        assert "registry failed" not in why, why
+        if not won:  # it lost to a champion at least as good, named in the reason
+            beaten_by = why.split("champion v")[1].split("'")[0]
+            assert versions.get(beaten_by, 0.1) >= versions[version], why
+    assert not c.search_registered_models(filter_string=f"name = '{name}{LOCK_SUFFIX}'")
+
+
+def test_a_lock_left_by_a_dead_writer_is_broken(store, tmp_path, monkeypatch):
+    from polytask.tracking import registry
+
+    c = client()
+    name = "reg-stale"
+    version = _version(c, name, tmp_path, 0.5)
+    c.create_registered_model(f"{name}{registry.LOCK_SUFFIX}")  # its writer died holding it
+    monkeypatch.setattr(registry, "LOCK_STALE_S", 0.0)
+    assert registry.settle_champion(c, name, version, "if_better")[0] is True
+    assert [r["name"] for r in list_versions(None)].count(f"{name}{registry.LOCK_SUFFIX}") == 0
+
+
+# ------------------------------------------------------------------ download cache
+def test_cache_is_keyed_verified_and_safe_for_concurrent_replicas(
+    trained_bundle, run_id, monkeypatch, tmp_path
+):
+    import hashlib
+    import json
+    import threading
+
+    from polytask.tracking.registry import CACHE_DIGEST_FILE
+
+    register_bundle(trained_bundle, "reg-cache", run_id, objective=0.5)
+    monkeypatch.setenv("POLYTASK_HOME", str(tmp_path / "node"))  # an empty cache
+    barrier = threading.Barrier(6)
+    paths: list = []
+
+    def replica() -> None:
+        barrier.wait()
+        paths.append(resolve_bundle("models:/reg-cache@champion"))
+
+    threads = [threading.Thread(target=replica) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(paths) == 6 and len(set(paths)) == 1
+    bundle = paths[0]
+    store_dir = tmp_path / "node" / "models" / hashlib.sha256(tracking_uri().encode()).hexdigest()[:16]
+    entries = [p.name for p in store_dir.iterdir() if p.is_dir()]
+    assert entries == ["models__reg-cache_1"], entries  # version, not alias; no partial left
+    record = json.loads((store_dir / entries[0] / CACHE_DIGEST_FILE).read_text())
+    assert record["uri"] == "models:/reg-cache/1" and record["store"] == tracking_uri()
+
+    weights = next(bundle.rglob("*.safetensors"))
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-64] + b"\0" * 64)  # a corrupted (e.g. truncated-write) entry
+    assert resolve_bundle("models:/reg-cache/1") == bundle
+    assert weights.read_bytes() == good  # downloaded again, since it no longer verified
+    assert [p.name for p in store_dir.iterdir() if p.is_dir()] == entries

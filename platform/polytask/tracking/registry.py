@@ -3,6 +3,9 @@ turning a model URI back into a local bundle directory."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 import os
 import shutil
@@ -19,10 +22,21 @@ if TYPE_CHECKING:
 
     from polytask.config import ExperimentConfig
 
+log = logging.getLogger(__name__)
+
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_NAME = "model"  # the logged model's name inside its run
 CANDIDATE, CHAMPION = "candidate", "champion"
 OBJECTIVE_TAG = "objective"
+# What an objective means, so promotion compares like with like: the version's task set
+# ("ner,sentiment") and the objective's definition ("mean(ner:f1,sentiment:accuracy)"); and
+# why the version did or did not become champion.
+TASKS_TAG = "polytask.tasks"
+OBJECTIVE_DEF_TAG = "polytask.objective_def"
+PROMOTION_TAG = "polytask.promotion"
+LOCK_SUFFIX = ".promotion-lock"  # a registered model that exists only while a writer decides
+CACHE_DIGEST_FILE = ".polytask-digest.json"  # in each downloaded model: uri, store, sha256
+LOCK_STALE_S = 120.0  # a lock older than this was left by a writer that died; it is broken
 # Tags of compressed versions (`polytask compress`): the method of the last step, the version it
 # was made from, the full-precision version at the root of the chain, and the bundle variant.
 COMPRESSION_TAG = "polytask.compression"
@@ -151,19 +165,48 @@ def register_bundle(
     uri: str | None = None,
 ) -> dict[str, Any]:
     """Log (unless `model_uri` is given) and register a bundle; alias it `candidate`, and
-    `champion` when promote is 'always', or 'if_better' and it beats the current champion."""
+    `champion` as `settle_champion` decides. `promotion` in the result says why."""
+    from mlflow.exceptions import MlflowException
+
+    from polytask.model.bundle import read_manifest
+
     uri = uri or tracking_uri()
+    specs = read_manifest(bundle_dir).tasks
     model_uri = model_uri or log_bundle(bundle_dir, run_id, uri)
     c = client(uri)
-    if not c.search_registered_models(filter_string=f"name = '{_quote(name)}'"):
+    try:
         c.create_registered_model(name, description="polytask multi-task bundle")
-    mv = create_version(name, model_uri, run_id, {OBJECTIVE_TAG: repr(float(objective))}, uri)
-    aliases = [CANDIDATE]
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    tags = {
+        OBJECTIVE_TAG: repr(float(objective)),
+        TASKS_TAG: ",".join(sorted(s.name for s in specs)),
+        OBJECTIVE_DEF_TAG: objective_definition(specs),
+    }
+    mv = create_version(name, model_uri, run_id, tags, uri)
     c.set_registered_model_alias(name, CANDIDATE, mv.version)
-    if _should_champion(c, name, float(objective), promote):
-        c.set_registered_model_alias(name, CHAMPION, mv.version)
-        aliases.append(CHAMPION)
-    return {"name": name, "version": int(mv.version), "aliases": aliases, "model_uri": model_uri}
+    won, reason = settle_champion(c, name, mv.version, promote)
+    aliases = [CANDIDATE, CHAMPION] if won else [CANDIDATE]
+    return {
+        "name": name,
+        "version": int(mv.version),
+        "aliases": aliases,
+        "model_uri": model_uri,
+        "promotion": reason,
+    }
+
+
+def objective_definition(specs: list[Any]) -> str:
+    """How the training objective is computed from these tasks (training.loop.objective): the
+    mean of each task's primary metric, negated where lower is better."""
+    from polytask.tasks import KINDS, LOWER_IS_BETTER
+
+    parts = []
+    for spec in sorted(specs, key=lambda s: s.name):
+        metric = spec.metric or KINDS[spec.kind].primary_metric
+        parts.append(f"{spec.name}:{'-' if metric in LOWER_IS_BETTER else ''}{metric}")
+    return f"mean({','.join(parts)})"
 
 
 def create_version(
@@ -175,28 +218,134 @@ def create_version(
         return client(uri).create_model_version(name, source=model_uri, run_id=run_id, tags=tags)
 
 
-def _should_champion(c: MlflowClient, name: str, objective: float, promote: str) -> bool:
-    if promote == "always":
-        return True
-    if promote != "if_better":
-        return False
-    current = _version_by_alias(c, name, CHAMPION)
-    if current is None:
-        return True
+def settle_champion(
+    c: MlflowClient, name: str, version: str | int, promote: str
+) -> tuple[bool, str]:
+    """Whether `version` became champion, and why; the reason is also tagged on the version.
+
+    Under `promotion_lock`, so two runs finishing together decide one after the other: the
+    second compares against the first's result, never against the champion both saw before.
+    'if_better' promotes only a finite objective that beats the champion's, defined the same
+    way over the same tasks; any error (reading the champion, taking the lock) promotes nothing.
+    """
+    version = str(version)
     try:
-        best = float(current.tags.get(OBJECTIVE_TAG, "nan"))
+        with promotion_lock(c, name):
+            won, reason = _decide(c, name, version, promote)
+            if won:
+                c.set_registered_model_alias(name, CHAMPION, version)
+    except Exception as exc:  # noqa: BLE001 - an unreadable registry must never promote
+        won = False
+        reason = (
+            f"not promoted: the registry failed while deciding ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); promote by hand with `polytask registry promote {name} {version}`"
+        )
+    try:
+        c.set_model_version_tag(name, version, PROMOTION_TAG, reason[:5000])
+    except Exception as exc:  # noqa: BLE001 - the tag is a note; the decision already stands
+        log.warning("could not tag %s v%s with its promotion: %s", name, version, exc)
+    return won, reason
+
+
+def _decide(c: MlflowClient, name: str, version: str, promote: str) -> tuple[bool, str]:
+    if promote == "always":
+        return True, "promoted: promote is 'always'"
+    if promote != "if_better":
+        return False, f"not promoted: promote is '{promote}'"
+    mine = c.get_model_version(name, version)
+    objective = _objective(mine)
+    if math.isnan(objective):
+        return False, (
+            "not promoted: this version's objective is NaN (no validation split?); "
+            f"promote by hand with `polytask registry promote {name} {version}`"
+        )
+    rm = c.get_registered_model(name)  # raises on any error: never read as "no champion"
+    current = (rm.aliases or {}).get(CHAMPION)
+    if current is None:
+        return True, "promoted: first champion"
+    if str(current) == version:
+        return True, "promoted: already champion"
+    champ = c.get_model_version(name, str(current))
+    ours = (mine.tags.get(TASKS_TAG), mine.tags.get(OBJECTIVE_DEF_TAG))
+    theirs = (champ.tags.get(TASKS_TAG), champ.tags.get(OBJECTIVE_DEF_TAG))
+    if ours != theirs:
+        return False, (
+            f"not promoted: champion v{current} is not comparable (tasks {theirs[0]}, "
+            f"objective {theirs[1]}; this version: tasks {ours[0]}, objective {ours[1]}); "
+            f"promote by hand with `polytask registry promote {name} {version}`"
+        )
+    best = _objective(champ)
+    if math.isnan(best):
+        return False, f"not promoted: champion v{current} has no objective to beat"
+    if objective > best:
+        return True, f"promoted: objective {objective:.6g} > champion v{current}'s {best:.6g}"
+    return False, f"not promoted: objective {objective:.6g} <= champion v{current}'s {best:.6g}"
+
+
+def _objective(mv: Any) -> float:
+    try:
+        return float(mv.tags.get(OBJECTIVE_TAG, "nan"))
     except ValueError:
-        best = float("nan")
-    return math.isnan(best) or objective > best  # a champion without an objective loses
+        return float("nan")
+
+
+@contextmanager
+def promotion_lock(c: MlflowClient, name: str, timeout_s: float = 60.0) -> Iterator[None]:
+    """One writer at a time decides `name`'s champion, on any MLflow store: a registered model
+    name is unique (SQL key; the tracking server's store too), so creating `<name>.promotion-lock`
+    is an atomic test-and-set and deleting it releases. A lock left by a dead writer is broken
+    after LOCK_STALE_S."""
+    import random
+    import socket
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    lock = f"{name}{LOCK_SUFFIX}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            c.create_registered_model(
+                lock, description=f"held by pid {os.getpid()} on {socket.gethostname()}"
+            )
+            break
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                raise
+        _break_if_stale(c, lock)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{lock} held for over {timeout_s:.0f} s")
+        time.sleep(0.02 + random.random() * 0.05)
+    try:
+        yield
+    finally:
+        c.delete_registered_model(lock)
+
+
+def _break_if_stale(c: MlflowClient, lock: str) -> None:
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    try:
+        held = c.get_registered_model(lock)
+        if time.time() - held.creation_timestamp / 1000 > LOCK_STALE_S:
+            c.delete_registered_model(lock)
+    except MlflowException:
+        pass  # released (or broken) meanwhile
 
 
 def _version_by_alias(c: MlflowClient, name: str, alias: str) -> Any:
+    """The version `alias` names, or None when the model or alias does not exist; any other
+    error (an unreachable server) raises instead of reading as "no such alias"."""
     from mlflow.exceptions import MlflowException
 
     try:
         return c.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def _quote(value: str) -> str:
@@ -204,10 +353,12 @@ def _quote(value: str) -> str:
 
 
 def promote(name: str, version: str | int, alias: str = CHAMPION) -> dict[str, Any]:
-    """Point `alias` at `version` (an alias names one version, so this moves it)."""
+    """Point `alias` at `version` (an alias names one version, so this moves it); under the
+    promotion lock, so a run deciding `champion` at the same moment cannot undo it."""
     c = client()
     c.get_model_version(name, str(version))  # a clear MLflow error if it does not exist
-    c.set_registered_model_alias(name, alias, str(version))
+    with promotion_lock(c, name):
+        c.set_registered_model_alias(name, alias, str(version))
     return {"name": name, "version": int(version), "alias": alias}
 
 
@@ -217,6 +368,8 @@ def list_versions(name: str | None = None) -> list[dict[str, Any]]:
     if name is None:
         rows = []
         for rm in c.search_registered_models():
+            if rm.name.endswith(LOCK_SUFFIX):
+                continue
             versions = c.search_model_versions(f"name = '{_quote(rm.name)}'")
             rows.append(
                 {
@@ -305,32 +458,78 @@ def resolve_bundle(uri: str) -> Path:
 
 
 def _download(uri: str, store: str) -> Path:
-    """Download once per concrete model into the home cache. Aliases resolve to a version first
-    (a moved alias never mixes files of two versions); `runs:/ID/NAME` resolves to the model
-    that run logged under NAME, since MLflow 3 keeps models outside run artifacts."""
+    """Download once per concrete model of one tracking server into the home cache, verified.
+
+    The key is the store (`models:/x/1` on two servers are two models) plus the concrete model:
+    aliases resolve to a version first (a moved alias never mixes files of two versions) and
+    `runs:/ID/NAME` to the model that run logged under NAME (MLflow 3 keeps models outside run
+    artifacts). A sha256 of every file, recorded at download, is checked on each reuse; an
+    entry that does not verify is downloaded again. Replicas on one node share the cache: one
+    downloads under a file lock while the others wait, and an entry appears complete or not at
+    all (atomic rename)."""
+    import fcntl
+
     import mlflow
 
     uri = _concrete(uri, store)
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in uri)
-    dst = default_home() / "models" / safe
-    if (dst / ".complete").is_file():
-        return dst
-    tmp = dst.with_name(f"{dst.name}.{uuid.uuid4().hex[:8]}.partial")
-    tmp.mkdir(parents=True)
-    try:
-        with use_tracking_uri(store):  # a version's `models:/m-…` source resolves globally
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=str(tmp), tracking_uri=store, registry_uri=store
-            )
-        if _bundle_in(tmp) is None:
-            raise FileNotFoundError(f"model '{uri}' holds no polytask bundle (no polytask.json)")
-        (tmp / ".complete").write_text(uri)
-        if not (dst / ".complete").is_file():
-            shutil.rmtree(dst, ignore_errors=True)
-            tmp.rename(dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    root = default_home() / "models" / hashlib.sha256(store.encode()).hexdigest()[:16]
+    root.mkdir(parents=True, exist_ok=True)
+    dst = root / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in uri)
+    with open(root / f"{dst.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
+        if _verified(dst, uri, store):
+            return dst
+        tmp = root / f"{dst.name}.{uuid.uuid4().hex[:8]}.partial"
+        tmp.mkdir()
+        try:
+            with use_tracking_uri(store):  # a version's `models:/m-…` source resolves globally
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=uri, dst_path=str(tmp), tracking_uri=store, registry_uri=store
+                )
+            if _bundle_in(tmp) is None:
+                raise FileNotFoundError(f"model '{uri}' holds no polytask bundle (no polytask.json)")
+            record = {"uri": uri, "store": store, "sha256": _digest(tmp)}
+            (tmp / CACHE_DIGEST_FILE).write_text(json.dumps(record))
+            if dst.exists():  # a corrupt entry: swap it out, then delete it
+                stale = root / f"{dst.name}.{uuid.uuid4().hex[:8]}.stale"
+                dst.rename(stale)
+                tmp.rename(dst)
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                tmp.rename(dst)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return dst
+
+
+def _digest(folder: Path) -> str:
+    """sha256 over every file's relative path and bytes (the digest record itself excluded)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel == CACHE_DIGEST_FILE:
+            continue
+        h.update(rel.encode() + b"\0")
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _verified(entry: Path, uri: str, store: str) -> bool:
+    """The cache entry exists, was downloaded for this uri and store, and its files still hash
+    to what was recorded then."""
+    try:
+        record = json.loads((entry / CACHE_DIGEST_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if record.get("uri") != uri or record.get("store") != store:
+        return False
+    if record.get("sha256") == _digest(entry):
+        return True
+    log.warning("cached model %s (%s) fails its digest; downloading it again", uri, entry)
+    return False
 
 
 def _concrete(uri: str, store: str) -> str:
