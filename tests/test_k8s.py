@@ -703,38 +703,66 @@ def _allowed(
 OUR_NS = {"kubernetes.io/metadata.name": NAMESPACE}
 OTHER_NS = {"kubernetes.io/metadata.name": "default"}
 INGRESS_NS = {"kubernetes.io/metadata.name": "ingress-nginx", "polytask.io/serve-client": "true"}
+OPERATOR_NS = {"kubernetes.io/metadata.name": "kuberay-system"}
 RAY_HEAD = {
     "ray.io/node-type": "head",
     "polytask.io/component": "serve",
+    "polytask.io/ray-cluster": "polytask",
     "app.kubernetes.io/part-of": "polytask",
 }
 RAY_WORKER = {**RAY_HEAD, "ray.io/node-type": "worker"}
-TRAIN_WORKER = {"ray.io/node-type": "worker", "polytask.io/component": "train"}
+TRAIN_HEAD = {
+    "ray.io/node-type": "head",
+    "polytask.io/component": "train",
+    "polytask.io/ray-cluster": "polytask-train",
+}
+TRAIN_WORKER = {**TRAIN_HEAD, "ray.io/node-type": "worker"}
+TUNE_WORKER = {
+    "ray.io/node-type": "worker",
+    "polytask.io/component": "tune",
+    "polytask.io/ray-cluster": "polytask-tune",
+}
 MLFLOW = {"app.kubernetes.io/name": "mlflow", "app.kubernetes.io/part-of": "polytask"}
 POSTGRES = {"app.kubernetes.io/name": "postgres", "app.kubernetes.io/part-of": "polytask"}
 SUBMITTER = {"polytask.io/ray-submitter": "true", "app.kubernetes.io/part-of": "polytask"}
 OPERATOR = {"app.kubernetes.io/name": "kuberay-operator"}
 RANDOM = {"app": "something-else"}
 CLIENT = {"polytask.io/serve-client": "true"}
+# a pod in another namespace that copies a Ray cluster's labels
+IMPOSTOR = {**RAY_WORKER, **CLIENT}
 
 
 @pytest.mark.parametrize(
     "src, src_ns, dst, port, expected",
     [
         (CLIENT, OUR_NS, RAY_WORKER, 8000, True),
-        (CLIENT, OTHER_NS, RAY_WORKER, 8000, True),
-        (RANDOM, INGRESS_NS, RAY_WORKER, 8000, True),
+        (CLIENT, OTHER_NS, RAY_WORKER, 8000, False),  # labelling yourself a client elsewhere
+        (RANDOM, INGRESS_NS, RAY_WORKER, 8000, False),  # ... or labelling your namespace
+        (IMPOSTOR, OTHER_NS, RAY_WORKER, 8000, False),
+        (IMPOSTOR, OTHER_NS, RAY_HEAD, 6379, False),
         (RANDOM, OUR_NS, RAY_WORKER, 8000, False),
         (RANDOM, OTHER_NS, RAY_WORKER, 8000, False),
         (MLFLOW, OUR_NS, RAY_WORKER, 8000, False),
-        (TRAIN_WORKER, OUR_NS, RAY_WORKER, 8000, True),
+        (TRAIN_WORKER, OUR_NS, RAY_WORKER, 8000, False),
         (CLIENT, OUR_NS, RAY_HEAD, 8265, False),
         (RANDOM, INGRESS_NS, RAY_HEAD, 8265, False),
         (RANDOM, OUR_NS, RAY_HEAD, 8265, False),
         (SUBMITTER, OUR_NS, RAY_HEAD, 8265, True),
+        (SUBMITTER, OUR_NS, TRAIN_HEAD, 8265, True),
         (SUBMITTER, OUR_NS, RAY_HEAD, 6379, False),
-        (OPERATOR, {"kubernetes.io/metadata.name": "kuberay"}, RAY_HEAD, 8265, True),
+        (SUBMITTER, OTHER_NS, TRAIN_HEAD, 8265, False),
+        (OPERATOR, OPERATOR_NS, RAY_HEAD, 8265, True),
+        (OPERATOR, OPERATOR_NS, TRAIN_HEAD, 52365, True),
+        (OPERATOR, OTHER_NS, RAY_HEAD, 8265, False),  # a pod calling itself the operator
+        (OPERATOR, OPERATOR_NS, RAY_HEAD, 6379, False),
+        # Ray ports: only between pods of the same Ray cluster
         (RAY_WORKER, OUR_NS, RAY_HEAD, 6379, True),
+        (RAY_HEAD, OUR_NS, RAY_WORKER, 10002, True),
+        (TRAIN_WORKER, OUR_NS, TRAIN_HEAD, 6379, True),
+        (TRAIN_WORKER, OUR_NS, RAY_HEAD, 6379, False),
+        (RAY_WORKER, OUR_NS, TRAIN_HEAD, 6379, False),
+        (TUNE_WORKER, OUR_NS, TRAIN_HEAD, 6379, False),
+        (TUNE_WORKER, OUR_NS, TRAIN_WORKER, 10002, False),
         (RAY_WORKER, OUR_NS, MLFLOW, 5000, True),
         (TRAIN_WORKER, OUR_NS, MLFLOW, 5000, True),
         (CLIENT, OUR_NS, MLFLOW, 5000, False),
@@ -750,6 +778,45 @@ def test_network_policies(src, src_ns, dst, port, expected):
     for path in PLATFORM:
         policies = objs(path, "NetworkPolicy")
         assert _allowed(policies, src, src_ns, dst, port) is expected, (path, src, dst, port)
+
+
+@pytest.mark.parametrize("path", PLATFORM)
+def test_no_policy_admits_other_namespaces_by_their_own_labels(path):
+    """Every namespaceSelector names a namespace by kubernetes.io/metadata.name (set by the API
+    server, so nobody can label their namespace into it); none is empty (= every namespace)."""
+    for policy in objs(path, "NetworkPolicy"):
+        for rule in policy["spec"].get("ingress") or []:
+            for peer in rule.get("from") or []:
+                if "namespaceSelector" not in peer:
+                    continue
+                sel = peer["namespaceSelector"]
+                assert set(sel.get("matchLabels") or {}) == {"kubernetes.io/metadata.name"}, (
+                    policy["metadata"]["name"],
+                    sel,
+                )
+                assert not sel.get("matchExpressions"), policy["metadata"]["name"]
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_every_ray_pod_is_labelled_with_its_own_cluster(path):
+    """The per-cluster policies rely on polytask.io/ray-cluster = the RayService/RayJob name on
+    every Ray pod (head and every group), and a policy exists for each such cluster."""
+    platform = path.rsplit("/jobs", 1)[0]
+    policies = {p["metadata"]["name"]: p for p in objs(platform, "NetworkPolicy")}
+    for obj in rendered(path):
+        if obj["kind"] not in RAY_KINDS:
+            continue
+        name = obj["metadata"]["name"]
+        for where, meta, _ in pod_specs(obj):
+            if where.endswith("submitter"):
+                assert "polytask.io/ray-cluster" not in (meta.get("labels") or {}), where
+                continue
+            assert (meta.get("labels") or {}).get("polytask.io/ray-cluster") == name, where
+        policy = policies[f"ray-cluster-{name}"]["spec"]
+        assert policy["podSelector"] == {"matchLabels": {"polytask.io/ray-cluster": name}}
+        assert policy["ingress"] == [
+            {"from": [{"podSelector": {"matchLabels": {"polytask.io/ray-cluster": name}}}]}
+        ]
 
 
 @pytest.mark.parametrize("path", PLATFORM)
@@ -822,7 +889,53 @@ def test_images_are_overridable_in_one_place():
         assert images == {"ghcr.io/OWNER/polytask:0.1.0-gpu"}, images
     for path in ("base", "base/jobs", "overlays/cpu-only", "overlays/cpu-only/jobs"):
         images = {c["image"] for _, c, _ in containers_of_image(path, "polytask")}
-        assert images == {"polytask:latest"}, images
+        assert images == {"polytask:0.1.0"}, images
+
+
+@pytest.mark.parametrize("path", ALL_BUILDS)
+def test_every_image_is_pinned_by_version(path):
+    """No `latest`, no floating major tag (postgres:17), no untagged image: a full version
+    (x.y or x.y.z, optionally -suffix) or a digest, on every container the autoscaler included."""
+    pinned = re.compile(r"^v?\d+\.\d+(\.\d+)?(-[A-Za-z0-9.]+)?$")
+    seen = 0
+    for obj in rendered(path):
+        for where, c, _ in containers(obj):
+            if "image" not in c:
+                continue
+            seen += 1
+            image = c["image"]
+            if "@sha256:" in image:
+                continue
+            tag = kustomize_lite.split_image(image)[1]
+            assert tag and pinned.match(tag), f"{where}: image {image} is not pinned by version"
+    assert seen
+    (base,) = re.findall(r"^FROM (\S+)", DOCKERFILE.read_text(), re.MULTILINE)
+    assert "${RAY_VERSION}" in base and pinned.match(_dockerfile_ray_version())
+
+
+# ------------------------------------------------------------------ Serve API key
+API_KEY_SECRET, API_KEY_ENV = "polytask-serve-api-key", "POLYTASK_API_KEY"
+
+
+@pytest.mark.parametrize("path", PLATFORM)
+def test_serve_api_requires_a_key_from_a_generated_secret(path):
+    """cluster.yaml names the env var; every RayService pod fills it from the Secret (so a pod
+    without the Secret never starts, and the Ingress refuses an empty key); the Secret itself is
+    never shipped: k8s/README.md generates it at deploy time."""
+    for app in _serve_config(path)["applications"]:
+        assert app["args"]["api_key_env"] == API_KEY_ENV
+    rs = one(path, "RayService", "polytask")
+    for where, _, pod in pod_specs(rs):
+        env = {e["name"]: e for e in pod["containers"][0].get("env") or []}
+        ref = env[API_KEY_ENV]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": API_KEY_SECRET, "key": "api-key"}, where
+        assert "value" not in env[API_KEY_ENV] and not ref.get("optional"), where
+    assert not [o for o in rendered(path) if o["metadata"]["name"] == API_KEY_SECRET]
+    readme = (K8S / "README.md").read_text()
+    assert f"kubectl -n {NAMESPACE} create secret generic {API_KEY_SECRET}" in readme
+    assert "--from-literal=api-key=$(openssl rand -hex 32)" in readme
+    assert "Authorization: Bearer" in readme
+    assert "polytask.io/api-key-rotated" in readme  # rotation: new key, Secret, new cluster
 
 
 def test_shipped_postgres_password_is_an_obvious_placeholder():
