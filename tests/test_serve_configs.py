@@ -193,3 +193,84 @@ def test_cpu_variant_picks_the_compressed_version_for_cpu_encoders_only(
     assert f"polytask compress models:/demo/{v2}` --method int8" in message
     with pytest.raises(ServeArgsError, match="cpu_variant: .* is not a registered model"):
         served_ref(parse_args({"model": str(tmp_path), "cpu_variant": "int8"}))
+
+
+@pytest.fixture(scope="module")
+def other_tasks_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Path) -> Path:
+    """A bundle whose tasks are neither sentiment nor ner (random heads, tiny encoder)."""
+    from polytask.model.bundle import save_bundle
+    from polytask.model.network import build_model, load_encoder
+    from polytask.tasks import TaskSpec
+
+    encoder, tokenizer = load_encoder(str(tiny_encoder))
+    specs = [
+        TaskSpec("topic", "classification", ["sports", "politics", "science"]),
+        TaskSpec("pos", "token_classification", ["O", "B-noun", "I-noun"]),
+        TaskSpec("toxic", "multilabel", ["insult", "threat"]),
+    ]
+    path = tmp_path_factory.mktemp("other_tasks") / "bundle"
+    save_bundle(build_model(encoder, specs, pooling="cls"), tokenizer, path, max_length=32)
+    return path
+
+
+def _deploy_like_serve(app_config: Any, model: Path) -> dict[str, Any]:
+    """What the Serve controller does with one application of a config, without a cluster:
+    import the builder and call it with the config's args, build the app into deployments, turn
+    them into DeploymentInfos and apply the config's `deployments:` overrides (which raises for
+    a name the app lacks). Returns {deployment name: final DeploymentConfig}."""
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.application_state import override_deployment_info
+    from ray.serve._private.build_app import build_app
+    from ray.serve._private.deploy_utils import deploy_args_to_deployment_info, get_deploy_args
+
+    override = app_config.model_copy(update={"args": {**app_config.args, "model": str(model)}})
+    app = call_user_app_builder_with_args_if_necessary(
+        import_attr(override.import_path), override.args
+    )
+    built = build_app(app, name=override.name)
+    infos = {}
+    for d in built.deployments:
+        args = get_deploy_args(
+            name=d._name,
+            replica_config=d._replica_config,
+            ingress=d.name == built.ingress_deployment_name,
+            deployment_config=d._deployment_config,
+            version="test",
+        )
+        infos[d.name] = deploy_args_to_deployment_info(**args, app_name=override.name)
+    final = override_deployment_info(infos, override)
+    return {name: info.deployment_config for name, info in final.items()}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_deploys_a_model_with_any_tasks(path: Path, other_tasks_bundle: Path):
+    """Issue 15: the shipped configs name no task, so a model whose tasks are not the demo's
+    deploys through Serve's own config path, every head with args.head_options."""
+    (app,) = _apps(path)
+    deployed = _deploy_like_serve(app, other_tasks_bundle)
+    assert set(deployed) == {"Ingress", "Encoder", "head_topic", "head_pos", "head_toxic"}
+    heads = app.args["head_options"]
+    for task in ("topic", "pos", "toxic"):
+        config = deployed[f"head_{task}"]
+        assert config.max_ongoing_requests == heads["max_ongoing_requests"], task
+        auto = config.autoscaling_config
+        assert auto.max_replicas == heads["autoscaling_config"]["max_replicas"], task
+
+
+def test_per_task_override_by_deployment_name_and_unknown_task_is_refused(other_tasks_bundle: Path):
+    """`deployments: [{name: head_<task>, ...}]` overrides head_options for that task only; a
+    task the model lacks (the old shipped head_sentiment) is refused with the names there are."""
+    from ray.serve.schema import ServeApplicationSchema
+
+    (app,) = _apps(CONFIG_DIR / "local.yaml")
+    raw = app.model_dump(exclude_unset=True)
+    raw["deployments"] = [*raw["deployments"], {"name": "head_pos", "max_ongoing_requests": 3}]
+    deployed = _deploy_like_serve(ServeApplicationSchema.model_validate(raw), other_tasks_bundle)
+    assert deployed["head_pos"].max_ongoing_requests == 3
+    assert deployed["head_topic"].max_ongoing_requests == app.args["head_options"][
+        "max_ongoing_requests"
+    ]
+    raw["deployments"].append({"name": "head_sentiment", "max_ongoing_requests": 3})
+    with pytest.raises(ValueError, match="'head_sentiment' does not exist.*head_topic"):
+        _deploy_like_serve(ServeApplicationSchema.model_validate(raw), other_tasks_bundle)
