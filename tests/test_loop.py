@@ -74,3 +74,28 @@ def test_saved_state_resumes_the_same_trajectory(experiment, tiny_encoder: Path,
     train_epoch(resumed)
     for (name, a), b in zip(straight.core.state_dict().items(), resumed.core.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_strict_resume_check_accepts_only_untouched_params_without_optimizer_state(
+    experiment, tiny_encoder: Path
+) -> None:
+    """FSDP resume (training.sharding.load_state) allows a parameter without AdamW state only
+    if its saved value is still the initial one: never stepped, rather than lost."""
+    from polytask.training.sharding import check_unstepped
+
+    tr, _ = _trainer(experiment(epochs=1, num_workers=1), tiny_encoder)
+    fresh = {k: v.clone() for k, v in tr.core.state_dict().items()}
+    train_epoch(tr)
+    saved = tr.core.state_dict()
+    params = dict(tr.core.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    with_state = {n for n, p in params.items() if tr.optimizer.state.get(p)}
+    untouched = trainable - with_state
+    assert untouched and with_state  # e.g. the unused pooler has no state
+    check_unstepped(fresh, saved, with_state, trainable)
+
+    lost = min(with_state)
+    with pytest.raises(RuntimeError, match=f"no optimizer state for trained parameters.*{lost}"):
+        check_unstepped(fresh, saved, with_state - {lost}, trainable)
+    with pytest.raises(RuntimeError, match="optimizer state for unknown parameters"):
+        check_unstepped(fresh, saved, with_state | {"encoder.gone.weight"}, trainable)

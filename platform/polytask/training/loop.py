@@ -10,6 +10,7 @@ import contextlib
 import copy
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,8 +166,9 @@ def _autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
-def train_epoch(tr: Trainer) -> dict[str, float]:
-    """One epoch of task-homogeneous steps in the sampler's order; returns mean loss per task."""
+def train_epoch(tr: Trainer, on_step: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """One epoch of task-homogeneous steps in the sampler's order; returns mean loss per task.
+    `on_step(step, steps_per_epoch)` runs after each step (the chaos tests' kill window)."""
     tr.model.train()
     tr.batches.start_epoch(tr.sampler.epoch)
     torch.manual_seed(tr.cfg.optim.seed * 1_000_003 + tr.sampler.epoch * 1009 + tr.rank)  # dropout
@@ -183,6 +185,8 @@ def train_epoch(tr: Trainer) -> dict[str, float]:
         counts[task] = counts.get(task, 0) + 1
         if i % accum == 0 or i == tr.sampler.steps_per_epoch:
             _optimizer_step(tr)
+        if on_step is not None:
+            on_step(i, tr.sampler.steps_per_epoch)
     means = {t: sums[t] / counts[t] for t in sums}
     tr.core.weighting.end_epoch(means)
     return means

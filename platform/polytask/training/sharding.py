@@ -61,17 +61,54 @@ def load_state(
     model_state: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any],
 ) -> None:
-    """Inverse of gather_state; every rank passes the full states and keeps its own shard."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    """Inverse of gather_state; every rank passes the full states and keeps its own shard.
 
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=model_state,
-        optim_state_dict=optimizer_state,
-        # a parameter no step has used yet (an idle head, an unused pooler) has no AdamW state
-        options=_options(model, strict=False),
+    The model loads strictly (every key, no extras). AdamW has no state for a parameter no step
+    has touched yet (an idle head, an unused pooler), so the optimizer state may lack exactly
+    those: each one must still hold its initial value in the checkpoint, which proves it was
+    never stepped rather than lost. Collective.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
     )
+
+    fresh = get_model_state_dict(model, options=_options(model))  # this set-up's initial values
+    check_unstepped(fresh, model_state, set(optimizer_state["state"]), trainable_names(model))
+    set_model_state_dict(model, model_state, options=_options(model))
+    set_optimizer_state_dict(
+        model, optimizer, optimizer_state, options=_options(model, strict=False)
+    )
+
+
+def trainable_names(model: FSDP) -> set[str]:
+    """Names of the parameters the optimizer trains, as state dicts spell them (no FSDP prefix)."""
+    prefix = "_fsdp_wrapped_module."
+    return {n.replace(prefix, "") for n, p in model.named_parameters() if p.requires_grad}
+
+
+def check_unstepped(
+    fresh: dict[str, torch.Tensor],
+    saved: dict[str, torch.Tensor],
+    with_state: set[str],
+    trainable: set[str],
+) -> None:
+    """Raise unless the parameters without optimizer state are ones no step has moved: their
+    saved value equals the initial one (`fresh`; empty on ranks that get no full state)."""
+    unknown = sorted(with_state - trainable)
+    if unknown:
+        raise RuntimeError(f"checkpoint has optimizer state for unknown parameters: {unknown}")
+    moved = [
+        name
+        for name in sorted(trainable - with_state)
+        if name in fresh and not torch.equal(fresh[name].cpu(), saved[name].cpu())
+    ]
+    if moved:
+        raise RuntimeError(
+            f"checkpoint has no optimizer state for trained parameters {moved}: its optimizer "
+            "state is incomplete; resume from an earlier checkpoint"
+        )
 
 
 def loss_weights(model: FSDP) -> dict[str, float]:

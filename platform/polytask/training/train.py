@@ -199,6 +199,8 @@ def fit_on_ray(
     loop_config = make_loop_config(
         cfg, specs, ray.put(train_features), ray.put(eval_features), run_id, uri, name
     )
+    if cfg.run.hold_at_epoch is not None and "://" not in storage:
+        loop_config["pid_file"] = str(Path(storage) / name / "rank0.pid")
     return make_trainer(cfg, name, loop_config, storage).fit()
 
 
@@ -424,8 +426,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None
         with start.as_directory() as d:
             load_state(tr, Path(d) / STATE_DIR)
     start_epoch = tr.epoch
+    hold = _hold_for_kill(cfg, rank, start is not None, config.get("pid_file"))
     while tr.epoch < cfg.optim.epochs:
-        record = _run_epoch(tr, cfg, rank, world)
+        record = _run_epoch(tr, cfg, rank, world, hold)
         record["start_epoch"] = start_epoch  # where this attempt began: > 0 means it resumed
         _report(tr, cfg, record, rank, config["run_name"])
         if rank == 0 and cfg.run.fail_at_epoch == record["epoch"] and start is None:
@@ -447,12 +450,15 @@ def _wrapper(cfg: ExperimentConfig) -> Any:
     )
 
 
-def _run_epoch(tr: Any, cfg: ExperimentConfig, rank: int, world: int) -> dict[str, Any]:
+def _run_epoch(
+    tr: Any, cfg: ExperimentConfig, rank: int, world: int, hold: Any = None
+) -> dict[str, Any]:
     from polytask.training.loop import evaluate, flat_metrics, objective, train_epoch
 
     epoch = tr.epoch
     began = time.perf_counter()
-    losses = _global_means(tr, train_epoch(tr), world)
+    on_step = (lambda step, steps: hold(epoch, step, steps)) if hold else None
+    losses = _global_means(tr, train_epoch(tr, on_step), world)
     seconds = time.perf_counter() - began
     tr.sampler.next_epoch()
     tr.epoch += 1
@@ -532,6 +538,38 @@ def _report(
             )
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(record, checkpoint=checkpoint)
+
+
+HOLD_S = 120.0  # a chaos test that never kills the held worker fails instead of hanging
+
+
+def _hold_for_kill(
+    cfg: ExperimentConfig, rank: int, resumed: bool, pid_file: str | None
+) -> Any:
+    """run.hold_at_epoch: in the first attempt, rank 0 writes its pid halfway through that epoch
+    and waits there, so a test can SIGKILL a real worker mid-epoch; a restarted attempt (it
+    starts from a checkpoint) never holds."""
+    target = cfg.run.hold_at_epoch
+    if target is None or rank != 0 or resumed or not pid_file:
+        return None
+
+    def hold(epoch: int, step: int, steps: int) -> None:
+        if epoch != target or step != max(1, steps // 2):
+            return
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints(  # the kill lands after the last checkpoint
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
+        )
+        path = Path(pid_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(os.getpid()))
+        tmp.replace(path)  # the reader never sees a half-written pid
+        time.sleep(HOLD_S)
+        raise RuntimeError(f"run.hold_at_epoch={target}: nobody killed pid {os.getpid()}")
+
+    return hold
 
 
 def _fail_once(epoch: int) -> None:
