@@ -189,10 +189,16 @@ def test_sigkilled_worker_resumes_from_last_checkpoint_with_same_metrics(
     for ref, got in zip(first_run.result.history, history, strict=True):
         for key in ("train_loss/sentiment", "train_loss/ner", "objective"):
             assert got[key] == pytest.approx(ref[key], rel=RESUME_REL), (got["epoch"], key)
+    worst = max(
+        abs(killed_run.result.metrics[t][m] - v)
+        for t, metrics in first_run.result.metrics.items()
+        for m, v in metrics.items()
+    )
     print(
         f"\nchaos: SIGKILL of rank 0 mid-epoch 1 -> finished {killed_run.kill_to_finish_s:.1f} s "
         f"after the kill; objective {history[-1]['objective']:.6f} vs uninterrupted "
-        f"{first_run.result.history[-1]['objective']:.6f}"
+        f"{first_run.result.history[-1]['objective']:.6f}; largest metric difference {worst:.2e}; "
+        f"loadavg {Path('/proc/loadavg').read_text().split()[:3]}"
     )
 
 
