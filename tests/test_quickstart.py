@@ -1,4 +1,5 @@
-"""The quickstart end to end in its fast mode: train on Ray Train → register → serve → HTTP."""
+"""The quickstart end to end in its fast mode (train on Ray Train → register → serve → HTTP), and
+its real model's answers to its own example sentences."""
 
 from __future__ import annotations
 
