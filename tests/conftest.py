@@ -48,7 +48,7 @@ def trained_bundle(tmp_path_factory: pytest.TempPathFactory, demo_data: Path, ti
     from polytask.training.data import load_task_data
     from polytask.training.loop import build_features, setup, train_epoch
 
-    cfg = config_from_dict(demo_experiment(demo_data, tiny_encoder, epochs=3, num_workers=1))
+    cfg = config_from_dict(demo_experiment(demo_data, tiny_encoder, epochs=3, lr=2e-3, num_workers=1))
     task_data = load_task_data(cfg)
     from polytask.model.network import load_encoder
 

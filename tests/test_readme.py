@@ -14,7 +14,7 @@ from polytask.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-GROUPS = {"registry", "bench"}
+GROUPS = {"registry"}
 
 
 def _shell_blocks() -> list[str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -87,6 +88,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="default bench_results/compress")
     p.add_argument("--tiny", action="store_true", help="tiny random encoder + demo data (seconds)")
     return p.parse_args(argv)
+
+
+def portable_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings for results.json, which is committed: path options relative to the repo
+    (e.g. ../shared/data), or None when they point elsewhere on this machine (a temp dir)."""
+    settings = dict(vars(args))
+    for key in ("data", "workdir", "out"):
+        if settings[key] is not None:
+            path = Path(settings[key]).resolve()
+            inside = path.is_relative_to(ROOT.parent)
+            settings[key] = Path(os.path.relpath(path, ROOT)).as_posix() if inside else None
+    return settings
 
 
 def experiment(args: argparse.Namespace, tmp: Path) -> tuple[Any, str]:
@@ -304,7 +317,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "compress",
         "data": data_label,
         "encoder": cfg.encoder.name_or_path,
-        "settings": {k: v for k, v in vars(args).items()},
+        "settings": portable_settings(args),
         "fine_tune": trained,
         "results": results,
         "targets": targets(results, headline),

@@ -1,30 +1,102 @@
 """`polytask` command line. Heavy modules (torch, ray, mlflow) are imported inside commands, so
-`polytask validate` and `--help` stay fast."""
+`polytask validate` and `--help` stay fast.
+
+Every user mistake ends the same way: one `error: ...` line on stderr and exit status 1 (usage
+mistakes such as an unknown option: click's own message and status 2). The mapping from
+exceptions to that line lives in one place, `user_error`.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from enum import Enum
 from pathlib import Path
+from types import TracebackType
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
+import polytask
 from polytask.config import ConfigError, load_config
+from polytask.tracking.registry import CHAMPION, FULL_PRECISION, VARIANT_OF_METHOD
+
+TRACEBACK_ENV = "POLYTASK_TRACEBACK"  # set to 1 to see the traceback behind an error line
+
+Method = Enum("Method", {m: m for m in VARIANT_OF_METHOD}, type=str)
+Method.__doc__ = "`polytask compress --method`: what to do to the encoder."
+_PRUNED, _INT8 = VARIANT_OF_METHOD["prune"], VARIANT_OF_METHOD["int8"]
+CpuVariant = Enum(
+    "CpuVariant", {v: v for v in (FULL_PRECISION, _INT8, _PRUNED, f"{_PRUNED}+{_INT8}")}, type=str
+)
+CpuVariant.__doc__ = "`polytask serve --cpu-variant`: the variants `polytask compress` registers."
+
+
+def _raised_in_polytask(tb: TracebackType | None) -> bool:
+    """Whether the innermost frame of `tb` is polytask's own code (not a dependency's)."""
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(
+        Path(polytask.__file__).resolve().parent
+    )
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message for an error the user caused, or None for a bug (keep its traceback).
+
+    User errors: missing or unreadable files (OSError, wherever raised — also Hugging Face's for
+    a wrong encoder name), MLflow's (unknown model, version or alias; an unreachable store), and
+    the ValueError / LookupError family polytask raises with a fix in the message (ConfigError,
+    DataError, SearchSpaceError, BundleError, ServeArgsError, unknown task, ...). The same
+    ValueError or KeyError raised inside a dependency is a bug, so it keeps its traceback.
+    """
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")  # never imported ⇒ cannot be raised
+    if mlflow_exceptions is not None and isinstance(exc, mlflow_exceptions.MlflowException):
+        message = exc.message
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            message += "; `polytask registry list` shows what is registered"
+        return " ".join(message.split())
+    if isinstance(exc, ConfigError):
+        return str(exc)  # one line per problem, by design
+    if isinstance(exc, OSError) or (
+        isinstance(exc, (ValueError, LookupError)) and _raised_in_polytask(exc.__traceback__)
+    ):
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        return " ".join(str(text).split()) or type(exc).__name__
+    return None
+
+
+class _PoliteGroup(TyperGroup):
+    """Turns user errors from any command (sub-groups included) into `error: ...` + exit 1."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            message = user_error(exc)
+            if message is None or os.environ.get(TRACEBACK_ENV):
+                raise
+            _fail(message)
+
 
 app = typer.Typer(
+    cls=_PoliteGroup,
     help="Multi-task transformer models on Ray: train, tune, register, serve.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 registry_app = typer.Typer(help="MLflow Model Registry: versions and aliases.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks; results are written to files.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
-app.add_typer(bench_app, name="bench")
 console = Console()
+errors = Console(stderr=True, soft_wrap=True, highlight=False)
 
 Overrides = Annotated[
     list[str] | None,
@@ -32,16 +104,27 @@ Overrides = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(code)
+def _fail(message: str) -> None:
+    errors.print(f"[bold red]error:[/] {escape(message)}")
+    raise typer.Exit(1)
 
 
-def _load(path: Path, overrides: list[str] | None):
-    try:
-        return load_config(path, overrides)
-    except ConfigError as exc:
-        _fail(str(exc))
+def _show_version(value: bool) -> None:
+    if value:
+        console.print(f"polytask {polytask.__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Multi-task transformer models on Ray: train, tune, register, serve."""
 
 
 @app.command()
@@ -51,23 +134,16 @@ def validate(
     data: Annotated[bool, typer.Option(help="Also read the data files and check labels.")] = False,
 ) -> None:
     """Check an experiment file (and optionally its data) without starting Ray."""
-    cfg = _load(experiment, overrides)
+    cfg = load_config(experiment, overrides)
     if data:
-        from polytask.training.data import DataError, load_task_data
+        from polytask.training.data import load_task_data
 
-        try:
-            task_data = load_task_data(cfg)
-        except DataError as exc:
-            _fail(str(exc))
-        for name, td in task_data.items():
+        for name, td in load_task_data(cfg).items():
             console.print(f"  {name}: {len(td.splits['train'])} train rows, labels {td.spec.labels}")
     if cfg.tune is not None:
-        from polytask.training.searchspace import SearchSpaceError, parse_search_space
+        from polytask.training.searchspace import parse_search_space
 
-        try:
-            parse_search_space(cfg)
-        except SearchSpaceError as exc:
-            _fail(str(exc))
+        parse_search_space(cfg)
     console.print(f"[green]ok[/] {experiment}: {len(cfg.tasks)} task(s): {', '.join(cfg.task_names)}")
 
 
@@ -78,14 +154,10 @@ def train(
     run_name: Annotated[str | None, typer.Option(help="Run name; reuse it to resume.")] = None,
 ) -> None:
     """Joint multi-task training on Ray Train; logs to MLflow and registers the bundle."""
-    cfg = _load(experiment, overrides)
-    from polytask.training.data import DataError
+    cfg = load_config(experiment, overrides)
     from polytask.training.train import run_training
 
-    try:
-        result = run_training(cfg, run_name=run_name, console=console)
-    except DataError as exc:
-        _fail(str(exc))
+    result = run_training(cfg, run_name=run_name, console=console)
     console.print_json(json.dumps(result.summary()))
 
 
@@ -95,7 +167,7 @@ def tune(
     overrides: Overrides = None,
 ) -> None:
     """Ray Tune sweep over task weights and hyperparameters; registers the best trial."""
-    cfg = _load(experiment, overrides)
+    cfg = load_config(experiment, overrides)
     if cfg.tune is None:
         _fail(f"{experiment}: no `tune` section; add tune.search_space (see jobs/sweep.yaml)")
     from polytask.training.tune import run_sweep
@@ -121,7 +193,7 @@ def registry_list(
 def registry_promote(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
     version: Annotated[str, typer.Argument(help="Version number to move the alias to.")],
-    alias: Annotated[str, typer.Option(help="Alias to set.")] = "champion",
+    alias: Annotated[str, typer.Option(help="Alias to set.")] = CHAMPION,
 ) -> None:
     """Point an alias (default `champion`) at a version."""
     from polytask.tracking.registry import promote
@@ -152,20 +224,15 @@ def serve(
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
     cpu_variant: Annotated[
-        str | None,
-        typer.Option(help="On a CPU encoder, serve this compressed variant of MODEL (e.g. int8)."),
+        CpuVariant | None,
+        typer.Option(help="On a CPU encoder, serve this compressed variant of MODEL."),
     ] = None,
 ) -> None:
     """Serve a model with Ray Serve: encoder and head deployments behind one HTTP API."""
     from polytask.serve import run_server
-    from polytask.serve.schemas import ServeArgsError
 
-    try:
-        run_server(
-            model, config_path=config, host=host, port=port, console=console, cpu_variant=cpu_variant
-        )
-    except ServeArgsError as exc:
-        _fail(str(exc))
+    variant = cpu_variant.value if cpu_variant else None
+    run_server(model, config_path=config, host=host, port=port, console=console, cpu_variant=variant)
 
 
 @app.command()
@@ -179,18 +246,16 @@ def predict(
     from polytask.tracking.registry import resolve_bundle
 
     predictor = Predictor.from_bundle(str(resolve_bundle(model)))
-    try:
-        results = predictor.predict(list(texts), task)
-    except KeyError as exc:
-        _fail(str(exc.args[0]))
-    console.print_json(json.dumps(results))
+    console.print_json(json.dumps(predictor.predict(list(texts), task)))
 
 
 @app.command()
 def compress(
     model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or bundle dir.")],
-    method: Annotated[str, typer.Option(help="int8 (dynamic quantization) or prune (structured).")],
-    sparsity: Annotated[float, typer.Option(help="prune: fraction of encoder-layer weights to remove.")] = 0.3,
+    method: Annotated[Method, typer.Option(help="int8 (dynamic quantization) or prune (structured).")],
+    sparsity: Annotated[
+        float, typer.Option(min=0.0, max=0.95, help="prune: fraction of encoder-layer weights to remove.")
+    ] = 0.3,
     eval_experiment: Annotated[
         Path | None, typer.Option("--eval", help="Experiment YAML whose validation splits score both.")
     ] = None,
@@ -199,30 +264,13 @@ def compress(
     finetune_steps: Annotated[int, typer.Option(help="prune: recovery fine-tune steps (needs --eval).")] = 0,
 ) -> None:
     """Compress a model's encoder for CPU serving; the result is a new bundle / model version."""
-    if method not in ("int8", "prune"):
-        _fail(f"--method '{method}' is not a method; choose int8 or prune")
     from polytask.compression.compress import run_compress
 
     summary = run_compress(
-        model, method, sparsity, eval_experiment, out, register, console, finetune_steps=finetune_steps
+        model, method.value, sparsity, eval_experiment, out, register, console,
+        finetune_steps=finetune_steps,
     )
     console.print_json(json.dumps(summary, default=str))
-
-
-@bench_app.command("serve")
-def bench_serve(
-    texts: Annotated[
-        Path | None, typer.Option(help="Text file (one per line) or SST-2 TSV; default ../shared/data/sst2/dev.tsv.")
-    ] = None,
-    out: Annotated[Path | None, typer.Option(help="Results directory.")] = None,
-    model: Annotated[str | None, typer.Option(help="Bundle or models:/ URI; default packaged MiniLM.")] = None,
-    tiny: Annotated[bool, typer.Option(help="Tiny random encoder, few requests (smoke test).")] = False,
-) -> None:
-    """Serving throughput/latency: polytask vs two HF pipelines vs the in-process limit."""
-    from polytask.bench import run_serve_bench
-
-    results = run_serve_bench(texts, out, model, tiny, log=console.print)
-    console.print_json(json.dumps(results.get("summary", {}), default=str))
 
 
 @app.command()

@@ -19,7 +19,29 @@ PLACES = ["paris", "london", "tokyo", "lagos", "lima", "oslo", "cairo", "new yor
 ORGS = ["acme", "globex", "initech", "umbrella corp", "stark industries"]
 POSITIVE = ["great", "wonderful", "excellent", "lovely", "brilliant", "delightful", "superb"]
 NEGATIVE = ["terrible", "awful", "boring", "dreadful", "horrible", "disappointing", "bad"]
+ADVERBS = ["absolutely", "really", "truly", "honestly", "quite", "so", "pretty"]
 THINGS = ["movie", "meal", "hotel", "concert", "book", "service", "trip", "game"]
+# Slots: {P} person, {L} place, {O} organisation (the entities); {T} thing, {A} a sentiment
+# adjective, {R} an adverb (never entities). Sentiment sentences are in the NER data too, tagged,
+# so the NER head learns that opinion words, adverbs and pronouns are not names.
+SENTIMENT_TEMPLATES = [
+    "the {T} was {A}",
+    "what a {A} {T}",
+    "honestly the {T} felt {A} to me",
+    "the {T} was {R} {A}",
+    "we thought the {T} in {L} was {A}",
+    "the {T} in {L} was {R} {A}",
+    "{P} said the {T} was really {A}",
+    "{P} thought the {T} at {O} was {R} {A}",
+    "i found the {T} {R} {A}",
+    "our {T} with {P} in {L} was {A}",
+    "everyone at {O} said the {T} was {A}",
+    "the {T} felt {R} {A} to us",
+    "{R} a {A} {T} in {L}",
+    "my friends found the {T} {A}",
+    "to me the {T} from {O} was {R} {A}",
+    "{P} and i had a {A} {T} in {L}",
+]
 NER_TEMPLATES = [
     "{P} flew to {L} last week",
     "yesterday {P} met {P} in {L}",
@@ -28,44 +50,49 @@ NER_TEMPLATES = [
     "i saw {P} at the {O} office",
     "{P} and {P} moved to {L}",
     "{O} opened a store in {L} today",
+    "we met {P} at the {T} in {L}",
+    "{P} joined {O} last year",
+    "they drove from {L} to {L}",
+    "{P} told me about the {T}",
+    "we booked the {T} through {O}",
+    "i will call {P} tomorrow",
+    # no entities at all
+    "we went to the {T} yesterday",
+    "the {T} starts at noon",
+    "they asked me about the {T}",
 ]
-SENTIMENT_TEMPLATES = [
-    "the {T} was {A}",
-    "what a {A} {T}",
-    "honestly the {T} felt {A} to me",
-    "we thought the {T} in {L} was {A}",
-    "{P} said the {T} was really {A}",
-]
+_ENTITY_SLOTS = {"{P}": "person", "{L}": "location", "{O}": "organization"}
+
+
+def _fill(template: str, rng: random.Random, adjective: str) -> tuple[list[str], list[str]]:
+    """Words and IOB2 tags for one template; only the entity slots get B-/I- tags."""
+    tokens: list[str] = []
+    tags: list[str] = []
+    for part in template.split():
+        etype = _ENTITY_SLOTS.get(part)
+        if etype == "person":
+            name = rng.choice(PEOPLE) + (" " + rng.choice(SURNAMES) if rng.random() < 0.4 else "")
+        elif etype is not None:
+            name = rng.choice(PLACES if etype == "location" else ORGS)
+        else:
+            name = {"{T}": rng.choice(THINGS), "{A}": adjective, "{R}": rng.choice(ADVERBS)}.get(part, part)
+        words = name.split()
+        tokens += words
+        tags += ([f"B-{etype}"] + [f"I-{etype}"] * (len(words) - 1)) if etype else ["O"] * len(words)
+    return tokens, tags
 
 
 def _sentiment_example(rng: random.Random) -> dict[str, str]:
     positive = rng.random() < 0.5
-    text = rng.choice(SENTIMENT_TEMPLATES).format(
-        T=rng.choice(THINGS),
-        A=rng.choice(POSITIVE if positive else NEGATIVE),
-        L=rng.choice(PLACES),
-        P=rng.choice(PEOPLE),
-    )
-    return {"text": text, "label": "positive" if positive else "negative"}
+    adjective = rng.choice(POSITIVE if positive else NEGATIVE)
+    tokens, _ = _fill(rng.choice(SENTIMENT_TEMPLATES), rng, adjective)
+    return {"text": " ".join(tokens), "label": "positive" if positive else "negative"}
 
 
 def _ner_example(rng: random.Random) -> tuple[list[str], list[str]]:
-    tokens: list[str] = []
-    tags: list[str] = []
-    for part in rng.choice(NER_TEMPLATES).split():
-        if part in ("{P}", "{L}", "{O}"):
-            etype = {"{P}": "person", "{L}": "location", "{O}": "organization"}[part]
-            if etype == "person":
-                name = rng.choice(PEOPLE) + (" " + rng.choice(SURNAMES) if rng.random() < 0.4 else "")
-            else:
-                name = rng.choice(PLACES if etype == "location" else ORGS)
-            words = name.split()
-            tokens += words
-            tags += [f"B-{etype}"] + [f"I-{etype}"] * (len(words) - 1)
-        else:
-            tokens.append(part)
-            tags.append("O")
-    return tokens, tags
+    """Entity sentences and (tagged, all-O outside the names) opinion sentences, about half each."""
+    template = rng.choice(SENTIMENT_TEMPLATES + NER_TEMPLATES)
+    return _fill(template, rng, rng.choice(POSITIVE + NEGATIVE))
 
 
 def write_demo_data(root: str | Path, n_train: int = 400, n_eval: int = 100, seed: int = 0) -> Path:

