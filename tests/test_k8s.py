@@ -336,7 +336,7 @@ def test_ray_cluster_shape(path):
         assert _container_gpus(wg["cpu"]) == 0
         for group in wg.values():
             assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
-        if gpu_overlay:
+        if gpu_overlay and obj["metadata"]["name"] != "polytask-predict":  # predict: CPU scorers
             assert set(wg) == {"cpu", "gpu"}, name
             gpu = wg["gpu"]
             assert _container_gpus(gpu) >= 1, name
@@ -455,6 +455,7 @@ def test_pdb_covers_serve_worker_pods(path):
 JOB_ENTRYPOINTS = {
     "polytask-train": ("polytask train /config/experiment.yaml --run-name ", "experiment.yaml"),
     "polytask-tune": ("polytask tune /config/sweep.yaml", "sweep.yaml"),
+    "polytask-predict": ("polytask predict models:/polytask-demo@champion --input ", None),
 }
 
 
@@ -482,10 +483,11 @@ def test_rayjobs(path):
                 continue
             volumes = {v["name"]: v for v in pod.get("volumes") or []}
             mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
-            cm_name = volumes[mounts["/config"]]["configMap"]["name"]
-            cm = one(path, "ConfigMap", cm_name)
-            assert key in cm["data"], f"{where}: ConfigMap {cm_name} has no {key}"
-            assert cm["metadata"]["labels"]["polytask.io/job"] == selector  # `-l` picks both
+            if key is not None:
+                cm_name = volumes[mounts["/config"]]["configMap"]["name"]
+                cm = one(path, "ConfigMap", cm_name)
+                assert key in cm["data"], f"{where}: ConfigMap {cm_name} has no {key}"
+                assert cm["metadata"]["labels"]["polytask.io/job"] == selector  # `-l` picks both
             shared = volumes[mounts["/mnt/shared"]]["persistentVolumeClaim"]["claimName"]
             assert shared == "polytask-shared"
             env = env_of(pod["containers"][0])
@@ -502,7 +504,11 @@ def test_rayjob_entrypoints_parse_with_the_polytask_cli():
         assert argv[0] == "polytask"
         sub = command.get_command(None, argv[1])
         params = sub.make_context(argv[1], argv[2:]).params
-        assert str(params["experiment"]).startswith("/config/")
+        if argv[1] == "predict":  # batch inference reads and writes the shared PVC
+            assert params["input_path"].startswith("/mnt/shared/")
+            assert params["output"].startswith("/mnt/shared/")
+        else:
+            assert str(params["experiment"]).startswith("/config/")
 
 
 @pytest.mark.parametrize("path", JOBS)

