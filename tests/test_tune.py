@@ -51,8 +51,10 @@ def _steps(c: MlflowClient, run_id: str, key: str) -> list[int]:
 
 
 def test_interrupted_asha_sweep_resumes_and_registers_the_best(
-    demo_data: Path, tiny_encoder: Path, tmp_path: Path, mlflow_uri: str, ray_local
+    demo_data: Path, tiny_encoder: Path, tmp_path: Path, mlflow_uri: str, no_ray
 ) -> None:
+    import ray
+
     exp = demo_experiment(
         demo_data,
         tiny_encoder,
@@ -87,9 +89,15 @@ def test_interrupted_asha_sweep_resumes_and_registers_the_best(
     }
     assert 1 <= len(finished_before) < TRIALS
 
-    # 2. The same sweep launched again (here in-process, on the session's Ray) resumes it.
+    # 2. The same sweep launched again (in-process, for its SweepResult) resumes it. Like the CLI
+    # it runs on a Ray of its own, with the dashboard: Ray Train's PlacementGroupCleaner watches
+    # controllers through the state API it serves, or trials ASHA stops would leak their CPUs.
     out = io.StringIO()
-    result = run_sweep(load_config(path), console=Console(file=out, width=200))
+    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
+    try:
+        result = run_sweep(load_config(path), console=Console(file=out, width=200))
+    finally:
+        ray.shutdown()
     assert "resuming sweep s" in out.getvalue()
 
     assert len(result.trials) == TRIALS
