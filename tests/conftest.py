@@ -89,11 +89,74 @@ def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return uri
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A real local Ray with explicit CPUs, shut down after the module."""
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The session's one local Ray (a head node with explicit CPUs), started once; tests connect
+    to it as drivers, which is quick. The dashboard is on because Ray Train's PlacementGroupCleaner
+    watches controllers through the state API it serves: without it, trials that ASHA stops
+    would leak their workers' CPUs."""
+    import ray
+    from ray._common.utils import reset_ray_address
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": True}
+    )
+    # Cluster also records itself as this machine's default Ray (/tmp/ray/ray_current_cluster),
+    # so any plain `ray.init()` (a `polytask` subprocess, another user) would join it: forget that.
+    reset_ray_address()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def connect_ray(cluster: Any, env: dict[str, str] | None = None):
+    """(Re)connect this process to the session's Ray as a new job; `env` reaches every worker
+    and Serve replica the job starts (they do not see later changes to os.environ)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
     ray.shutdown()
+    ray.init(
+        address=cluster.address,
+        log_to_driver=False,
+        runtime_env={"env_vars": env} if env else None,
+    )
+    return ray
+
+
+@pytest.fixture(scope="module")
+def ray_local(ray_cluster):
+    """The session's Ray, connected for this module (reusing the current connection)."""
+    import ray
+
+    if not ray.is_initialized():
+        connect_ray(ray_cluster)
+    yield ray
+
+
+@pytest.fixture()
+def ray_with_store(ray_cluster, mlflow_uri: str):
+    """The session's Ray, connected as a job whose workers and replicas read this test's MLflow
+    store and polytask home; afterwards connected (or not) as before."""
+    import ray
+
+    was_connected = ray.is_initialized()
+    env = {"MLFLOW_TRACKING_URI": mlflow_uri, "POLYTASK_HOME": os.environ["POLYTASK_HOME"]}
+    yield connect_ray(ray_cluster, env)
+    ray.shutdown()
+    if was_connected:
+        connect_ray(ray_cluster)
+
+
+@pytest.fixture()
+def no_ray(request: pytest.FixtureRequest):
+    """For tests asserting Ray was never started: begin disconnected (a session cluster stays
+    up), and reconnect afterwards if this process was connected before."""
+    import ray
+
+    cluster = request.getfixturevalue("ray_cluster") if ray.is_initialized() else None
+    ray.shutdown()
+    yield
+    assert not ray.is_initialized(), "a bad input started Ray before failing"
+    if cluster is not None:
+        connect_ray(cluster)

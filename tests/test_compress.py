@@ -316,11 +316,12 @@ def test_register_needs_a_registry_source(trained_bundle, tmp_path):
     assert summary["variant"] == "pruned" and "registered" not in summary
 
 
-def test_cpu_variant_serves_the_int8_version_over_http(trained_bundle, int8_bundle, mlflow_uri):
+def test_cpu_variant_serves_the_int8_version_over_http(
+    trained_bundle, int8_bundle, mlflow_uri, ray_with_store
+):
     """`cpu_variant: int8` turns `models:/NAME@champion` into the int8 version compressed from
     the champion, and the CPU Encoder deployment serves it (through bundle.load_encoder_part)."""
     import httpx
-    import ray
     from ray import serve
 
     from polytask.compression.compress import register_compressed
@@ -335,9 +336,7 @@ def test_cpu_variant_serves_the_int8_version_over_http(trained_bundle, int8_bund
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     texts = ["alice flew to paris last week with bob smith", "the hotel was dreadful"]
-    # Started after mlflow_uri set MLFLOW_TRACKING_URI, so the replicas read the same store.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
+    try:  # ray_with_store: the replicas read this test's store
         url = run_server(
             "models:/polytask-demo@champion",
             config_path=ROOT / "serve_configs/local.yaml",
@@ -351,7 +350,6 @@ def test_cpu_variant_serves_the_int8_version_over_http(trained_bundle, int8_bund
             body = response.json()
     finally:
         serve.shutdown()
-        ray.shutdown()
     want = Predictor.from_bundle(str(int8_bundle)).predict(texts)
     assert body["model"]["ref"] == "models:/polytask-demo/2"
     assert body["model"]["variant"] == "int8"

@@ -18,8 +18,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_quickstart_fast_mode_answers_over_http(tmp_path: Path, mlflow_uri: str) -> None:
-    import ray
+def test_quickstart_fast_mode_answers_over_http(
+    tmp_path: Path, mlflow_uri: str, ray_with_store
+) -> None:
+    ray = ray_with_store
 
     answers = run_quickstart(tmp_path / "qs", fast=True, port=_free_port())
     assert len(answers) == len(EXAMPLES)

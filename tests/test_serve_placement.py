@@ -1,6 +1,7 @@
 """Placement on a simulated multi-node cluster: the Encoder on the GPU node, heads on `cpu_pool`.
 
-Its own Ray cluster (three raylets on this machine), so no other test's Ray instance is shared.
+Two extra raylets join the session's Ray for this test (a fake GPU node and a `cpu_pool` node)
+and leave after it.
 """
 
 from __future__ import annotations
@@ -17,23 +18,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_encoder_lands_on_gpu_node_and_heads_on_cpu_pool(untrained_bundle: Path, tmp_path: Path):
-    import ray
+def test_encoder_lands_on_gpu_node_and_heads_on_cpu_pool(
+    untrained_bundle: Path, ray_cluster, ray_local
+):
     from ray import serve
-    from ray.cluster_utils import Cluster
 
     from polytask.serve import compose
 
     bundle = untrained_bundle
-    ray.shutdown()
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
-    )
+    cluster = ray_cluster
     # FAKE GPU: Ray only counts `num_gpus` as a schedulable resource; nothing here uses CUDA.
     fake_gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
     cpu_pool_node = cluster.add_node(num_cpus=2, resources={"cpu_pool": 4})
-    ray.init(address=cluster.address, log_to_driver=False)
+    ray = ray_local
     try:
+        serve.shutdown()  # a fresh Serve whose one proxy is on the head
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         pinned = {"ray_actor_options": {"num_cpus": 0.1, "resources": {"cpu_pool": 0.01}}}
@@ -66,5 +65,5 @@ def test_encoder_lands_on_gpu_node_and_heads_on_cpu_pool(untrained_bundle: Path,
         assert set(response.json()["results"][0]) == {"sentiment", "ner"}
     finally:
         serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
+        cluster.remove_node(fake_gpu_node)
+        cluster.remove_node(cpu_pool_node)
