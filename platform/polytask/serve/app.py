@@ -92,6 +92,9 @@ def compose(
         "overflow": args.overflow,
         "max_body_bytes": args.body_limit,
         "api_key_env": args.api_key_env,
+        "batch_max_inputs": args.ingress_batch_inputs,
+        "batches_in_flight": args.ingress_batches_in_flight,
+        "batch_wait_s": args.batch_wait_timeout_s,
     }
     ingress_defaults = {
         "user_config": user_config,
