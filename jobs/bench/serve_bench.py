@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import sys
@@ -43,6 +44,7 @@ from common import (
 )
 
 SYSTEMS = ("polytask", "noop", "baseline")
+ACCESS_LOG = {"enable_access_log": True}  # Serve's default, for measuring what turning it off saves
 
 
 @dataclass
@@ -65,6 +67,9 @@ class Settings:
     limit_seconds: float = 4.0
     limit_texts: int | None = None
     loadgen_ceiling_s: float = 2.0
+    access_log: bool = False
+    polytask_args: dict[str, Any] = field(default_factory=dict)
+    polytask_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def tiny_settings() -> Settings:
@@ -101,6 +106,9 @@ def polytask_options(settings: Settings) -> tuple[dict[str, Any], dict[str, dict
         },
         "Ingress": {"num_replicas": 1},
     }
+    args.update(settings.polytask_args)
+    for name, extra in settings.polytask_options.items():
+        options[name] = {**options.get(name, {}), **extra}
     return args, options
 
 
@@ -195,6 +203,9 @@ def bench_polytask(port, bundle, tasks, texts, settings, log) -> list[dict[str, 
     from polytask.serve import compose
 
     args, options = polytask_options(settings)
+    if settings.access_log:
+        for name in ("Ingress", "Encoder", *(f"head_{t}" for t in tasks)):
+            options[name] = {**options.get(name, {}), "logging_config": ACCESS_LOG}
     try:
         serve.run(
             compose({"model": str(bundle), **args}, options), name="polytask", route_prefix="/"
@@ -355,7 +366,8 @@ def run_serve_bench(
             from polytask.serve.app import DEFAULT_LOGGING
 
             serve.start(
-                http_options={"host": "127.0.0.1", "port": port}, logging_config=DEFAULT_LOGGING
+                http_options={"host": "127.0.0.1", "port": port},
+                logging_config=ACCESS_LOG if settings.access_log else DEFAULT_LOGGING,
             )
             for round_ in range(settings.rounds):
                 log(f"round {round_ + 1} of {settings.rounds}")
@@ -432,9 +444,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, help="seconds per level (default 10)")
     parser.add_argument("--rounds", type=int, help="sweeps of every system; best per level")
     parser.add_argument("--encoder-replicas", type=int, help="polytask Encoder replicas (2)")
+    parser.add_argument(
+        "--access-log", action="store_true", help="Serve's per-request access log on (polytask)"
+    )
+    parser.add_argument("--limit-seconds", type=float, help="seconds per limit measurement (4)")
+    parser.add_argument(
+        "--polytask-args",
+        type=json.loads,
+        help="JSON merged into the app args, e.g. '{\"ingress_batches_in_flight\": 1}'",
+    )
+    parser.add_argument(
+        "--polytask-options",
+        type=json.loads,
+        help="JSON {deployment: options} merged into polytask's deployment options",
+    )
     args = parser.parse_args(argv)
     settings = tiny_settings() if args.tiny else Settings()
-    for name in ("concurrency", "inputs_per_request", "rounds", "encoder_replicas"):
+    for name in (
+        "concurrency",
+        "inputs_per_request",
+        "rounds",
+        "encoder_replicas",
+        "limit_seconds",
+        "access_log",
+        "polytask_args",
+        "polytask_options",
+    ):
         if getattr(args, name):
             setattr(settings, name, getattr(args, name))
     if args.duration:
