@@ -261,8 +261,13 @@ class CpuWatch:
 
 
 def is_busy(watch: dict[str, Any], cores: int) -> bool:
-    """A level is unusable when the load average before it exceeded the core count, or other
-    processes took more than a quarter of the cores while it ran."""
+    """Unusable: the 1-min load average before the level, less the cores this benchmark's own
+    processes kept busy, exceeded the core count, or other processes took more than a quarter
+    of the cores while it ran. (The load average alone counts the benchmark's own work: the
+    in-process limit on all cores leaves it above 2 on a 2-core machine with nothing else on.)"""
     before = watch.get("load_before")
+    own = watch.get("own_cores") or 0.0
     other = watch.get("other_cores")
-    return (before is not None and before > cores) or (other is not None and other > cores / 4)
+    return (before is not None and before - own > cores) or (
+        other is not None and other > cores / 4
+    )

@@ -4,9 +4,10 @@ HTTP → FastAPI Ingress (parses the body) → Encoder → the Encoder's respons
 two Head deployments → JSON answer; one call per hop per request, as polytask did before it
 batched across requests. What it answers is the most any per-request pipeline of this shape can
 answer on this machine, whatever its model costs.
-"""
 
-from __future__ import annotations
+No `from __future__ import annotations` here: FastAPI must see the body model itself, not its
+name, in a replica that cannot import this script's module.
+"""
 
 import asyncio
 from typing import Any
