@@ -212,8 +212,25 @@ def _busy_ticks() -> int | None:
     return sum(values) - values[3] - values[4]  # minus idle and iowait
 
 
-def _tree_ticks(root: int) -> int:
-    """CPU ticks of `root` and all its descendants (Ray's processes are children of the driver)."""
+def _process_name(pid: int) -> str:
+    """'ray::ServeReplica:polytask:Ingress', 'ray::ProxyActor', 'loadgen.py', 'raylet', ..."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    first = argv[0].decode(errors="replace").split(" ")[0]
+    if first.startswith("ray::"):
+        return first.split(".")[0]
+    name = Path(first).name
+    if name.startswith("python") and len(argv) > 1 and argv[1]:
+        script = argv[1].decode(errors="replace")
+        return Path(script).name if not script.startswith("-") else name
+    return name
+
+
+def _tree_ticks(root: int) -> dict[int, tuple[str, int]]:
+    """{pid: (name, CPU ticks)} of `root` and all its descendants (Ray's processes are children
+    of the driver)."""
     parents: dict[int, int] = {}
     ticks: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
@@ -225,16 +242,18 @@ def _tree_ticks(root: int) -> int:
             continue
         rest = stat.rsplit(")", 1)[1].split()
         parents[int(entry.name)] = int(rest[1])
-        ticks[int(entry.name)] = int(rest[11]) + int(rest[12])  # utime + stime
+        # utime + stime + the same of its children that exited and were waited for: a short-lived
+        # child (the load generator of one level) still counts, once, under its parent
+        ticks[int(entry.name)] = sum(int(v) for v in rest[11:15])
     children: dict[int, list[int]] = {}
     for pid, ppid in parents.items():
         children.setdefault(ppid, []).append(pid)
-    total, stack = 0, [root]
+    out, stack = {}, [root]
     while stack:
         pid = stack.pop()
-        total += ticks.get(pid, 0)
+        out[pid] = (_process_name(pid), ticks.get(pid, 0))
         stack.extend(children.get(pid, []))
-    return total
+    return out
 
 
 class CpuWatch:
@@ -246,7 +265,7 @@ class CpuWatch:
         self.load_before = load_1min()
         self.t0 = time.perf_counter()
         self.busy0 = _busy_ticks()
-        self.own0 = _tree_ticks(os.getpid()) if self.busy0 is not None else 0
+        self.own0 = _tree_ticks(os.getpid()) if self.busy0 is not None else {}
 
     def stop(self) -> dict[str, Any]:
         wall = time.perf_counter() - self.t0
@@ -254,9 +273,16 @@ class CpuWatch:
         busy = _busy_ticks()
         if busy is not None and self.busy0 is not None and wall > 0:
             hz = os.sysconf("SC_CLK_TCK")
-            own = _tree_ticks(os.getpid()) - self.own0
+            by_name: dict[str, int] = {}
+            for pid, (name, ticks) in _tree_ticks(os.getpid()).items():
+                start = self.own0.get(pid)
+                by_name[name] = by_name.get(name, 0) + ticks - (start[1] if start else 0)
+            own = sum(by_name.values())
             out["own_cores"] = round(own / hz / wall, 2)
             out["other_cores"] = round(max(0, busy - self.busy0 - own) / hz / wall, 2)
+            out["cpu_s_by_process"] = {
+                name: round(t / hz, 2) for name, t in sorted(by_name.items()) if t > 0
+            }
         return out
 
 

@@ -181,11 +181,13 @@ def http_sender(
 
 
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """One level as described by `spec` (what `level()` writes)."""
+    """One level as described by `spec` (what `level()` writes), with the client's CPU seconds."""
+    import resource
+
     send = http_sender(
         spec["host"], spec["port"], spec["paths"], spec.get("tasks"), spec.get("check", True)
     )
-    return asyncio.run(
+    result = asyncio.run(
         run_load(
             send,
             spec["texts"],
@@ -196,6 +198,9 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
             spec.get("warmup_requests", 0),
         )
     )
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["client_cpu_s"] = usage.ru_utime + usage.ru_stime
+    return result
 
 
 def level(spec: dict[str, Any], timeout_s: float = 900) -> dict[str, Any]:

@@ -233,6 +233,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r.get('other_cores', '-')} | {_num(r.get('requests_per_ingress_batch'), 1)} | "
             f"{'yes' if r.get('busy') else ''} |"
         )
+    lines += cpu_markdown(result)
     pad = lim["padding"]
     lines += [
         "",
@@ -267,6 +268,59 @@ def markdown(result: dict[str, Any]) -> str:
     if errs:
         lines += ["", "## Error examples", ""] + [f"- `{e}`" for e in sorted(set(errs))[:10]]
     return "\n".join(lines) + "\n"
+
+
+def cpu_markdown(result: dict[str, Any]) -> list[str]:
+    """Where the CPU goes: CPU milliseconds per answered request, by process, at 1 input/request
+    and the highest concurrency (the per-request cost that batching cannot remove)."""
+    s = result["settings"]
+    one, top = min(s["inputs_per_request"]), max(s["concurrency"])
+    runs = _index(result["runs"])
+    chosen = [(n, runs.get((n, one, top))) for n in s["systems"]]
+    chosen = [(n, r) for n, r in chosen if r and r.get("cpu_s_by_process") and r["ok_requests"]]
+    if not chosen:
+        return []
+    names: dict[str, float] = {}
+    for _, r in chosen:
+        for name, cpu in r["cpu_s_by_process"].items():
+            names[name] = max(names.get(name, 0.0), cpu / r["ok_requests"] * 1000)
+    shown = [n for n, ms in sorted(names.items(), key=lambda kv: -kv[1]) if ms >= 0.05][:12]
+    lines = [
+        "",
+        f"## Where the CPU goes ({one} input/request, c={top})",
+        "",
+        (
+            "CPU milliseconds per answered request, by process of this benchmark's tree (the driver "
+            "line includes the load generator, which reports its own CPU as `client`); 'all' over "
+            "the level's wall time is the cores the system kept busy."
+        ),
+        "",
+        "| process | " + " | ".join(n for n, _ in chosen) + " |",
+        "| --- |" + " ---: |" * len(chosen),
+    ]
+    for name in shown:
+        cells = [
+            _num(r["cpu_s_by_process"].get(name, 0.0) / r["ok_requests"] * 1000, 2)
+            for _, r in chosen
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append(
+        "| client (load generator) | "
+        + " | ".join(_num(r.get("client_cpu_s", 0) / r["ok_requests"] * 1000, 2) for _, r in chosen)
+        + " |"
+    )
+    lines.append(
+        "| all, ms per request | "
+        + " | ".join(
+            _num(sum(r["cpu_s_by_process"].values()) / r["ok_requests"] * 1000, 2)
+            for _, r in chosen
+        )
+        + " |"
+    )
+    lines.append(
+        "| all, cores busy | " + " | ".join(_num(r.get("own_cores"), 2) for _, r in chosen) + " |"
+    )
+    return lines
 
 
 def plot(result: dict[str, Any], out: Path) -> None:
