@@ -47,24 +47,39 @@ class Connection:
             if not status_line:
                 raise HTTPError("connection closed by the server")
             status = int(status_line.split()[1])
-            length, close = 0, False
+            length, close, chunked = 0, False, False
             while True:
                 line = await self.reader.readline()
                 if line in (b"\r\n", b"\n", b""):
                     break
                 name, _, value = line.decode("latin-1").partition(":")
                 name = name.strip().lower()
+                value = value.strip().lower()
                 if name == "content-length":
                     length = int(value)
-                elif name == "connection" and value.strip().lower() == "close":
+                elif name == "transfer-encoding" and "chunked" in value:
+                    chunked = True
+                elif name == "connection" and value == "close":
                     close = True
-            payload = await self.reader.readexactly(length)
+            payload = await (self._chunks() if chunked else self.reader.readexactly(length))
         except BaseException:
             self.close()
             raise
         if close:
             self.close()
         return status, payload
+
+    async def _chunks(self) -> bytes:
+        """A `Transfer-Encoding: chunked` body."""
+        parts = []
+        while True:
+            size = int((await self.reader.readline()).split(b";")[0].strip(), 16)
+            if size == 0:
+                while (await self.reader.readline()) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(parts)
+            parts.append(await self.reader.readexactly(size))
+            await self.reader.readline()
 
     def close(self) -> None:
         if self.writer is not None:
