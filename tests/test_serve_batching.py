@@ -58,19 +58,21 @@ def test_in_flight_limit_and_wait():
         two = Recorder()
         batcher = MicroBatcher(two, max_in_flight=2)
         await asyncio.gather(*(batcher.submit(x) for x in "abcd"))
-        waited = Recorder()
-        patient = MicroBatcher(waited, max_in_flight=1, wait_s=0.05)
+        waited = Recorder(delay_s=0.1)
+        patient = MicroBatcher(waited, max_in_flight=2, wait_s=0.05)
 
-        async def later(job: str) -> str:
-            await asyncio.sleep(0.01)
+        async def later(job: str, delay_s: float) -> str:
+            await asyncio.sleep(delay_s)
             return await patient.submit(job)
 
-        await asyncio.gather(patient.submit("x"), later("y"))
+        await asyncio.gather(patient.submit("x"), later("y", 0.01), later("z", 0.03))
         return two, waited
 
     two, waited = asyncio.run(scenario())
     assert two.batches == [["a"], ["b"], ["c", "d"]]
-    assert waited.batches == [["x", "y"]], "a batch that is not full waits wait_s for more"
+    # x runs alone at once (nothing was running); y arrives while x runs, so its batch waits
+    # wait_s and takes z along
+    assert waited.batches == [["x"], ["y", "z"]]
 
 
 def test_a_failing_job_fails_alone_and_its_batch_mates_are_answered():

@@ -287,13 +287,12 @@ class CpuWatch:
 
 
 def is_busy(watch: dict[str, Any], cores: int) -> bool:
-    """Unusable: the 1-min load average before the level, less the cores this benchmark's own
-    processes kept busy, exceeded the core count, or other processes took more than a quarter
-    of the cores while it ran. (The load average alone counts the benchmark's own work: the
-    in-process limit on all cores leaves it above 2 on a 2-core machine with nothing else on.)"""
-    before = watch.get("load_before")
-    own = watch.get("own_cores") or 0.0
+    """Unusable: processes outside this benchmark's process tree took more than a quarter of
+    the cores while the level ran. (The 1-min load average is recorded too, but it counts the
+    benchmark's own work and lags a minute behind: the in-process limit on all cores alone leaves
+    it above 2 on a 2-core machine with nothing else running.) Without /proc: load > cores."""
     other = watch.get("other_cores")
-    return (before is not None and before - own > cores) or (
-        other is not None and other > cores / 4
-    )
+    if other is not None:
+        return other > cores / 4
+    before = watch.get("load_before")
+    return before is not None and before > cores

@@ -188,9 +188,10 @@ def markdown(result: dict[str, Any]) -> str:
         ),
         "",
         (
-            "A level is **busy** (unusable for the README) when the 1-minute load average before it "
-            "exceeded the core count, or processes outside this benchmark used more than a quarter "
-            "of the cores while it ran (`others`)."
+            "A level is **busy** (unusable for the README) when processes outside this benchmark's "
+            "process tree used more than a quarter of the cores while it ran (`others`). The load "
+            "average is recorded before and after each level but counts the benchmark's own work "
+            "(and lags a minute), so on its own it cannot tell a busy machine from a busy benchmark."
         ),
         "",
         "## Targets",

@@ -229,10 +229,14 @@ def bench_noop(port, tasks, texts, settings, log) -> list[dict[str, Any]]:
     from polytask.serve.app import DEFAULT_LOGGING
 
     common = {"logging_config": DEFAULT_LOGGING, "max_ongoing_requests": 256}
+    cpus = {"Encoder": settings.encoder_threads, "Ingress": 0.5, "head": 0.25}  # as polytask's
     options = {
-        "Encoder": {**common, "num_replicas": settings.encoder_replicas},
-        "Ingress": {**common, "num_replicas": 1},
-        "head": {**common, "num_replicas": 1},
+        name: {
+            **common,
+            "num_replicas": settings.encoder_replicas if name == "Encoder" else 1,
+            "ray_actor_options": {"num_cpus": n},
+        }
+        for name, n in cpus.items()
     }
     try:
         serve.run(noop_app(tasks, options), name="noop", route_prefix="/")

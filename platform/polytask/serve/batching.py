@@ -51,7 +51,8 @@ class MicroBatcher(Generic[J, R]):
     """`await submit(job)` → that job's result from `run_batch(jobs)` (one result per job).
 
     `size(job)` counts a job's inputs; a batch holds at most `max_size` of them (a larger job
-    goes alone). `wait_s` > 0 lets a batch that is not full wait that long for more jobs.
+    goes alone). `wait_s` > 0 lets a batch that is not full wait that long for more jobs, but
+    only while another batch is running: a lone request still leaves at once.
     Exceptions in `never_split` (e.g. back-pressure) fail the whole batch without a retry.
     """
 
@@ -108,7 +109,8 @@ class MicroBatcher(Generic[J, R]):
 
     async def _run(self, batch: list[tuple[J, asyncio.Future]]) -> None:
         try:
-            if self.wait_s > 0 and sum(self.size(j) for j, _ in batch) < self.max_size:
+            busy = self._in_flight > 1  # another batch is running: more requests are coming
+            if self.wait_s > 0 and busy and sum(self.size(j) for j, _ in batch) < self.max_size:
                 await asyncio.sleep(self.wait_s)
                 batch = self._take(batch)
             live = [(job, future) for job, future in batch if not future.done()]
