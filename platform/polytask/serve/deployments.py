@@ -71,7 +71,7 @@ class Encoder:
         model: str,
         device: str = "cpu",
         max_batch_size: int = 32,
-        batch_wait_timeout_s: float = 0.0,
+        batch_wait_timeout_s: float = 0.005,
     ) -> None:
         import torch
 
@@ -278,7 +278,7 @@ class IngressSettings:
     api_key_env: str | None = None
     batch_max_inputs: int = 256
     batches_in_flight: int = 2
-    batch_wait_s: float = 0.0
+    batch_wait_s: float = 0.005
 
 
 @dataclass

@@ -68,11 +68,11 @@ class ServeArgs(BaseModel):
         32, ge=1, le=4096, description="Inputs per encoder forward pass (length-sorted)."
     )
     batch_wait_timeout_s: float = Field(
-        0.0,
+        0.005,
         ge=0,
         le=10,
-        description="How long an Ingress or Encoder batch that is not full waits for more; "
-        "0: it leaves as soon as the previous batch is done (a lone request never waits).",
+        description="While another batch is running, how long an Ingress batch that is not full "
+        "waits for more requests; a lone request never waits.",
     )
     ingress_batch_inputs: int = Field(
         256, ge=1, le=100_000, description="Most inputs one Ingress batch carries."
