@@ -15,18 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from polytask.bench import (
-    BenchError,
-    ServeBenchSettings,
-    check_targets,
-    compute_ratios,
-    read_texts,
-    run_load,
-)
 from polytask.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "jobs" / "bench"
+sys.path.insert(0, str(BENCH))  # the scripts import each other by name, as when run directly
+
+from common import BenchError, read_texts
+from loadgen import ceiling, run_load
+from report import compute
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -122,34 +120,58 @@ def test_load_generator_counts_errors_and_respects_bounds():
     assert 0.2 <= timed["duration_s"] < 2
 
 
-def test_ratios_and_targets():
-    settings = ServeBenchSettings(concurrency=[1, 4], inputs_per_request=[1, 16])
-    runs = []
-    for system, scale in (("polytask", 2.0), ("baseline", 1.0)):
-        for ipr in (1, 16):
-            for c in (1, 4):
-                runs.append(
-                    {
-                        "system": system,
-                        "inputs_per_request": ipr,
-                        "concurrency": c,
-                        "throughput_inputs_per_s": scale * ipr * c,
-                        "errors": 0,
-                    }
-                )
-    runs[-1]["errors"] = 2
-    ratios = compute_ratios(runs, limit=100.0, settings=settings)
-    assert ratios["polytask_over_baseline"]["inputs_per_request=16"] == {
-        "c=1": 2.0,
-        "c=4": 2.0,
-        "peak": 2.0,
+def test_load_generator_ceiling_is_measured_against_a_trivial_server():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = ceiling(concurrency=4, duration_s=0.3, port=port)
+    assert result["errors"] == 0 and result["requests"] > 10
+    assert result["requests_per_s"] > 100, "a trivial server must not be the bottleneck"
+
+
+def _run(system, ipr, c, tput, p50=10.0, errors=0, busy=False):
+    return {
+        "system": system,
+        "inputs_per_request": ipr,
+        "concurrency": c,
+        "throughput_inputs_per_s": tput,
+        "latency_ms": {"p50": p50, "p99": 2 * p50},
+        "errors": errors,
+        "busy": busy,
     }
-    assert ratios["polytask_over_limit"]["inputs_per_request=16"] == pytest.approx(1.28)
-    targets = check_targets(
-        {"ratios": ratios, "runs": runs, "settings": {"inputs_per_request": [1, 16]}}
-    )
-    assert targets["speedup_vs_baseline"]["met"] and targets["fraction_of_limit"]["met"]
-    assert targets["errors"] == {"target": 0, "value": 2, "met": False}
+
+
+def test_ratios_and_targets_read_one_run():
+    settings = {"concurrency": [1, 64], "inputs_per_request": [1, 16]}
+    runs = []
+    for ipr in (1, 16):
+        for c in (1, 64):
+            runs.append(_run("polytask", ipr, c, 40.0 * ipr ** 0.5 * c ** 0.3, p50=50))
+            runs.append(_run("baseline", ipr, c, 10.0 * ipr ** 0.5, p50=60))
+            runs.append(_run("noop", ipr, c, 50.0 * ipr))
+    runs[-3]["throughput_inputs_per_s"] = 100.0  # polytask, 16 inputs/request, c=64: 50%
+    result = {"settings": settings, "runs": runs, "limit": {"inputs_per_s": 200.0}}
+    out = compute(result)
+    assert out["ratios"]["1@64"]["over_limit"] == pytest.approx(40 * 64**0.3 / 200)
+    assert out["ratios"]["16@1"]["over_baseline"] == pytest.approx(4.0)
+    targets = {t["name"]: t for t in out["targets"]}
+    assert len(targets) == 7 and all(t["usable"] for t in targets.values())
+    assert targets["1 input/request, c=64: polytask ≥ 35% of the in-process limit"]["met"]
+    assert targets["1 input/request, c=64: polytask ≥ 3× the two-pipeline baseline"]["met"]
+    assert targets["1 input/request, c=64: polytask above the no-op per-request floor"]["met"]
+    assert not targets["16 inputs/request, c=64: polytask ≥ 75% of the in-process limit"]["met"]
+    assert targets["1 input(s)/request, c=1: polytask p50 no worse than the baseline's"]["met"]
+    assert targets["0 errors at every level"]["met"]
+
+    runs[0].update(errors=2, busy=True)  # polytask, 1 input/request, c=1
+    targets = {t["name"]: t for t in compute(result)["targets"]}
+    assert targets["0 errors at every level"] == {
+        "name": "0 errors at every level", "value": 2, "met": False, "usable": True, "shown": "2"
+    }
+    p50 = targets["1 input(s)/request, c=1: polytask p50 no worse than the baseline's"]
+    assert not p50["usable"] and "busy" in p50["shown"]
 
 
 # --- end to end ------------------------------------------------------------------------------------
@@ -164,13 +186,14 @@ def test_serve_bench_tiny_end_to_end(tmp_path):
     proc = _run_script(
         "jobs/bench/serve_bench.py", "--tiny", "--texts", str(texts), "--out", str(out)
     )
-    assert "polytask/baseline at peak" in proc.stdout
+    assert "0 errors at every level" in proc.stdout
 
     result = json.loads((out / "results.json").read_text())
     assert result["texts"] == {"source": str(texts), "count": len(demo_corpus()[::5])}
     assert result["settings"]["concurrency"] == [1, 4]
     levels = {(r["system"], r["inputs_per_request"], r["concurrency"]) for r in result["runs"]}
-    assert levels == {(s, i, c) for s in ("polytask", "baseline") for i in (1, 16) for c in (1, 4)}
+    systems = ("polytask", "noop", "baseline")
+    assert levels == {(s, i, c) for s in systems for i in (1, 16) for c in (1, 4)}
     for r in result["runs"]:
         assert r["errors"] == 0, r["error_examples"]
         assert 0 < r["requests"] <= result["settings"]["max_requests"]
@@ -178,21 +201,34 @@ def test_serve_bench_tiny_end_to_end(tmp_path):
         assert r["throughput_inputs_per_s"] > 0
         lat = r["latency_ms"]
         assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
-    assert result["limit"]["inputs_per_s"] > 0
-    assert result["padding"]["arrival_max_length"]["padded_tokens_per_input"] == 64
+        assert r["load_before"] is not None and r["load_after"] is not None
+        assert isinstance(r["busy"], bool) and r["other_cores"] >= 0
+    polytask = [r for r in result["runs"] if r["system"] == "polytask"]
+    assert all(r["requests_per_ingress_batch"] >= 1 for r in polytask)
+    assert result["loadgen_ceiling"]["errors"] == 0
+    assert result["loadgen_ceiling"]["requests_per_s"] > 0
+    assert result["limit"]["inputs_per_s"] > 0 and len(result["limit"]["measurements"]) == 2
+    pad = result["limit"]["padding"]
+    assert pad["arrival_max_length"]["padded_tokens_per_input"] == pad["max_length"]
     assert (
-        result["padding"]["arrival_dynamic"]["padded_tokens_per_input"]
-        < result["padding"]["arrival_max_length"]["padded_tokens_per_input"]
+        pad["arrival_dynamic"]["padded_tokens_per_input"]
+        < pad["arrival_max_length"]["padded_tokens_per_input"]
     )
-    for ipr in ("inputs_per_request=1", "inputs_per_request=16"):
-        assert result["ratios"]["polytask_over_baseline"][ipr]["peak"] > 0
-        assert result["ratios"]["polytask_over_limit"][ipr] > 0
-    assert result["targets"]["errors"] == {"target": 0, "value": 0, "met": True}
+    for key in ("1@1", "1@4", "16@1", "16@4"):
+        assert result["ratios"][key]["over_limit"] > 0
+        assert result["ratios"][key]["over_baseline"] > 0
+        assert result["ratios"][key]["over_noop"] > 0
+    names = [t["name"] for t in result["targets"]]
+    assert len(names) == 7 and "0 errors at every level" in names
+    assert result["targets"][-1] == {
+        "name": "0 errors at every level", "value": 0, "met": True, "usable": True, "shown": "0"
+    }
     assert {"cpu_model", "usable_cores", "torch", "ray"} <= set(result["machine"])
     assert result["systems"]["baseline"]["models"]["ner"]["head"] == "copied from bundle"
 
     table = (out / "results.md").read_text()
-    assert "| polytask | 16 | 4 |" in table and "| baseline | 1 | 1 |" in table
+    assert "| polytask | 16 | 4 |" in table and "| noop | 1 | 1 |" in table
+    assert "| baseline | 1 | 1 |" in table and "## Targets" in table
     for png in ("throughput.png", "latency.png"):
         assert (out / png).read_bytes()[:8] == PNG
 

@@ -177,6 +177,85 @@ def test_encoder_returns_only_what_the_heads_need(v1):
     assert pooled["fingerprint"] == encoder.fingerprint.remote().result()
 
 
+def _concurrently(url: str, requests: list[tuple[str, dict[str, Any]]]) -> list[httpx.Response]:
+    """Send every (path, body) at once on its own keep-alive connection."""
+    import asyncio
+
+    async def send_all() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=len(requests))
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+            return await asyncio.gather(*(client.post(path, json=body) for path, body in requests))
+
+    return asyncio.run(send_all())
+
+
+def _delta(before: dict[str, Any], after: dict[str, Any], key: str) -> int:
+    return after[key] - before[key]
+
+
+def test_concurrent_requests_share_encoder_and_head_calls(v1):
+    """32 single-input requests at once: the Ingress batches them, so the Encoder and the head
+    see fewer calls than requests, and every answer is the in-process Predictor's for its input."""
+    client, predictor = v1
+    texts = [f"{TEXTS[i % len(TEXTS)]} number {i}" for i in range(32)]
+    names = ("Ingress", "Encoder", "head_sentiment", "head_ner")
+    before = {name: _stats(name) for name in names}
+    responses = _concurrently(
+        str(client.base_url),
+        [("/v1/predict", {"inputs": [t], "tasks": ["sentiment"]}) for t in texts],
+    )
+    after = {name: _stats(name) for name in names}
+    for text, response in zip(texts, responses):
+        assert response.status_code == 200, response.text
+        (result,) = response.json()["results"]
+        assert set(result) == {"sentiment"}
+        assert_same_answers(result, predictor.predict([text], ["sentiment"])[0], text)
+    assert _delta(before["Ingress"], after["Ingress"], "jobs") == 32
+    sizes = after["Ingress"]["batch_sizes"][-_delta(before["Ingress"], after["Ingress"], "batches"):]
+    assert sum(sizes) == 32 and max(sizes) > 1, sizes
+    assert _delta(before["Encoder"], after["Encoder"], "inputs") == 32
+    assert _delta(before["Encoder"], after["Encoder"], "calls") < 32
+    assert _delta(before["head_sentiment"], after["head_sentiment"], "calls") < 32
+    assert _delta(before["head_sentiment"], after["head_sentiment"], "inputs") == 32
+    assert after["head_ner"]["calls"] == before["head_ner"]["calls"], "ner was not requested"
+
+
+def test_batched_requests_get_exactly_their_tasks(v1):
+    """Requests for different task sets, sent at once, share batches: each gets exactly its tasks
+    (right answers), and a head decodes only the inputs of the requests that asked for it."""
+    client, predictor = v1
+    requests: list[tuple[str, dict[str, Any]]] = []
+    for i in range(24):
+        inputs = [TEXTS[(i + k) % len(TEXTS)] for k in range(1 + i % 3)]
+        if i % 4 == 0:
+            requests.append(("/v1/predict", {"inputs": inputs, "tasks": ["sentiment"]}))
+        elif i % 4 == 1:
+            requests.append(("/v1/predict", {"inputs": inputs, "tasks": ["ner", "sentiment"]}))
+        elif i % 4 == 2:
+            requests.append(("/v1/tasks/ner/predict", {"inputs": inputs}))
+        else:
+            requests.append(("/v1/predict", {"inputs": inputs}))
+    names = ("Ingress", "head_sentiment", "head_ner")
+    before = {name: _stats(name) for name in names}
+    responses = _concurrently(str(client.base_url), requests)
+    after = {name: _stats(name) for name in names}
+    wanted = {"sentiment": 0, "ner": 0}
+    for (path, body), response in zip(requests, responses):
+        assert response.status_code == 200, response.text
+        if path.startswith("/v1/tasks/"):
+            want = [r["ner"] for r in predictor.predict(body["inputs"], ["ner"])]
+            assert_same_answers(response.json()["results"], want, path)
+            wanted["ner"] += len(body["inputs"])
+            continue
+        tasks = body.get("tasks") or predictor.tasks
+        assert_same_answers(response.json()["results"], predictor.predict(body["inputs"], tasks))
+        for task in tasks:
+            wanted[task] += len(body["inputs"])
+    for task, n in wanted.items():
+        assert _delta(before[f"head_{task}"], after[f"head_{task}"], "inputs") == n, task
+    assert _delta(before["Ingress"], after["Ingress"], "batches") < len(requests)
+
+
 JSON = {"content-type": "application/json"}
 BAD_INPUTS = [
     # (case, method, path, body bytes or JSON, headers, status, code, message fragment)

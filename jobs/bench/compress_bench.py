@@ -270,8 +270,8 @@ def targets(results: dict[str, dict[str, Any]], headline: str) -> dict[str, Any]
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
+    from common import machine_info
 
-    from polytask.bench import machine_info
     from polytask.compression.compress import compare_bundles
 
     threads = tuple(int(n) for n in str(args.threads).split(",") if n.strip())

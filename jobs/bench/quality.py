@@ -207,8 +207,8 @@ def mean_of(values: list[float | None]) -> float | None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
+    from common import machine_info, write_summary
 
-    from polytask.bench import machine_info, write_summary
     from polytask.config import load_config
 
     if args.threads:
@@ -316,7 +316,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    from polytask.bench import machine_markdown
+    from common import machine_markdown
 
     s = result["settings"]
     return "\n".join(

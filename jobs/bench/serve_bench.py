@@ -1,19 +1,435 @@
-"""Serving benchmark: polytask vs two single-task HF pipelines vs the in-process limit.
+"""Serving benchmark: polytask against the two-HF-pipeline baseline, the no-op Serve app of the
+same topology (the floor Serve allows a per-request pipeline) and the in-process limit, in one run.
 
-    python jobs/bench/serve_bench.py                      # MiniLM-L6, SST-2 dev texts, ~11 min
-    python jobs/bench/serve_bench.py --tiny --out /tmp/b  # smoke test, tiny random encoder
+    python jobs/bench/serve_bench.py --out bench_results/serve   # MiniLM-L6, SST-2 dev, ~10 min
+    python jobs/bench/serve_bench.py --tiny --out /tmp/b          # smoke test, tiny random encoder
     python jobs/bench/serve_bench.py --model models:/polytask-demo@champion --texts my.txt
 
-Writes results.json, results.md, throughput.png and latency.png under --out
-(default bench_results/serve/). Loopback HTTP only; needs no network.
+Every level (inputs/request × concurrency) is driven by `loadgen.py` in its own process over
+keep-alive connections on 127.0.0.1; the load average before and after each level and the CPU
+other processes used meanwhile are recorded, and a level run on a busy machine is marked
+unusable. Writes results.json, results.md, throughput.png and latency.png under --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import os
+import socket
 import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
-from polytask.bench import BenchError, ServeBenchSettings, run_serve_bench, tiny_settings
+import loadgen
+from common import (
+    DEFAULT_ENCODER,
+    DEFAULT_TEXTS,
+    REPO_ROOT,
+    BenchError,
+    CpuWatch,
+    build_demo_bundle,
+    default_texts_file,
+    is_busy,
+    machine_info,
+    pick_tasks,
+    read_texts,
+    usable_cores,
+)
+
+SYSTEMS = ("polytask", "noop", "baseline")
+ACCESS_LOG = {"enable_access_log": True}  # Serve's default, for measuring what turning it off saves
+
+
+@dataclass
+class Settings:
+    """Everything that shapes the numbers; written into the results so a run can be repeated."""
+
+    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    inputs_per_request: list[int] = field(default_factory=lambda: [1, 16])
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
+    duration_s: float = 10.0
+    rounds: int = 1
+    max_requests: int = 100_000
+    warmup_requests: int = 8
+    max_batch_size: int = 32
+    baseline_batch_wait_s: float = 0.005
+    max_ongoing_requests: int = 256
+    encoder_replicas: int = 2
+    encoder_threads: int = 1
+    baseline_threads: int = 1
+    limit_seconds: float = 4.0
+    limit_texts: int | None = None
+    loadgen_ceiling_s: float = 2.0
+    access_log: bool = False
+    polytask_args: dict[str, Any] = field(default_factory=dict)
+    polytask_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def tiny_settings() -> Settings:
+    """Smoke-test sizes: a second or two per level, a handful of requests."""
+    return Settings(
+        concurrency=[1, 4],
+        duration_s=1.5,
+        max_requests=12,
+        warmup_requests=1,
+        max_batch_size=16,
+        encoder_replicas=1,
+        limit_seconds=0.2,
+        limit_texts=96,
+        loadgen_ceiling_s=0.5,
+    )
+
+
+# --- the systems -------------------------------------------------------------------------------
+
+
+def polytask_options(settings: Settings) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(build_app args, deployment options): polytask's defaults, with the Encoder given the
+    baseline's model CPU budget (replicas × threads) and one replica of everything else."""
+    args = {
+        "device": "cpu",
+        "max_batch_size": settings.max_batch_size,
+        "max_inputs_per_request": max(64, max(settings.inputs_per_request)),
+        "head_options": {"num_replicas": 1},
+    }
+    options = {
+        "Encoder": {
+            "num_replicas": settings.encoder_replicas,
+            "ray_actor_options": {"num_cpus": settings.encoder_threads, "num_gpus": 0},
+        },
+        "Ingress": {"num_replicas": 1},
+    }
+    args.update(settings.polytask_args)
+    for name, extra in settings.polytask_options.items():
+        options[name] = {**options.get(name, {}), **extra}
+    return args, options
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _wait_ready(url: str, body: dict[str, Any], timeout_s: float = 180.0) -> None:
+    import httpx
+
+    deadline = time.perf_counter() + timeout_s
+    last = ""
+    async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
+        while time.perf_counter() < deadline:
+            try:
+                response = await client.post(url, json=body)
+                if response.status_code == 200:
+                    return
+                last = f"HTTP {response.status_code}: {response.text[:200]}"
+            except httpx.HTTPError as exc:
+                last = repr(exc)
+            await asyncio.sleep(0.5)
+    raise BenchError(f"{url} did not answer within {timeout_s:.0f}s (last: {last})")
+
+
+def sweep(
+    port: int,
+    system: str,
+    paths: list[str],
+    tasks: list[str] | None,
+    texts: list[str],
+    settings: Settings,
+    log: Callable[[str], None],
+    after_level: Callable[[], dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Every (inputs per request, concurrency) level against one running system."""
+    cores = usable_cores()
+    runs = []
+    for ipr in settings.inputs_per_request:
+        for conc in settings.concurrency:
+            before = after_level() if after_level else {}
+            watch = CpuWatch()
+            result = loadgen.level(
+                {
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "paths": paths,
+                    "tasks": tasks,
+                    "texts": texts,
+                    "concurrency": conc,
+                    "inputs_per_request": ipr,
+                    "duration_s": settings.duration_s,
+                    "max_requests": settings.max_requests,
+                    "warmup_requests": min(settings.warmup_requests, conc),
+                }
+            )
+            result.update(system=system, **watch.stop())
+            result["busy"] = is_busy(result, cores)
+            if after_level:
+                after = after_level()
+                batches = after.get("batches", 0) - before.get("batches", 0)
+                if batches > 0:
+                    result["requests_per_ingress_batch"] = (
+                        after["jobs"] - before["jobs"]
+                    ) / batches
+            runs.append(result)
+            lat = result["latency_ms"]
+            log(
+                f"  {system:8s} inputs/request={ipr:<3d} c={conc:<3d} "
+                f"{result['throughput_inputs_per_s']:8.1f} inputs/s  p50={_fmt(lat['p50'])} "
+                f"p99={_fmt(lat['p99'])} ms  errors={result['errors']}  load "
+                f"{result['load_before']}→{result['load_after']}, others "
+                f"{result.get('other_cores', '-')} cores{'  BUSY' if result['busy'] else ''}"
+                + (
+                    f"  requests/batch {result['requests_per_ingress_batch']:.1f}"
+                    if "requests_per_ingress_batch" in result
+                    else ""
+                )
+            )
+    return runs
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def bench_polytask(port, bundle, tasks, texts, settings, log) -> list[dict[str, Any]]:
+    from ray import serve
+
+    from polytask.serve import compose
+
+    args, options = polytask_options(settings)
+    if settings.access_log:
+        for name in ("Ingress", "Encoder", *(f"head_{t}" for t in tasks)):
+            options[name] = {**options.get(name, {}), "logging_config": ACCESS_LOG}
+    try:
+        serve.run(
+            compose({"model": str(bundle), **args}, options), name="polytask", route_prefix="/"
+        )
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(_wait_ready(f"{url}/v1/predict", {"inputs": texts[:2], "tasks": tasks}))
+        ingress = serve.get_deployment_handle("Ingress", "polytask")
+
+        def ingress_stats() -> dict[str, Any]:
+            return ingress.stats.remote().result()
+
+        return sweep(port, "polytask", ["/v1/predict"], tasks, texts, settings, log, ingress_stats)
+    finally:
+        serve.delete("polytask")
+
+
+def bench_noop(port, tasks, texts, settings, log) -> list[dict[str, Any]]:
+    from noop_app import noop_app
+    from ray import serve
+
+    from polytask.serve.app import DEFAULT_LOGGING
+
+    common = {"logging_config": DEFAULT_LOGGING, "max_ongoing_requests": 256}
+    cpus = {"Encoder": settings.encoder_threads, "Ingress": 0.5, "head": 0.25}  # as polytask's
+    options = {
+        name: {
+            **common,
+            "num_replicas": settings.encoder_replicas if name == "Encoder" else 1,
+            "ray_actor_options": {"num_cpus": n},
+        }
+        for name, n in cpus.items()
+    }
+    try:
+        serve.run(noop_app(tasks, options), name="noop", route_prefix="/")
+        url = f"http://127.0.0.1:{port}/v1/predict"
+        asyncio.run(_wait_ready(url, {"inputs": texts[:2], "tasks": tasks}))
+        return sweep(port, "noop", ["/v1/predict"], tasks, texts, settings, log)
+    finally:
+        serve.delete("noop")
+
+
+def bench_baseline(port, exported, texts, settings, log) -> list[dict[str, Any]]:
+    from baseline import baseline_targets
+    from ray import serve
+
+    targets = baseline_targets(exported, settings)
+    try:
+        serve.run_many(targets)
+        routes = [t.route_prefix for t in targets]
+        for route in routes:
+            asyncio.run(_wait_ready(f"http://127.0.0.1:{port}{route}", {"inputs": texts[:2]}))
+        return sweep(port, "baseline", routes, None, texts, settings, log)
+    finally:
+        for target in targets:
+            serve.delete(target.name)
+
+
+# --- orchestration ------------------------------------------------------------------------------
+
+
+def _load_texts(texts_file: str | None, tiny: bool) -> tuple[list[str], str]:
+    if texts_file is not None:
+        return read_texts(texts_file), str(texts_file)
+    found = default_texts_file()
+    if found is not None and not tiny:
+        return read_texts(found), os.path.relpath(found, REPO_ROOT)
+    if tiny:
+        from polytask.demo import demo_corpus
+
+        return demo_corpus(), "polytask.demo.demo_corpus()"
+    raise BenchError(
+        f"no --texts given and {DEFAULT_TEXTS} (SST-2 dev, relative to the repo root) is not "
+        "there; pass --texts FILE (one text per line, or a TSV with a 'sentence' column)"
+    )
+
+
+def run_serve_bench(
+    settings: Settings,
+    out: Path,
+    texts_file: str | None = None,
+    model: str | None = None,
+    tiny: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Limit, loadgen ceiling, then every system on one local Ray; writes and returns results."""
+    import ray
+    from baseline import export_hf_models
+    from limit import measure_limit
+    from ray import serve
+    from report import best_of_rounds, compute, write_results
+
+    from polytask.model.bundle import read_manifest
+    from polytask.tracking.registry import resolve_bundle
+
+    unknown = sorted(set(settings.systems) - set(SYSTEMS))
+    if unknown:
+        raise BenchError(f"--systems: unknown {unknown}; choose from {', '.join(SYSTEMS)}")
+    texts, texts_source = _load_texts(texts_file, tiny)
+    for key, value in (
+        ("TOKENIZERS_PARALLELISM", "false"),
+        ("HF_HUB_OFFLINE", "1"),
+        ("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0"),
+    ):
+        os.environ.setdefault(key, value)
+    started = time.perf_counter()
+    outer_log = log
+
+    def log(message: str) -> None:
+        outer_log(f"[{time.perf_counter() - started:4.0f}s] {message}")
+
+    cores = usable_cores()
+    with tempfile.TemporaryDirectory(prefix="polytask-bench-") as tmp:
+        tmp_path = Path(tmp)
+        if model is None:
+            encoder = DEFAULT_ENCODER
+            if tiny:
+                from polytask.demo import write_tiny_encoder
+
+                encoder = str(write_tiny_encoder(tmp_path / "tiny-encoder", vocab_size=150))
+            log(f"building a demo bundle from {encoder}")
+            bundle = build_demo_bundle(tmp_path / "bundle", encoder)
+            model_desc = {"encoder": encoder, "heads": "untrained (random), seed 0"}
+        else:
+            bundle = resolve_bundle(model)
+            model_desc = {"model": model, "bundle": str(bundle)}
+        max_length = read_manifest(bundle).max_length
+        tasks = list(pick_tasks(bundle))
+        exported = export_hf_models(bundle, tmp_path / "hf")
+        limit_texts = texts[: settings.limit_texts] if settings.limit_texts else texts
+
+        def limit_once() -> dict[str, Any]:
+            log(f"in-process limit on {len(limit_texts)} texts (1 and {cores} processes)")
+            watch = CpuWatch()
+            found = measure_limit(
+                bundle, limit_texts, tasks, settings.max_batch_size, settings.limit_seconds, cores
+            )
+            found.update(watch.stop())
+            found["busy"] = is_busy(found, cores)
+            log(f"  limit {found['inputs_per_s']:.1f} inputs/s ({found['config']})")
+            return found
+
+        limits = [limit_once()]
+        log("load generator ceiling against a trivial server")
+        ceiling = loadgen.ceiling(
+            max(settings.concurrency), settings.loadgen_ceiling_s, _free_port()
+        )
+        log(f"  {ceiling['requests_per_s']:.0f} requests/s at c={ceiling['concurrency']}")
+        own_ray = not ray.is_initialized()
+        if own_ray:
+            ray.init(
+                num_cpus=max(
+                    4,
+                    settings.encoder_replicas * settings.encoder_threads + 2,
+                    2 * settings.baseline_threads,
+                ),
+                include_dashboard=False,
+                log_to_driver=False,
+            )
+        all_runs: list[dict[str, Any]] = []
+        try:
+            port = _free_port()
+            from polytask.serve.app import DEFAULT_LOGGING
+
+            serve.start(
+                http_options={"host": "127.0.0.1", "port": port},
+                logging_config=ACCESS_LOG if settings.access_log else DEFAULT_LOGGING,
+            )
+            for round_ in range(settings.rounds):
+                log(f"round {round_ + 1} of {settings.rounds}")
+                for system in settings.systems:
+                    if system == "polytask":
+                        runs = bench_polytask(port, bundle, tasks, texts, settings, log)
+                    elif system == "noop":
+                        runs = bench_noop(port, tasks, texts, settings, log)
+                    else:
+                        runs = bench_baseline(port, exported, texts, settings, log)
+                    all_runs += [{**r, "round": round_} for r in runs]
+        finally:
+            serve.shutdown()
+            if own_ray:
+                ray.shutdown()
+        limits.append(limit_once())
+    limit = max(limits, key=lambda m: m["inputs_per_s"])
+    limit["measurements"] = [m["inputs_per_s"] for m in limits]
+    args, options = polytask_options(settings)
+    result: dict[str, Any] = {
+        "name": out.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": time.perf_counter() - started,
+        "machine": machine_info(),
+        "settings": asdict(settings),
+        "texts": {"source": texts_source, "count": len(texts)},
+        "model": {**model_desc, "tasks": tasks, "max_length": max_length},
+        "systems": {
+            "polytask": {
+                "what": "POST /v1/predict asking for both tasks: HTTP proxy → Ingress (batches "
+                "concurrent requests) → Encoder (one call per Ingress batch, length-sorted "
+                "passes) → one call per Head deployment per batch",
+                "build_app_args": args,
+                "deployment_options": options,
+            },
+            "noop": {
+                "what": "the same topology with no model work and no batching: one Ingress → "
+                "Encoder → two Heads call chain per request (the floor of a per-request design)",
+            },
+            "baseline": {
+                "what": "two single-task transformers pipelines (text-classification; "
+                "token-classification, aggregation_strategy='first'), each its own Serve "
+                "deployment on its own route, 1 replica, Serve batching; the client sends both "
+                "requests per input batch concurrently and counts the batch done when both answered",
+                "models": {
+                    t: {k: v for k, v in i.items() if k != "path"} for t, i in exported.items()
+                },
+            },
+        },
+        "loadgen_ceiling": ceiling,
+        "limit": limit,
+        "all_runs": all_runs,
+        "runs": best_of_rounds(all_runs),
+    }
+    result.update(compute(result))
+    write_results(result, out)
+    log(f"results written to {out}/")
+    return result
 
 
 def _ints(text: str) -> list[int]:
@@ -22,75 +438,56 @@ def _ints(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--texts",
-        help="one text per line, or a TSV/CSV with a 'sentence' column "
-        "(default: ../shared/data/sst2/dev.tsv)",
-    )
+    parser.add_argument("--texts", help="one text per line, or a TSV/CSV with a 'sentence' column")
     parser.add_argument("--out", help="results directory (default bench_results/serve)")
-    parser.add_argument(
-        "--model",
-        help="bundle dir or models:/ URI (default: packaged MiniLM-L6 "
-        "with untrained sentiment + NER heads)",
-    )
+    parser.add_argument("--model", help="bundle dir or models:/ URI (default: MiniLM-L6 demo)")
     parser.add_argument("--tiny", action="store_true", help="tiny random encoder, few requests")
     parser.add_argument("--concurrency", type=_ints, help="comma-separated, default 1,4,16,64")
     parser.add_argument("--inputs-per-request", type=_ints, help="comma-separated, default 1,16")
+    parser.add_argument("--systems", help=f"comma-separated subset of {','.join(SYSTEMS)}")
     parser.add_argument("--duration", type=float, help="seconds per level (default 10)")
+    parser.add_argument("--rounds", type=int, help="sweeps of every system; best per level")
+    parser.add_argument("--encoder-replicas", type=int, help="polytask Encoder replicas (2)")
     parser.add_argument(
-        "--rounds", type=int, help="rounds of (polytask, baseline); best per level (default 2)"
+        "--access-log", action="store_true", help="Serve's per-request access log on (polytask)"
     )
-    parser.add_argument("--requests", type=int, help="max requests per level (default 5000)")
+    parser.add_argument("--limit-seconds", type=float, help="seconds per limit measurement (4)")
     parser.add_argument(
-        "--encoder-replicas", type=int, help="polytask Encoder replicas (default 2)"
+        "--polytask-args",
+        type=json.loads,
+        help="JSON merged into the app args, e.g. '{\"ingress_batches_in_flight\": 1}'",
     )
     parser.add_argument(
-        "--encoder-threads",
-        type=int,
-        help="torch threads per polytask Encoder replica (default 1)",
-    )
-    parser.add_argument(
-        "--baseline-threads",
-        type=int,
-        help="torch threads of each baseline pipeline replica (default 1)",
+        "--polytask-options",
+        type=json.loads,
+        help="JSON {deployment: options} merged into polytask's deployment options",
     )
     args = parser.parse_args(argv)
-    settings = tiny_settings() if args.tiny else ServeBenchSettings()
-    if args.rounds:
-        settings.rounds = args.rounds
-    if args.encoder_replicas:
-        settings.encoder_replicas = args.encoder_replicas
-    if args.encoder_threads:
-        settings.encoder_threads = args.encoder_threads
-    if args.baseline_threads:
-        settings.baseline_threads = args.baseline_threads
+    settings = tiny_settings() if args.tiny else Settings()
+    for name in (
+        "concurrency",
+        "inputs_per_request",
+        "rounds",
+        "encoder_replicas",
+        "limit_seconds",
+        "access_log",
+        "polytask_args",
+        "polytask_options",
+    ):
+        if getattr(args, name):
+            setattr(settings, name, getattr(args, name))
+    if args.duration:
+        settings.duration_s = args.duration
+    if args.systems:
+        settings.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    out = Path(args.out or Path("bench_results") / ("serve_tiny" if args.tiny else "serve"))
     try:
-        result = run_serve_bench(
-            texts_file=args.texts,
-            out_dir=args.out,
-            model=args.model,
-            tiny=args.tiny,
-            concurrency=args.concurrency,
-            inputs_per_request=args.inputs_per_request,
-            duration_s=args.duration,
-            requests=args.requests,
-            settings=settings,
-        )
+        result = run_serve_bench(settings, out, args.texts, args.model, args.tiny)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    targets = result["targets"]
-    print(
-        "polytask/baseline at peak:",
-        {
-            k: round(v, 2) if v else v
-            for k, v in targets["speedup_vs_baseline"]["peak_by_inputs_per_request"].items()
-        },
-        "| polytask/limit:",
-        round(targets["fraction_of_limit"]["value"] or 0, 2),
-        "| errors:",
-        targets["errors"]["value"],
-    )
+    for target in result["targets"]:
+        print(f"{'met' if target['met'] else 'MISSED':7s} {target['name']}: {target['shown']}")
     return 0
 
 

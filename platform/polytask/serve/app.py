@@ -20,6 +20,10 @@ APP_NAME = "polytask"
 # Replacement replicas of cheap CPU deployments start before the old ones stop (no gap in a
 # rolling update); the Encoder keeps Serve's default because a surge there needs a spare GPU.
 CPU_SURGE = {"max_surge_percent": 100}
+# Measured defaults (README, "Serving levers"): no per-request access log line on the hot path
+# (errors are still logged), and room for the requests an Ingress gathers into one batch.
+DEFAULT_LOGGING = {"enable_access_log": False}
+MAX_ONGOING = {"Ingress": 256, "Encoder": 64, "head": 64}
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -64,6 +68,8 @@ def compose(
             {
                 "user_config": user_config,
                 "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if args.device == "cuda" else 0},
+                "max_ongoing_requests": MAX_ONGOING["Encoder"],
+                "logging_config": DEFAULT_LOGGING,
             },
             opts["Encoder"],
         )
@@ -71,6 +77,8 @@ def compose(
     head_defaults = {
         "user_config": user_config,
         "ray_actor_options": {"num_cpus": 0.25},
+        "max_ongoing_requests": MAX_ONGOING["head"],
+        "logging_config": DEFAULT_LOGGING,
         **CPU_SURGE,
     }
     heads = {
@@ -92,10 +100,15 @@ def compose(
         "overflow": args.overflow,
         "max_body_bytes": args.body_limit,
         "api_key_env": args.api_key_env,
+        "batch_max_inputs": args.ingress_batch_inputs,
+        "batches_in_flight": args.ingress_batches_in_flight,
+        "batch_wait_s": args.batch_wait_timeout_s,
     }
     ingress_defaults = {
         "user_config": user_config,
         "ray_actor_options": {"num_cpus": 0.5},
+        "max_ongoing_requests": MAX_ONGOING["Ingress"],
+        "logging_config": DEFAULT_LOGGING,
         **CPU_SURGE,
     }
     return Ingress.options(**_merge(ingress_defaults, opts["Ingress"])).bind(
@@ -179,7 +192,7 @@ def run_server(
     app = compose(parsed, options)
     if not ray.is_initialized():
         ray.init(runtime_env=runtime_env)
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port}, logging_config=DEFAULT_LOGGING)
     served = serve.run(app, name=name, route_prefix=prefix).model_info.remote().result()
     url = f"http://{host}:{port}{prefix.rstrip('/')}"
     auth = f' -H "Authorization: Bearer ${parsed.api_key_env}"' if parsed.api_key_env else ""

@@ -13,12 +13,13 @@ import asyncio
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from polytask.serve.batching import MicroBatcher
 from polytask.serve.refs import local_bundle, pin_model_uri
 from polytask.serve.replica import replica_identity
 
@@ -53,17 +54,17 @@ class _Item:
 
 
 @dataclass
-class _Counters:
-    calls: int = 0
-    inputs: int = 0
-    batches: int = 0
-    largest_batch: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
+class _EncodeCall:
+    """One `encode` call (one Ingress batch, or one direct caller): encoded together with every
+    other call that arrives while the encoder is busy."""
+
+    items: list[_Item]
 
 
 @serve.deployment(name="Encoder")
 class Encoder:
-    """Tokenize + encoder forward with cross-request dynamic batching; returns numpy arrays."""
+    """Tokenize + encoder forward; calls arriving while a forward runs (from any Ingress replica)
+    are encoded together, length-sorted and cut into passes of at most `max_batch_size` inputs."""
 
     def __init__(
         self,
@@ -80,9 +81,17 @@ class Encoder:
                 "ray_actor_options.num_gpus: 1, or set device: cpu"
             )
         self.device = device
-        self.counters = _Counters()
-        self._encode_items.set_max_batch_size(max_batch_size)
-        self._encode_items.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.max_batch_size = max_batch_size
+        self.calls = 0
+        self.inputs = 0
+        self.passes: list[int] = []
+        self.batcher: MicroBatcher[_EncodeCall, tuple[str, str, list[Any]]] = MicroBatcher(
+            self._encode_calls,
+            size=lambda call: len(call.items),
+            max_size=max(max_batch_size, 1024),
+            max_in_flight=1,
+            wait_s=batch_wait_timeout_s,
+        )
         self.state = self._load(model)
 
     def _load(self, ref: str) -> _EncoderState:
@@ -112,72 +121,84 @@ class Encoder:
         return self.state.fingerprint
 
     def stats(self) -> dict[str, Any]:
-        c = self.counters
+        """`calls`: encode calls; `batches`/`batch_sizes`: inputs per gathered batch of calls."""
+        batches = self.batcher.stats.as_dict()
         return {
-            "calls": c.calls,
-            "inputs": c.inputs,
-            "batches": c.batches,
-            "largest_batch": c.largest_batch,
-            "batch_sizes": list(c.batch_sizes[-100:]),
+            "calls": self.calls,
+            "inputs": self.inputs,
+            "batches": batches["batches"],
+            "largest_batch": batches["largest_batch"],
+            "batch_sizes": batches["batch_sizes"],
+            "pass_sizes": list(self.passes[-100:]),
             "fingerprint": self.state.fingerprint,
             "model": self.state.ref,
             **replica_identity(),
         }
 
     async def encode(
-        self, texts: list[str], pairs: list[str] | None, need_pooled: bool, need_tokens: bool
+        self,
+        texts: list[str],
+        pairs: list[str] | None,
+        need_pooled: bool | list[bool],
+        need_tokens: bool | list[bool],
     ) -> dict[str, Any]:
-        """One request's inputs → {fingerprint, model, items}; items hold only what was asked for."""
-        self.counters.calls += 1
-        self.counters.inputs += len(texts)
+        """Inputs → {fingerprint, model, items}; item i holds only what input i's heads need
+        (`need_*` per input, or one flag for all)."""
+        n = len(texts)
+        pooled = need_pooled if isinstance(need_pooled, list) else [need_pooled] * n
+        tokens = need_tokens if isinstance(need_tokens, list) else [need_tokens] * n
+        if not (len(pooled) == len(tokens) == n and (pairs is None or len(pairs) == n)):
+            raise ValueError("encode: pairs and need_* flags must have one entry per text")
+        self.calls += 1
+        self.inputs += n
         items = [
-            _Item(t, pairs[i] if pairs is not None else None, need_pooled, need_tokens)
+            _Item(t, pairs[i] if pairs is not None else None, pooled[i], tokens[i])
             for i, t in enumerate(texts)
         ]
-        for _ in range(3):  # a reconfigure between two batches of one request: encode again
-            outs = await asyncio.gather(*(self._encode_items(item) for item in items))
-            if len({fp for fp, _, _ in outs}) == 1:
-                break
-        else:
-            raise RuntimeError("the encoder model kept changing during this request; retry it")
-        fingerprint, ref, _ = outs[0]
-        return {"fingerprint": fingerprint, "model": ref, "items": [enc for _, _, enc in outs]}
+        fingerprint, ref, encoded = await self.batcher.submit(_EncodeCall(items))
+        return {"fingerprint": fingerprint, "model": ref, "items": encoded}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _encode_items(self, items: list[_Item]) -> list[tuple[str, str, Any]]:
-        """A batch of inputs from any number of requests; singles and pairs run as two sub-batches,
-        each padded to its own longest input."""
+    async def _encode_calls(self, calls: list[_EncodeCall]) -> list[tuple[str, str, list[Any]]]:
+        """All calls of a batch with one model version, in one worker thread."""
+        state = self.state
+        items = [item for call in calls for item in call.items]
+        encoded = await asyncio.to_thread(self._forward, state, items)
+        out, start = [], 0
+        for call in calls:
+            out.append((state.fingerprint, state.ref, encoded[start : start + len(call.items)]))
+            start += len(call.items)
+        return out
+
+    def _forward(self, state: _EncoderState, items: list[_Item]) -> list[Any]:
+        """Singles and pairs apart, each length-sorted and cut into passes padded to their own
+        longest input (what the in-process limit does)."""
         from polytask.model.inference import encode_batch
 
-        state = self.state
-        c = self.counters
-        c.batches += 1
-        c.largest_batch = max(c.largest_batch, len(items))
-        c.batch_sizes.append(len(items))
-        del c.batch_sizes[:-1000]
-        results: list[tuple[str, str, Any]] = [None] * len(items)  # type: ignore[list-item]
+        results: list[Any] = [None] * len(items)
         for pair_view in (False, True):
             idx = [i for i, it in enumerate(items) if (it.pair is not None) == pair_view]
-            if not idx:
-                continue
-            encoded = await asyncio.to_thread(
-                encode_batch,
-                state.encoder,
-                state.tokenizer,
-                [items[i].text for i in idx],
-                [items[i].pair for i in idx] if pair_view else None,
-                max_length=state.max_length,
-                pooling=state.pooling,
-                need_pooled=any(items[i].need_pooled for i in idx),
-                need_tokens=any(items[i].need_tokens for i in idx),
-                device=self.device,
-            )
-            for i, enc in zip(idx, encoded):
-                if not items[i].need_pooled:
-                    enc.pooled = None
-                if not items[i].need_tokens:
-                    enc.tokens = enc.word_ids = enc.word_spans = None
-                results[i] = (state.fingerprint, state.ref, enc)
+            idx.sort(key=lambda i: len(items[i].text) + len(items[i].pair or ""))
+            for start in range(0, len(idx), self.max_batch_size):
+                chunk = idx[start : start + self.max_batch_size]
+                self.passes.append(len(chunk))
+                del self.passes[:-1000]
+                encoded = encode_batch(
+                    state.encoder,
+                    state.tokenizer,
+                    [items[i].text for i in chunk],
+                    [items[i].pair or "" for i in chunk] if pair_view else None,
+                    max_length=state.max_length,
+                    pooling=state.pooling,
+                    need_pooled=any(items[i].need_pooled for i in chunk),
+                    need_tokens=any(items[i].need_tokens for i in chunk),
+                    device=self.device,
+                )
+                for i, enc in zip(chunk, encoded):
+                    if not items[i].need_pooled:
+                        enc.pooled = None
+                    if not items[i].need_tokens:
+                        enc.tokens = enc.word_ids = enc.word_spans = None
+                    results[i] = enc
         return results
 
 
@@ -216,8 +237,11 @@ class Head:
                 self._load(ref, None)
                 self.ref = ref
 
-    def predict(self, encoded: dict[str, Any], texts: list[str]) -> dict[str, Any]:
-        """Decode the Encoder's output for this task: one answer per input."""
+    def predict(
+        self, encoded: dict[str, Any], texts: list[str], indices: list[int] | None = None
+    ) -> dict[str, Any]:
+        """Decode the Encoder's output for this task: one answer per text. `indices` picks this
+        head's inputs out of an encoder batch shared with requests for other tasks."""
         from polytask.model.inference import run_head
 
         self.calls += 1
@@ -225,7 +249,8 @@ class Head:
         fingerprint = encoded["fingerprint"]
         found = self.versions.get(fingerprint)
         head, spec = found if found is not None else self._load(encoded["model"], fingerprint)
-        answers = run_head(head, spec, encoded["items"], texts)
+        items = encoded["items"] if indices is None else [encoded["items"][i] for i in indices]
+        answers = run_head(head, spec, items, texts)
         return {"answers": answers, "fingerprint": fingerprint, "model": encoded["model"]}
 
     def stats(self) -> dict[str, Any]:
@@ -251,12 +276,24 @@ class IngressSettings:
     overflow: str
     max_body_bytes: int
     api_key_env: str | None = None
+    batch_max_inputs: int = 256
+    batches_in_flight: int = 2
+    batch_wait_s: float = 0.005
+
+
+@dataclass
+class _Job:
+    """One validated request waiting in the Ingress batcher."""
+
+    inputs: list[tuple[str, str | None]]
+    tasks: list[str]
 
 
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
-    """HTTP front: validates requests, calls the Encoder once per text view and the heads concurrently."""
+    """HTTP front: validates each request, then batches concurrent ones so that one Encoder call
+    per text view and one call per requested head carry all their inputs."""
 
     def __init__(
         self,
@@ -281,6 +318,17 @@ class Ingress:
                     "set on the Ingress replica; set it (runtime_env env_vars, a Kubernetes secret) "
                     "or remove api_key_env"
                 )
+        from ray.serve.exceptions import BackPressureError
+
+        self.batcher: MicroBatcher[_Job, tuple[list[dict[str, Any]], dict[str, Any]]]
+        self.batcher = MicroBatcher(
+            self._run_batch,
+            size=lambda job: len(job.inputs),
+            max_size=self.settings.batch_max_inputs,
+            max_in_flight=self.settings.batches_in_flight,
+            wait_s=self.settings.batch_wait_s,
+            never_split=(BackPressureError,),
+        )
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """A new model reference refreshes the task list (labels) the API reports and validates."""
@@ -309,30 +357,73 @@ class Ingress:
             "fingerprint": fingerprint,
         }
 
+    def stats(self) -> dict[str, Any]:
+        """Requests (`jobs`) and inputs per batch sent down the pipeline."""
+        return {**self.batcher.stats.as_dict(), **replica_identity()}
+
     async def run(
         self, inputs: list[tuple[str, str | None]], tasks: list[str]
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Encoder once per view (single texts, text pairs), then the views' heads concurrently.
+        """One validated request → (one {task: answer} per input, model info), answered from
+        a batch shared with the requests that arrived while the previous batch ran."""
+        return await self.batcher.submit(_Job(inputs, tasks))
+
+    async def _run_batch(
+        self, jobs: list[_Job]
+    ) -> list[tuple[list[dict[str, Any]], dict[str, Any]]]:
+        """Encoder once per view (single texts, text pairs) over every input of the batch whose
+        request asked for a task of that view, then each requested head once, concurrently, on
+        the inputs of the requests that asked for it.
 
         The encoder's response is handed to the heads unresolved, so its arrays go from the encoder
         to the heads through the object store without passing through this replica.
         """
-        texts = [text for text, _ in inputs]
-        calls = []
+        calls = []  # (task, [(job index, first input, count)], response)
         for pair_view in (False, True):
-            view = [t for t in tasks if self.specs[t].task_kind.pair == pair_view]
-            if not view:
+            texts: list[str] = []
+            pairs: list[str] = []
+            pooled: list[bool] = []
+            tokens: list[bool] = []
+            spans: dict[int, tuple[int, int]] = {}  # job → (first input in this view, count)
+            for j, job in enumerate(jobs):
+                view = [t for t in job.tasks if self.specs[t].task_kind.pair == pair_view]
+                if not view:
+                    continue
+                levels = {self.specs[t].task_kind.level for t in view}
+                spans[j] = (len(texts), len(job.inputs))
+                texts += [text for text, _ in job.inputs]
+                pairs += [pair or "" for _, pair in job.inputs]
+                pooled += ["sentence" in levels] * len(job.inputs)
+                tokens += ["token" in levels] * len(job.inputs)
+            if not texts:
                 continue
-            levels = {self.specs[t].task_kind.level for t in view}
-            pairs = [pair or "" for _, pair in inputs] if pair_view else None
             encoded = self.encoder.encode.remote(
-                texts, pairs, "sentence" in levels, "token" in levels
+                texts, pairs if pair_view else None, pooled, tokens
             )
-            calls += [(t, self.heads[t].predict.remote(encoded, texts)) for t in view]
-        outs = await asyncio.gather(*(response for _, response in calls))
-        results: list[dict[str, Any]] = [{} for _ in inputs]
-        for (task, _), out in zip(calls, outs):
-            for i, answer in enumerate(out["answers"]):
-                results[i][task] = answer
-        model = {**self.model_info(outs[0]["fingerprint"]), "ref": outs[0]["model"]}
-        return results, model
+            view_tasks = dict.fromkeys(
+                t for j in spans for t in jobs[j].tasks if self.specs[t].task_kind.pair == pair_view
+            )
+            for task in view_tasks:
+                mine = [(j, *spans[j]) for j in spans if task in jobs[j].tasks]
+                indices = [i for _, start, n in mine for i in range(start, start + n)]
+                every = len(indices) == len(texts)
+                response = self.heads[task].predict.remote(
+                    encoded,
+                    texts if every else [texts[i] for i in indices],
+                    None if every else indices,
+                )
+                calls.append((task, mine, response))
+        outs = await asyncio.gather(*(response for _, _, response in calls))
+        results: list[list[dict[str, Any]]] = [[{} for _ in job.inputs] for job in jobs]
+        models: list[dict[str, Any] | None] = [None] * len(jobs)
+        for (task, mine, _), out in zip(calls, outs):
+            answers = iter(out["answers"])
+            for j, _, n in mine:
+                for i in range(n):
+                    results[j][i][task] = next(answers)
+                if models[j] is None:
+                    models[j] = {**self.model_info(out["fingerprint"]), "ref": out["model"]}
+        return [
+            ([{t: r[t] for t in job.tasks} for r in results[j]], models[j] or self.model_info())
+            for j, job in enumerate(jobs)
+        ]

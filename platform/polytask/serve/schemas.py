@@ -64,8 +64,22 @@ class ServeArgs(BaseModel):
     )
     tasks: list[str] | None = Field(None, min_length=1, description="Serve only these tasks.")
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where the encoder runs.")
-    max_batch_size: int = Field(32, ge=1, le=4096, description="Encoder dynamic batch size.")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10, description="Encoder batch wait.")
+    max_batch_size: int = Field(
+        32, ge=1, le=4096, description="Inputs per encoder forward pass (length-sorted)."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.005,
+        ge=0,
+        le=10,
+        description="While another batch is running, how long an Ingress batch that is not full "
+        "waits for more requests; a lone request never waits.",
+    )
+    ingress_batch_inputs: int = Field(
+        256, ge=1, le=100_000, description="Most inputs one Ingress batch carries."
+    )
+    ingress_batches_in_flight: int = Field(
+        2, ge=1, le=64, description="Batches one Ingress replica runs at once."
+    )
     max_inputs_per_request: int = Field(64, ge=1, le=10_000)
     max_chars_per_input: int = Field(2000, ge=1, le=1_000_000)
     max_body_bytes: int | None = Field(

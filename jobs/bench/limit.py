@@ -1,0 +1,156 @@
+"""The in-process limit: the same model work as a served request (tokenize, encoder forward, both
+heads, decoded answers) on length-sorted batches, with no HTTP and no Ray.
+
+The best of one single-threaded process and one single-threaded process per core (what Serve's
+one-thread-per-replica encoders can reach together), so a served system is compared with the
+most this CPU does with the model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _load(bundle: str) -> tuple[Any, Any, Any]:
+    import torch
+
+    from polytask.model.bundle import load_bundle
+
+    torch.set_num_threads(1)
+    return load_bundle(bundle, "cpu")
+
+
+def throughput(
+    bundle_parts: tuple[Any, Any, Any],
+    texts: list[str],
+    tasks: list[str],
+    batch_size: int,
+    seconds: float,
+    padding: str = "longest",
+    heads: bool = True,
+) -> dict[str, float]:
+    """Inputs/s over batches cut from `texts` in the given order, visited in a seeded random
+    order until `seconds` have passed; `heads=False`: encoder only, with the mean padded length."""
+    import torch
+
+    from polytask.model.inference import encode_batch, run_head
+
+    model, tokenizer, manifest = bundle_parts
+    batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
+    order = np.random.default_rng(0).permutation(len(batches))
+    levels = {model.specs[t].task_kind.level for t in tasks}
+    done, tokens = 0, 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for index in itertools.cycle(order):
+            batch = batches[index]
+            if heads:  # exactly what a served request runs (Predictor's code path)
+                items = encode_batch(
+                    model.encoder,
+                    tokenizer,
+                    batch,
+                    None,
+                    max_length=manifest.max_length,
+                    pooling=model.pooling,
+                    need_pooled="sentence" in levels,
+                    need_tokens="token" in levels,
+                )
+                for task in tasks:
+                    run_head(model.heads[task], model.specs[task], items, batch)
+            else:
+                enc = tokenizer(
+                    batch,
+                    truncation=True,
+                    max_length=manifest.max_length,
+                    padding=padding,
+                    return_tensors="pt",
+                )
+                model.encoder(**enc)
+                tokens += int(enc["input_ids"].numel())
+            done += len(batch)
+            if time.perf_counter() - start >= seconds:
+                break
+    elapsed = time.perf_counter() - start
+    return {"inputs_per_s": done / elapsed, "padded_tokens_per_input": tokens / done}
+
+
+def _worker(bundle, texts, tasks, batch_size, seconds, barrier, results) -> None:
+    parts = _load(bundle)
+    throughput(parts, texts, tasks, batch_size, seconds / 4)
+    barrier.wait()
+    results.put(throughput(parts, texts, tasks, batch_size, seconds))
+
+
+def _parallel(bundle, texts, tasks, batch_size, seconds, processes) -> float:
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_worker, args=(bundle, texts, tasks, batch_size, seconds, barrier, results)
+        )
+        for _ in range(processes)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        outs = [results.get(timeout=600) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+    return sum(o["inputs_per_s"] for o in outs)
+
+
+def measure_limit(
+    bundle: str | Path,
+    texts: list[str],
+    tasks: list[str],
+    batch_size: int,
+    seconds: float,
+    processes: int,
+) -> dict[str, Any]:
+    """The limit (best configuration) and, on the same texts, dynamic padding in arrival order
+    against padding to max_length (encoder only): how much a server loses to padding."""
+    import torch
+
+    previous = torch.get_num_threads()
+    try:
+        parts = _load(str(bundle))
+        ordered = sorted(texts, key=len)
+        throughput(parts, ordered, tasks, batch_size, seconds / 4)
+        by_config = {
+            f"1 process x 1 thread, batch {batch_size}": throughput(
+                parts, ordered, tasks, batch_size, seconds
+            )["inputs_per_s"]
+        }
+        if processes > 1:
+            by_config[f"{processes} processes x 1 thread, batch {batch_size}"] = _parallel(
+                str(bundle), ordered, tasks, batch_size, seconds, processes
+            )
+        best = max(by_config, key=by_config.__getitem__)
+        sorted_enc = throughput(parts, ordered, tasks, batch_size, seconds, heads=False)
+        arrival = throughput(parts, texts, tasks, batch_size, seconds, heads=False)
+        fixed = throughput(parts, texts, tasks, batch_size, seconds, "max_length", heads=False)
+    finally:
+        torch.set_num_threads(previous)
+    return {
+        "inputs_per_s": by_config[best],
+        "config": best,
+        "by_config": by_config,
+        "batch_size": batch_size,
+        "tasks": tasks,
+        "what": "tokenize + encoder forward + every head + decoded answers, length-sorted "
+        "batches padded to their own longest input, torch.inference_mode, no HTTP and no Ray",
+        "padding": {
+            "max_length": parts[2].max_length,
+            "sorted_dynamic": sorted_enc,
+            "arrival_dynamic": arrival,
+            "arrival_max_length": fixed,
+            "dynamic_over_max_length": arrival["inputs_per_s"] / fixed["inputs_per_s"],
+        },
+    }

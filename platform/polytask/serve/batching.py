@@ -1,0 +1,155 @@
+"""Adaptive micro-batching for one replica: concurrent calls are gathered into one batch call.
+
+A batch leaves as soon as fewer than `max_in_flight` batches are running, so a lone request
+never waits; under load, everything that arrived while the previous batch ran goes in the next.
+(Ray's `@serve.batch` forms its next batch before waiting for a free slot, so it either adds its
+wait to every lone request or, with no wait, sends batches of one while the replica is busy.)
+
+One failing job never fails its batch-mates: when a batch call raises, each of its jobs is run
+again on its own and only the ones that fail again get the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+J = TypeVar("J")
+R = TypeVar("R")
+
+
+@dataclass
+class BatchStats:
+    """What a batcher did: tests and the benchmark read these through the deployments' `stats()`."""
+
+    jobs: int = 0
+    batches: int = 0
+    largest: int = 0
+    split_batches: int = 0
+    sizes: list[int] = field(default_factory=list)
+
+    def record(self, size: int) -> None:
+        self.batches += 1
+        self.largest = max(self.largest, size)
+        self.sizes.append(size)
+        del self.sizes[:-1000]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "jobs": self.jobs,
+            "batches": self.batches,
+            "largest_batch": self.largest,
+            "split_batches": self.split_batches,
+            "batch_sizes": list(self.sizes[-100:]),
+        }
+
+
+class MicroBatcher(Generic[J, R]):
+    """`await submit(job)` → that job's result from `run_batch(jobs)` (one result per job).
+
+    `size(job)` counts a job's inputs; a batch holds at most `max_size` of them (a larger job
+    goes alone). `wait_s` > 0 lets a batch that is not full wait that long for more jobs, but
+    only while another batch is running: a lone request still leaves at once.
+    Exceptions in `never_split` (e.g. back-pressure) fail the whole batch without a retry.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[J]], Awaitable[list[R]]],
+        *,
+        size: Callable[[J], int] = lambda _: 1,
+        max_size: int = 256,
+        max_in_flight: int = 1,
+        wait_s: float = 0.0,
+        never_split: tuple[type[BaseException], ...] = (),
+    ) -> None:
+        if max_size < 1 or max_in_flight < 1 or wait_s < 0:
+            raise ValueError("max_size and max_in_flight must be >= 1 and wait_s >= 0")
+        self.run_batch = run_batch
+        self.size = size
+        self.max_size = max_size
+        self.max_in_flight = max_in_flight
+        self.wait_s = wait_s
+        self.never_split = never_split
+        self.stats = BatchStats()
+        self._pending: deque[tuple[J, asyncio.Future]] = deque()
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    async def submit(self, job: J) -> R:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((job, future))
+        self.stats.jobs += 1
+        self._dispatch()
+        return await future
+
+    def _dispatch(self) -> None:
+        while self._pending and self._in_flight < self.max_in_flight:
+            self._in_flight += 1
+            task = asyncio.create_task(self._run(self._take([])))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _take(self, batch: list[tuple[J, asyncio.Future]]) -> list[tuple[J, asyncio.Future]]:
+        total = sum(self.size(job) for job, _ in batch)
+        while self._pending:
+            job, future = self._pending[0]
+            if future.done():  # the caller went away (client disconnected)
+                self._pending.popleft()
+                continue
+            n = self.size(job)
+            if batch and total + n > self.max_size:
+                break
+            batch.append(self._pending.popleft())
+            total += n
+        return batch
+
+    async def _run(self, batch: list[tuple[J, asyncio.Future]]) -> None:
+        try:
+            busy = self._in_flight > 1  # another batch is running: more requests are coming
+            if self.wait_s > 0 and busy and sum(self.size(j) for j, _ in batch) < self.max_size:
+                await asyncio.sleep(self.wait_s)
+                batch = self._take(batch)
+            live = [(job, future) for job, future in batch if not future.done()]
+            if not live:
+                return
+            self.stats.record(sum(self.size(job) for job, _ in live))
+            outcomes = await self._outcomes([job for job, _ in live])
+            for (_, future), outcome in zip(live, outcomes):
+                if future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+        except BaseException as exc:  # cancelled replica shutdown: no caller may hang
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        finally:
+            self._in_flight -= 1
+            self._dispatch()
+
+    async def _outcomes(self, jobs: list[J]) -> list[R | BaseException]:
+        try:
+            results = list(await self.run_batch(jobs))
+        except self.never_split as exc:
+            return [exc] * len(jobs)
+        except Exception as exc:  # noqa: BLE001 - any failure: find the guilty job(s) alone
+            if len(jobs) == 1:
+                return [exc]
+            self.stats.split_batches += 1
+            return list(await asyncio.gather(*(self._alone(job) for job in jobs)))
+        if len(results) != len(jobs):
+            raise RuntimeError(f"run_batch returned {len(results)} results for {len(jobs)} jobs")
+        return results
+
+    async def _alone(self, job: J) -> R | BaseException:
+        try:
+            return (await self.run_batch([job]))[0]
+        except Exception as exc:  # noqa: BLE001 - handed to that job's caller, who re-raises it
+            return exc
