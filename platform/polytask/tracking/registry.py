@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from polytask.config import default_home
+from polytask.tracking.tags import (
+    BASE_VERSION_TAG,
+    OBJECTIVE_TAG,
+    SOURCE_VERSION_TAG,  # noqa: F401 - tests read it from here
+    VARIANT_TAG,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -22,13 +28,6 @@ if TYPE_CHECKING:
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_NAME = "model"  # the logged model's name inside its run
 CANDIDATE, CHAMPION = "candidate", "champion"
-OBJECTIVE_TAG = "objective"
-# Tags of compressed versions (`polytask compress`): the method of the last step, the version it
-# was made from, the full-precision version at the root of the chain, and the bundle variant.
-COMPRESSION_TAG = "polytask.compression"
-SOURCE_VERSION_TAG = "polytask.source_version"
-BASE_VERSION_TAG = "polytask.base_version"
-VARIANT_TAG = "polytask.variant"
 FULL_PRECISION = "fp32"
 VARIANT_OF_METHOD = {"int8": "int8", "prune": "pruned"}  # a variant is these joined by '+'
 # Pinned from what is installed, so logging never spawns MLflow's slow requirement inference.
@@ -292,11 +291,13 @@ def _format_time(ms: int | None) -> str:
 
 def resolve_bundle(uri: str) -> Path:
     """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/PATH` or a dir → local bundle."""
+    from polytask.model.bundle import MANIFEST  # here: listing versions needs no torch
+
     if "://" not in uri and ":/" not in uri:
         path = Path(uri).expanduser()
-        if not (path / "polytask.json").is_file():
+        if not (path / MANIFEST).is_file():
             raise FileNotFoundError(
-                f"model '{uri}': not a bundle directory (no polytask.json); pass a bundle path "
+                f"model '{uri}': not a bundle directory (no {MANIFEST}); pass a bundle path "
                 "or a models:/NAME@ALIAS URI"
             )
         return path.resolve()
@@ -309,6 +310,8 @@ def _download(uri: str, store: str) -> Path:
     (a moved alias never mixes files of two versions); `runs:/ID/NAME` resolves to the model
     that run logged under NAME, since MLflow 3 keeps models outside run artifacts."""
     import mlflow
+
+    from polytask.model.bundle import MANIFEST
 
     uri = _concrete(uri, store)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in uri)
@@ -323,7 +326,7 @@ def _download(uri: str, store: str) -> Path:
                 artifact_uri=uri, dst_path=str(tmp), tracking_uri=store, registry_uri=store
             )
         if _bundle_in(tmp) is None:
-            raise FileNotFoundError(f"model '{uri}' holds no polytask bundle (no polytask.json)")
+            raise FileNotFoundError(f"model '{uri}' holds no polytask bundle (no {MANIFEST})")
         (tmp / ".complete").write_text(uri)
         if not (dst / ".complete").is_file():
             shutil.rmtree(dst, ignore_errors=True)
@@ -363,14 +366,16 @@ def _bundle_in(local: Path) -> Path | None:
     """The bundle inside a downloaded MLflow model (its `bundle` artifact), or the dir itself."""
     import yaml
 
+    from polytask.model.bundle import MANIFEST
+
     mlmodel = local / "MLmodel"
     if mlmodel.is_file():
         flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {})
         artifacts = flavor.get("python_function", {}).get("artifacts", {}) or {}
         rel = (artifacts.get("bundle") or {}).get("path")
-        if rel and (local / rel / "polytask.json").is_file():
+        if rel and (local / rel / MANIFEST).is_file():
             return local / rel
     for candidate in (local / "artifacts" / "bundle", local / "bundle", local):
-        if (candidate / "polytask.json").is_file():
+        if (candidate / MANIFEST).is_file():
             return candidate
     return None
