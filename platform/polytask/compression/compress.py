@@ -364,21 +364,21 @@ def dir_bytes(path: Path, pattern: str = "*") -> int:
 def registered_version(model_uri: str, uri: str | None = None) -> tuple[str, str]:
     """(registered name, version) of a `models:/NAME/VERSION` or `models:/NAME@ALIAS` URI."""
     from polytask.tracking import registry
+    from polytask.tracking.uris import AliasNotFound, parse_model_uri, pin_model_uri
 
-    if not model_uri.startswith("models:/"):
+    ref = parse_model_uri(model_uri)
+    if not ref.registered or ref.rest:
         raise ValueError(
             f"model '{model_uri}': --register needs a models:/NAME/VERSION or models:/NAME@ALIAS "
             "source (the compressed bundle is registered next to it); pass --no-register"
         )
-    ref = model_uri.removeprefix("models:/").split("/")
-    if "@" in ref[0]:
-        name, alias = ref[0].split("@", 1)
-        return name, str(registry.client(uri).get_model_version_by_alias(name, alias).version)
-    if len(ref) < 2 or not ref[1].isdigit():
+    try:
+        pinned = parse_model_uri(pin_model_uri(model_uri, lambda: registry.client(uri)))
+    except AliasNotFound as exc:
         raise ValueError(
-            f"model '{model_uri}': expected models:/NAME/VERSION or models:/NAME@ALIAS"
-        )
-    return ref[0], ref[1]
+            f"model '{model_uri}': {exc}; see `polytask registry list {ref.name}`"
+        ) from exc
+    return pinned.name, pinned.version
 
 
 def register_compressed(

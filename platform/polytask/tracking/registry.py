@@ -19,6 +19,7 @@ from polytask.tracking.tags import (
     SOURCE_VERSION_TAG,  # noqa: F401 - tests read it from here
     VARIANT_TAG,
 )
+from polytask.tracking.uris import AliasNotFound, is_local_path, parse_model_uri, pin_model_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -293,7 +294,7 @@ def resolve_bundle(uri: str) -> Path:
     """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/PATH` or a dir → local bundle."""
     from polytask.model.bundle import MANIFEST  # here: listing versions needs no torch
 
-    if "://" not in uri and ":/" not in uri:
+    if is_local_path(uri):
         path = Path(uri).expanduser()
         if not (path / MANIFEST).is_file():
             raise FileNotFoundError(
@@ -339,21 +340,20 @@ def _download(uri: str, store: str) -> Path:
 def _concrete(uri: str, store: str) -> str:
     """`models:/NAME@ALIAS` → `models:/NAME/VERSION`; `runs:/ID/NAME` → `models:/<model id>`."""
     c = client(store)
-    if uri.startswith("models:/") and "@" in uri.split("/")[1]:
-        name, alias = uri.removeprefix("models:/").split("/")[0].split("@", 1)
-        mv = _version_by_alias(c, name, alias)
-        if mv is None:
+    ref = parse_model_uri(uri)
+    if ref.kind == "alias":
+        try:
+            return pin_model_uri(uri, lambda: c)
+        except AliasNotFound as exc:
             raise FileNotFoundError(
-                f"model '{uri}': no version of '{name}' has alias '{alias}'; see "
-                f"`polytask registry list {name}`"
-            )
-        return f"models:/{name}/{mv.version}" + uri.removeprefix(f"models:/{name}@{alias}")
-    if uri.startswith("runs:/"):
-        run_id, _, name = uri.removeprefix("runs:/").partition("/")
-        experiment_id = c.get_run(run_id).info.experiment_id
+                f"model '{uri}': no version of '{ref.name}' has alias '{ref.alias}'; see "
+                f"`polytask registry list {ref.name}`"
+            ) from exc
+    if ref.kind == "run":
+        experiment_id = c.get_run(ref.run_id).info.experiment_id
         found = c.search_logged_models(
             [experiment_id],
-            filter_string=f"source_run_id = '{_quote(run_id)}' AND name = '{_quote(name)}'",
+            filter_string=f"source_run_id = '{_quote(ref.run_id)}' AND name = '{_quote(ref.rest)}'",
             order_by=[{"field_name": "creation_timestamp", "ascending": False}],
             max_results=1,
         )
