@@ -50,7 +50,11 @@ class DataConfig(_Section):
     hub_config: str | None = Field(None, description="datasets config name (e.g. 'sst2').")
     train: str = Field(description="Train file path (relative to the experiment file) or split.")
     validation: str | None = Field(None, description="Validation file path or split name.")
-    test: str | None = Field(None, description="Test file path or split name.")
+    test: str | None = Field(
+        None,
+        description="Test file path or split name: the best checkpoint is scored on it once, at "
+        "the end of `polytask train` (MLflow `test/<task>/<metric>`).",
+    )
     text_field: str = Field("text", description="Column with the input text.")
     text_pair_field: str | None = Field(None, description="Second text column (pair tasks).")
     label_field: str = Field("label", description="Column with the label (or label list).")
@@ -206,7 +210,6 @@ class ExperimentConfig(_Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Checkpoints and restarts.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
     tune: TuneConfig | None = Field(None, description="Ray Tune sweep (polytask tune).")
-    serve: dict[str, Any] | None = Field(None, description="polytask.serve build_app args.")
     base_dir: str = Field(".", description="Relative data paths resolve here (the file's dir).")
 
     @model_validator(mode="after")
