@@ -66,6 +66,14 @@ def test_every_problem_is_listed_at_once_with_hints() -> None:
     assert len(err.value.problems) == 4
 
 
+def test_settings_nothing_reads_are_rejected() -> None:
+    """`serve:` was accepted and never read; serving takes its args from serve_configs/."""
+    data = _base()
+    data["serve"] = {"model": "models:/m@champion"}
+    with pytest.raises(ConfigError, match="serve: is not a known field"):
+        config_from_dict(data)
+
+
 def test_metric_must_belong_to_the_kind() -> None:
     data = _base()
     data["tasks"][0]["metric"] = "f1"

@@ -1,7 +1,8 @@
 """Ray Tune sweeps over task weights and hyperparameters; the best trial's bundle is registered.
 
-Train V2 pattern: each trial is a function that builds and fits its own TorchTrainer; the
-workers' `ray.train.report` reaches Tune through `TuneReportCallback`, so ASHA sees every epoch.
+Train V2 pattern: each trial is a function that builds and fits its own TorchTrainer (from
+`ray_run`, the same workers and `loop.fit` as `polytask train`); the workers' `ray.train.report`
+reaches Tune through `TuneReportCallback`, so ASHA sees every epoch.
 """
 
 from __future__ import annotations
