@@ -46,7 +46,7 @@ def trained_bundle(tmp_path_factory: pytest.TempPathFactory, demo_data: Path, ti
     """A bundle from a short plain-PyTorch run (no Ray): good enough to give non-trivial answers."""
     from polytask.model.bundle import save_bundle
     from polytask.training.data import load_task_data
-    from polytask.training.loop import build_features, setup, train_epoch
+    from polytask.training.loop import build_features, fit, setup
 
     cfg = config_from_dict(demo_experiment(demo_data, tiny_encoder, epochs=3, lr=2e-3, num_workers=1))
     task_data = load_task_data(cfg)
@@ -55,9 +55,7 @@ def trained_bundle(tmp_path_factory: pytest.TempPathFactory, demo_data: Path, ti
     _, tokenizer = load_encoder(str(tiny_encoder))
     train_f, eval_f = build_features(cfg, task_data, tokenizer)
     tr = setup(cfg, [td.spec for td in task_data.values()], train_f, eval_f)
-    for _ in range(cfg.optim.epochs):
-        train_epoch(tr)
-        tr.sampler.next_epoch()
+    fit(tr, evaluate_each_epoch=False)
     path = tmp_path_factory.mktemp("bundle") / "bundle"
     save_bundle(tr.core, tokenizer, path, cfg.encoder.max_length, source=str(tiny_encoder))
     return path

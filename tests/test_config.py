@@ -59,11 +59,19 @@ def test_every_problem_is_listed_at_once_with_hints() -> None:
     with pytest.raises(ConfigError) as err:
         config_from_dict(data)
     msg = str(err.value)
-    assert "optim.lrr: unknown key; did you mean 'lr'?" in msg
+    assert "optim.lrr: is not a known field; did you mean 'lr'?" in msg
     assert "optim.epochs:" in msg and "'many'" in msg
     assert "encoder.pooling:" in msg and "'cls' or 'mean'" in msg
-    assert "tasks[0].data.train: required field is missing" in msg
+    assert "tasks[0].data.train: is required" in msg
     assert len(err.value.problems) == 4
+
+
+def test_settings_nothing_reads_are_rejected() -> None:
+    """`serve:` was accepted and never read; serving takes its args from serve_configs/."""
+    data = _base()
+    data["serve"] = {"model": "models:/m@champion"}
+    with pytest.raises(ConfigError, match="serve: is not a known field"):
+        config_from_dict(data)
 
 
 def test_metric_must_belong_to_the_kind() -> None:

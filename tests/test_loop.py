@@ -1,4 +1,4 @@
-"""The plain-PyTorch loop (no Ray) learns both demo tasks and resumes exactly from saved state."""
+"""The plain-PyTorch loop (`fit`, no Ray) learns both demo tasks and resumes exactly from saved state."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from polytask.training.data import load_task_data
 from polytask.training.loop import (
     build_features,
     evaluate,
+    fit,
     load_state,
     objective,
     save_state,
     setup,
-    train_epoch,
 )
 
 
@@ -31,10 +31,8 @@ def test_joint_training_learns_both_tasks(experiment, tiny_encoder: Path) -> Non
     cfg = experiment(epochs=5, lr=1e-3, num_workers=1)
     tr, tok = _trainer(cfg, tiny_encoder)
     before = evaluate(tr.core, tr.eval_features, 64, tok.pad_token_id)
-    losses = []
-    for _ in range(cfg.optim.epochs):
-        losses.append(train_epoch(tr))
-        tr.sampler.next_epoch()
+    history = fit(tr, evaluate_each_epoch=False)
+    losses = [{t: row[f"train_loss/{t}"] for t in ("sentiment", "ner")} for row in history]
     after = evaluate(tr.core, tr.eval_features, 64, tok.pad_token_id)
     for task in ("sentiment", "ner"):
         assert losses[-1][task] < 0.8 * losses[0][task], f"{task} loss did not fall: {losses}"
@@ -48,9 +46,7 @@ def test_loss_weighting_methods_train_and_move(experiment, tiny_encoder: Path, m
     cfg = experiment(epochs=2, num_workers=1, loss_weighting={"method": method}, sampling={"steps_per_epoch": 12})
     tr, _ = _trainer(cfg, tiny_encoder)
     start = tr.core.weighting.weights()
-    for _ in range(2):
-        train_epoch(tr)
-        tr.sampler.next_epoch()
+    fit(tr, evaluate_each_epoch=False)
     end = tr.core.weighting.weights()
     assert end != start
     if method == "dwa":
@@ -60,18 +56,18 @@ def test_loss_weighting_methods_train_and_move(experiment, tiny_encoder: Path, m
 def test_saved_state_resumes_the_same_trajectory(experiment, tiny_encoder: Path, tmp_path: Path) -> None:
     cfg = experiment(epochs=2, num_workers=1, sampling={"steps_per_epoch": 10})
     straight, _ = _trainer(cfg, tiny_encoder)
-    for _ in range(2):
-        train_epoch(straight)
-        straight.sampler.next_epoch()
+    fit(straight)
     first, _ = _trainer(cfg, tiny_encoder)
-    train_epoch(first)
-    first.sampler.next_epoch()
-    first.epoch = 1
+    seen = []
+    fit(first, epochs=1, on_epoch=lambda state, record: seen.append(dict(record)))
+    assert [r["epoch"] for r in seen] == [0] and "objective" in seen[0]
     save_state(first, tmp_path / "ckpt")
     resumed, _ = _trainer(cfg, tiny_encoder)
     load_state(resumed, tmp_path / "ckpt")
     assert resumed.epoch == 1 and resumed.sampler.state_dict() == {"epoch": 1, "step": 0}
-    train_epoch(resumed)
+    fit(resumed)
+    assert [(r["epoch"], r["start_epoch"]) for r in resumed.history] == [(0, 0), (1, 1)]
+    assert resumed.history[1]["objective"] == pytest.approx(straight.history[1]["objective"], abs=1e-4)
     for (name, a), b in zip(straight.core.state_dict().items(), resumed.core.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), name
 

@@ -309,3 +309,47 @@ def test_cache_is_keyed_verified_and_safe_for_concurrent_replicas(
     assert resolve_bundle("models:/reg-cache/1") == bundle
     assert weights.read_bytes() == good  # downloaded again, since it no longer verified
     assert [p.name for p in store_dir.iterdir() if p.is_dir()] == entries
+
+
+def test_model_references_parse_into_their_parts():
+    from polytask.tracking.uris import parse_model_uri
+
+    alias = parse_model_uri("models:/reg@champion")
+    assert (alias.kind, alias.name, alias.alias, alias.rest, alias.registered) == (
+        "alias", "reg", "champion", "", True
+    )
+    version = parse_model_uri("models:/reg/12/sub/dir")
+    assert (version.kind, version.name, version.version, version.rest) == (
+        "version", "reg", "12", "/sub/dir"
+    )
+    run = parse_model_uri("runs:/abc123/model")
+    assert (run.kind, run.run_id, run.rest, run.registered) == ("run", "abc123", "model", False)
+    assert parse_model_uri("bundles/b1").kind == "path"
+    assert parse_model_uri("models:/m-0123abcd").kind == "other"
+    assert parse_model_uri("models:/reg/latest").kind == "other"
+
+
+def test_one_pinning_for_registry_compress_and_serve(trained_bundle, run_id):
+    """An alias pins to the version it names now, the same way in all three callers."""
+    from polytask.compression.compress import registered_version
+    from polytask.serve.refs import pin_model_uri as serve_pin
+    from polytask.serve.schemas import ServeArgsError
+    from polytask.tracking.uris import AliasNotFound, pin_model_uri
+
+    register_bundle(trained_bundle, "reg-pin", run_id, objective=0.5)
+    register_bundle(trained_bundle, "reg-pin", run_id, objective=0.9)
+    assert pin_model_uri("models:/reg-pin@champion", client) == "models:/reg-pin/2"
+    assert pin_model_uri("models:/reg-pin@champion/x", client) == "models:/reg-pin/2/x"
+    assert pin_model_uri("models:/reg-pin/1", client) == "models:/reg-pin/1"
+    assert pin_model_uri(str(trained_bundle), client) == str(trained_bundle.resolve())
+    assert serve_pin("models:/reg-pin@candidate") == "models:/reg-pin/2"
+    assert registered_version("models:/reg-pin@champion") == ("reg-pin", "2")
+    assert registered_version("models:/reg-pin/1") == ("reg-pin", "1")
+    with pytest.raises(AliasNotFound, match="'reg-pin' has no alias 'gold'"):
+        pin_model_uri("models:/reg-pin@gold", client)
+    with pytest.raises(ServeArgsError, match="has no alias 'gold'.*polytask registry promote"):
+        serve_pin("models:/reg-pin@gold")
+    with pytest.raises(ValueError, match="has no alias 'gold'.*polytask registry list reg-pin"):
+        registered_version("models:/reg-pin@gold")
+    with pytest.raises(ValueError, match="--register needs a models:/NAME/VERSION"):
+        registered_version(str(trained_bundle))

@@ -28,7 +28,7 @@ def test_valid_space_parses_and_converts(experiment) -> None:
 @pytest.mark.parametrize(
     "key,spec,message",
     [
-        ("optim.lrr", "loguniform(1e-5, 1e-3)", "tune.search_space.optim.lrr: value 1e-05 → optim.lrr: unknown key; did you mean 'lr'?"),
+        ("optim.lrr", "loguniform(1e-5, 1e-3)", "tune.search_space.optim.lrr: value 1e-05 → optim.lrr: is not a known field; did you mean 'lr'?"),
         ("optim.lr", "logunif(1e-5, 1e-3)", "is not a search function"),
         ("optim.lr", "loguniform(1e-3, 1e-5)", "needs numbers with low < high"),
         ("loss_weighting.method", "choice([static, magic])", "'magic'"),

@@ -19,9 +19,10 @@ import yaml
 from typer.testing import CliRunner
 
 from polytask.config import config_from_dict
-from polytask.demo import demo_experiment
+from polytask.demo import demo_experiment, write_demo_data
+from polytask.tracking.tags import RUN_NAME_TAG
 from polytask.training.data import DataError
-from polytask.training.train import RUN_NAME_TAG, run_training
+from polytask.training.train import run_training
 
 TEXTS = ["alice flew to paris last week", "the movie was wonderful", {"text": "what a bad meal"}]
 FAST = {"sampling": {"steps_per_epoch": 4}, "optim": {"eval_batch_size": 64}}
@@ -85,9 +86,17 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_run(ray_local, store, demo_data, tiny_encoder):
-    """A 2-worker DDP run, uninterrupted: the reference the crashed runs below must match."""
+    """A 2-worker DDP run, uninterrupted: the reference the killed run below must match. It also
+    scores a held-back test split (other examples than validation) at the end (`data.test`)."""
+    from rich.console import Console
+
     cfg = _cfg(demo_data, tiny_encoder, epochs=2, num_workers=2, registered_model="train-demo")
-    return SimpleNamespace(cfg=cfg, result=run_training(cfg, run_name="joint"))
+    held_back = write_demo_data(store.root / "held_back", n_train=1, n_eval=50, seed=7)
+    cfg.tasks[0].data.test = str(held_back / "sentiment" / "validation.jsonl")
+    cfg.tasks[1].data.test = str(held_back / "ner" / "validation.conll")
+    console = Console(record=True, width=240)
+    result = run_training(cfg, run_name="joint", console=console)
+    return SimpleNamespace(cfg=cfg, result=result, printed=console.export_text())
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +225,36 @@ def test_champion_loads_through_pyfunc_and_bundle_alike(store, first_run):
     resolved = resolve_bundle(uri)
     assert (resolved / "polytask.json").is_file()
     assert Predictor.from_bundle(str(resolved)).predict(TEXTS) == expected
+
+
+def test_test_split_is_scored_once_logged_and_printed(store, first_run):
+    """`data.test`: the registered model's metrics on the test split, as an in-process evaluation
+    of that bundle computes them, are in the MLflow run (once) and in the printed summary."""
+    from polytask.model.bundle import load_bundle
+    from polytask.tracking.registry import resolve_bundle
+    from polytask.training.data import load_task_data, tokenize_records
+    from polytask.training.loop import evaluate
+
+    res, cfg = first_run.result, first_run.cfg
+    model, tokenizer, manifest = load_bundle(resolve_bundle(f"models:/train-demo/{res.model_version}"))
+    features = {
+        name: tokenize_records(td.splits["test"], manifest.task(name), tokenizer, manifest.max_length)
+        for name, td in load_task_data(cfg).items()
+    }
+    assert [len(f) for f in features.values()] == [50, 50]
+    expected = evaluate(model, features, cfg.optim.eval_batch_size, tokenizer.pad_token_id)
+    assert set(expected) == {"sentiment", "ner"} and res.test_metrics.keys() == expected.keys()
+    logged = _client(store).get_run(res.run_id).data.metrics
+    for task, metrics in expected.items():
+        for key, value in metrics.items():
+            assert logged[f"test/{task}/{key}"] == pytest.approx(value, abs=1e-9), (task, key)
+            assert res.test_metrics[task][key] == pytest.approx(value, abs=1e-9), (task, key)
+    assert _steps(store, res.run_id, "test/ner/f1") == [res.best_epoch]
+    assert not any(k.startswith("test/") for row in res.history for k in row)  # not per epoch
+    line = next(row for row in first_run.printed.splitlines() if row.startswith("test "))
+    assert f"sentiment/accuracy {expected['sentiment']['accuracy']:.4f}" in line
+    assert f"ner/f1 {expected['ner']['f1']:.4f}" in line
+    assert res.summary()["test_metrics"]["ner"]["f1"] == pytest.approx(expected["ner"]["f1"])
 
 
 def test_relaunch_with_more_epochs_resumes_the_same_run(store, first_run, demo_data, tiny_encoder):

@@ -3,7 +3,7 @@
     python jobs/bench/compress_bench.py                          # MiniLM-L6 on SST-2 + WNUT-17
     python jobs/bench/compress_bench.py --tiny --out /tmp/cb     # smoke test, tiny encoder + demo data
 
-Fine-tunes the packaged MiniLM-L6 briefly with the plain loop (`polytask.training.loop`, no Ray) on an
+Fine-tunes the packaged MiniLM-L6 briefly with the plain loop (`polytask.training.loop.fit`, no Ray) on an
 SST-2 subset + WNUT-17 (or on generated demo data when --data is missing), saves the fp32
 bundle, compresses it with `polytask.compression.compress` — int8 once per quantized engine, pruned
 (gradient importance + a short recovery fine-tune), pruned then int8 — and measures every
@@ -163,23 +163,23 @@ def experiment(args: argparse.Namespace, tmp: Path) -> tuple[Any, str]:
 
 
 def fine_tune(cfg: Any, path: Path) -> dict[str, Any]:
-    """The fp32 source bundle: cfg.sampling.steps_per_epoch steps of the plain loop."""
+    """The fp32 source bundle: one `fit` epoch of cfg.sampling.steps_per_epoch steps."""
     from polytask.model.bundle import save_bundle
     from polytask.model.network import load_encoder
     from polytask.training.data import load_task_data
-    from polytask.training.loop import build_features, setup, train_epoch
+    from polytask.training.loop import build_features, fit, setup
 
     task_data = load_task_data(cfg)
     _, tokenizer = load_encoder(cfg.encoder.name_or_path)
     train_f, val_f = build_features(cfg, task_data, tokenizer)
     tr = setup(cfg, [td.spec for td in task_data.values()], train_f, val_f)
     start = time.perf_counter()
-    loss = train_epoch(tr)
+    [record] = fit(tr, evaluate_each_epoch=False)
     save_bundle(tr.core, tokenizer, path, cfg.encoder.max_length, source=cfg.encoder.name_or_path)
     return {
         "steps": cfg.sampling.steps_per_epoch,
         "seconds": time.perf_counter() - start,
-        "loss": loss,
+        "loss": {k.removeprefix("train_loss/"): v for k, v in record.items() if k.startswith("train_loss/")},
     }
 
 

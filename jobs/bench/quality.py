@@ -3,7 +3,7 @@
     python jobs/bench/quality.py --data ../shared/data --out bench_results/quality
     python jobs/bench/quality.py --tiny --out /tmp/q            # smoke test on generated data
 
-Three runs with the plain loop (`polytask.training.loop`, one process, no Ray): quality_joint.yaml,
+Three runs with the plain loop (`polytask.training.loop.fit`, one process, no Ray): quality_joint.yaml,
 then quality_sst2.yaml and quality_wnut17.yaml, each single-task run given exactly the number
 of steps its task got in the joint run. Reports SST-2 dev accuracy and WNUT-17 test entity F1
 (seqeval, strict IOB2) for each. Target: joint within 1 point of single-task on both.
@@ -147,12 +147,12 @@ def make_tiny_inputs(tmp: Path) -> dict[str, Any]:
 
 
 def train_and_evaluate(cfg: Any, device: str) -> dict[str, Any]:
-    """One plain-loop run: train cfg.optim.epochs epochs, then every task's validation and test."""
+    """One plain-loop run: `fit` cfg.optim.epochs epochs, then every task's validation and test."""
     import torch
 
     from polytask.model.network import load_encoder
     from polytask.training.data import load_task_data, tokenize_records
-    from polytask.training.loop import build_features, evaluate, setup, train_epoch
+    from polytask.training.loop import build_features, evaluate, fit, setup
 
     task_data = load_task_data(cfg)
     _, tokenizer = load_encoder(cfg.encoder.name_or_path)
@@ -167,16 +167,17 @@ def train_and_evaluate(cfg: Any, device: str) -> dict[str, Any]:
     )
     steps = Counter(tr.sampler.schedule(tr.sampler.epoch))
     start = time.perf_counter()
-    losses = []
-    for _ in range(cfg.optim.epochs):
-        losses.append(train_epoch(tr))
-        tr.sampler.next_epoch()
+    history = fit(tr, evaluate_each_epoch=False)
     train_s = time.perf_counter() - start
     bs, pad = cfg.optim.eval_batch_size, tokenizer.pad_token_id
     return {
         "steps": {t: int(n) * cfg.optim.epochs for t, n in steps.items()},
         "train_s": train_s,
-        "final_loss": losses[-1],
+        "final_loss": {
+            k.removeprefix("train_loss/"): v
+            for k, v in history[-1].items()
+            if k.startswith("train_loss/")
+        },
         "validation": evaluate(tr.core, val_f, bs, pad, device),
         "test": evaluate(tr.core, test_f, bs, pad, device) if test_f else {},
         "train_examples": {t: len(f) for t, f in train_f.items()},

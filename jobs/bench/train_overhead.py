@@ -5,12 +5,12 @@
     python jobs/bench/train_overhead.py --steps 40 --epochs 4 --out bench_results/t.json
 
 Every variant trains the same config on the same tokenized features, in one invocation:
-  plain    polytask.training.loop in this process (setup, train_epoch, evaluate, save_state+bundle per
+  plain    polytask.training.loop.fit in this process (train, evaluate, save_checkpoint per
            epoch), torch pinned to --cpus-per-worker threads like a Ray worker
   ray_1    Ray Train, 1 worker (run_training's worker loop, checkpoints and MLflow logging)
   ray_2    Ray Train, 2 DDP workers (gloo on CPU); per-worker batch unchanged, so ideal = 2x
 `plain` runs first and last so drift from other load on the machine shows up. Steady-state
-samples/s come from train_epoch time of every epoch but the first; wall_s is end to end.
+samples/s come from fit's epoch_time_s of every epoch but the first; wall_s is end to end.
 """
 
 from __future__ import annotations
@@ -70,41 +70,30 @@ def summarize(epoch_times: list[float], samples_per_epoch: int, wall_s: float) -
     }
 
 
-def run_plain(
-    cfg: ExperimentConfig, specs: list, train_f: dict, eval_f: dict, threads: int
-) -> dict:
-    """The Ray-free baseline doing the same per-epoch work as a Ray Train rank 0."""
+def run_plain(cfg: ExperimentConfig, features: Any, threads: int) -> dict:
+    """The Ray-free baseline: the same `fit` and per-epoch checkpoint as a Ray Train rank 0."""
     import torch
 
-    from polytask.model.bundle import save_bundle
-    from polytask.training.loop import evaluate, save_state, setup, train_epoch
+    from polytask.training.loop import fit, save_checkpoint, setup
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         began = time.perf_counter()
-        tr = setup(cfg, specs, train_f, eval_f)
-        times = []
+        tr = setup(cfg, features.specs, features.train, features.validation)
         with tempfile.TemporaryDirectory() as tmp:
-            for _ in range(cfg.optim.epochs):
-                t = time.perf_counter()
-                train_epoch(tr)
-                times.append(time.perf_counter() - t)
-                tr.sampler.next_epoch()
-                tr.epoch += 1
-                evaluate(tr.core, eval_f, cfg.optim.eval_batch_size, tr.tokenizer.pad_token_id)
-                save_state(tr, Path(tmp) / "state")
-                save_bundle(tr.core, tr.tokenizer, Path(tmp) / "bundle", cfg.encoder.max_length)
+            history = fit(tr, on_epoch=lambda state, record: save_checkpoint(state, tmp))
         wall = time.perf_counter() - began
     finally:
         torch.set_num_threads(previous)
+    times = [row["epoch_time_s"] for row in history]
     return summarize(times, tr.sampler.steps_per_epoch * cfg.optim.batch_size, wall)
 
 
-def run_ray(cfg: ExperimentConfig, workers: int, specs: list, train_f: dict, eval_f: dict) -> dict:
+def run_ray(cfg: ExperimentConfig, workers: int, features: Any) -> dict:
     """run_training's Ray Train path (TorchTrainer.fit) on pre-tokenized features."""
     from polytask.tracking.registry import client, ensure_experiment, tracking_uri
-    from polytask.training.train import fit_on_ray, storage_path
+    from polytask.training.ray_run import fit_on_ray, storage_path
 
     cfg = cfg.model_copy(deep=True)
     cfg.scaling.num_workers = workers
@@ -113,7 +102,7 @@ def run_ray(cfg: ExperimentConfig, workers: int, specs: list, train_f: dict, eva
     run_id = c.create_run(ensure_experiment(c, cfg.tracking.experiment, uri)).info.run_id
     name = f"overhead-{workers}w-{int(time.time() * 1000)}"
     began = time.perf_counter()
-    result = fit_on_ray(cfg, name, run_id, uri, storage_path(cfg), specs, train_f, eval_f)
+    result = fit_on_ray(cfg, name, run_id, uri, storage_path(cfg), features)
     wall = time.perf_counter() - began
     c.set_terminated(run_id, "FINISHED")
     times = [row["epoch_time_s"] for row in result.return_value]
@@ -138,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from polytask.training.data import load_task_data
-    from polytask.training.loop import build_features
-    from polytask.training.train import load_tokenizer
+    from polytask.training.ray_run import tokenize_experiment
 
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="polytask-bench-") as tmp:
@@ -149,20 +136,18 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         os.environ.pop("POLYTASK_STORAGE_PATH", None)
         cfg = build_config(args, work)
-        task_data = load_task_data(cfg)
-        train_f, eval_f = build_features(cfg, task_data, load_tokenizer(cfg))
-        specs = [td.spec for td in task_data.values()]
+        features = tokenize_experiment(cfg)
         need = max(worker_counts) * args.cpus_per_worker
         ray.init(
             num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False
         )
         try:
             results: dict[str, Any] = {
-                "plain_first": run_plain(cfg, specs, train_f, eval_f, args.cpus_per_worker)
+                "plain_first": run_plain(cfg, features, args.cpus_per_worker)
             }
             for workers in worker_counts:
-                results[f"ray_{workers}"] = run_ray(cfg, workers, specs, train_f, eval_f)
-            results["plain_last"] = run_plain(cfg, specs, train_f, eval_f, args.cpus_per_worker)
+                results[f"ray_{workers}"] = run_ray(cfg, workers, features)
+            results["plain_last"] = run_plain(cfg, features, args.cpus_per_worker)
         finally:
             ray.shutdown()
 
@@ -194,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": results,
         "ratios": ratios,
-        "notes": "samples_per_s: steady-state (median of epochs after the first) train_epoch "
+        "notes": "samples_per_s: steady-state (median of epochs after the first) fit epoch "
         "throughput, all workers together; wall_s includes model load, worker startup, eval, "
         "checkpointing (and, for Ray, process startup, object store and MLflow logging).",
     }

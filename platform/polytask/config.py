@@ -6,7 +6,6 @@ This module imports neither torch nor ray, so `polytask validate` answers in wel
 from __future__ import annotations
 
 import copy
-import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from polytask.errors import error_lines
 from polytask.tasks import KINDS
 
 KIND_NAMES = tuple(KINDS)
@@ -50,7 +50,11 @@ class DataConfig(_Section):
     hub_config: str | None = Field(None, description="datasets config name (e.g. 'sst2').")
     train: str = Field(description="Train file path (relative to the experiment file) or split.")
     validation: str | None = Field(None, description="Validation file path or split name.")
-    test: str | None = Field(None, description="Test file path or split name.")
+    test: str | None = Field(
+        None,
+        description="Test file path or split name: the best checkpoint is scored on it once, at "
+        "the end of `polytask train` (MLflow `test/<task>/<metric>`).",
+    )
     text_field: str = Field("text", description="Column with the input text.")
     text_pair_field: str | None = Field(None, description="Second text column (pair tasks).")
     label_field: str = Field("label", description="Column with the label (or label list).")
@@ -212,7 +216,6 @@ class ExperimentConfig(_Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Checkpoints and restarts.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
     tune: TuneConfig | None = Field(None, description="Ray Tune sweep (polytask tune).")
-    serve: dict[str, Any] | None = Field(None, description="polytask.serve build_app args.")
     base_dir: str = Field(".", description="Relative data paths resolve here (the file's dir).")
 
     @model_validator(mode="after")
@@ -309,60 +312,7 @@ def config_from_dict(
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, data), source) from None
-
-
-def format_validation_error(exc: ValidationError, data: dict[str, Any]) -> list[str]:
-    """pydantic errors → 'tasks[1].kind: ... ; hint' lines with the path a user would type."""
-    problems = []
-    for err in exc.errors():
-        loc = _format_loc(err["loc"], data)
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            model = _model_at(err["loc"][:-1])
-            known = list(model.model_fields) if model else []
-            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
-            msg = f"unknown key; {hint}"
-        elif err["type"] == "missing":
-            msg = "required field is missing; add it"
-        elif "input" in err and err["type"] not in ("value_error", "assertion_error"):
-            msg = f"{msg} (got {err['input']!r})"
-        problems.append(f"{loc}: {msg}" if loc else msg)
-    return problems
-
-
-def _format_loc(loc: tuple[Any, ...], data: dict[str, Any]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model class found by walking `loc` down from ExperimentConfig."""
-    model: type[BaseModel] | None = ExperimentConfig
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            continue
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return None
-        model = _model_in(field.annotation)
-    return model
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _model_in(arg)
-        if found:
-            return found
-    return None
+        raise ConfigError(error_lines(exc.errors(), ExperimentConfig), source) from None
 
 
 def default_home() -> Path:

@@ -31,6 +31,13 @@ from polytask.model.int8 import int8_state, quantize_encoder
 from polytask.model.network import encoder_fingerprint, tensors_fingerprint
 from polytask.model.variants import METHODS, WEIGHTS
 from polytask.tracking.registry import VARIANT_OF_METHOD
+from polytask.tracking.tags import (
+    BASE_VERSION_TAG,
+    COMPRESSION_TAG,
+    OBJECTIVE_TAG,
+    SOURCE_VERSION_TAG,
+    VARIANT_TAG,
+)
 
 if TYPE_CHECKING:
     from polytask.config import ExperimentConfig
@@ -193,11 +200,11 @@ def _recover(
     pad_id: int,
     steps: int,
 ) -> None:
-    """A short recovery fine-tune of the pruned model (encoder and heads) with the plain loop's
-    own optimizer, schedule, sampler and step."""
+    """A short recovery fine-tune of the pruned model (encoder and heads): one `fit` epoch of
+    `steps` steps with the plain loop's own optimizer, schedule, sampler and step."""
     from polytask.model.network import LossWeighting
     from polytask.training.data import TaskBatches, TaskSampler
-    from polytask.training.loop import Trainer, make_optimizer, make_scheduler, train_epoch
+    from polytask.training.loop import TrainState, fit, make_optimizer, make_scheduler
 
     model.weighting = LossWeighting(
         list(model.specs), "static", {t.name: t.weight for t in cfg.tasks}
@@ -211,10 +218,10 @@ def _recover(
     batches = TaskBatches(features, token_tasks, o.batch_size, 0, 1, o.seed, pad_id)
     optimizer = make_optimizer(model, o)
     scheduler = make_scheduler(optimizer, steps, o.warmup_ratio)
-    tr = Trainer(
+    state = TrainState(
         cfg, model, model, None, optimizer, scheduler, sampler, batches, {}, torch.device("cpu")
     )
-    train_epoch(tr)
+    fit(state, epochs=1, evaluate_each_epoch=False)
     model.eval()
 
 
@@ -357,21 +364,21 @@ def dir_bytes(path: Path, pattern: str = "*") -> int:
 def registered_version(model_uri: str, uri: str | None = None) -> tuple[str, str]:
     """(registered name, version) of a `models:/NAME/VERSION` or `models:/NAME@ALIAS` URI."""
     from polytask.tracking import registry
+    from polytask.tracking.uris import AliasNotFound, parse_model_uri, pin_model_uri
 
-    if not model_uri.startswith("models:/"):
+    ref = parse_model_uri(model_uri)
+    if not ref.registered or ref.rest:
         raise ValueError(
             f"model '{model_uri}': --register needs a models:/NAME/VERSION or models:/NAME@ALIAS "
             "source (the compressed bundle is registered next to it); pass --no-register"
         )
-    ref = model_uri.removeprefix("models:/").split("/")
-    if "@" in ref[0]:
-        name, alias = ref[0].split("@", 1)
-        return name, str(registry.client(uri).get_model_version_by_alias(name, alias).version)
-    if len(ref) < 2 or not ref[1].isdigit():
+    try:
+        pinned = parse_model_uri(pin_model_uri(model_uri, lambda: registry.client(uri)))
+    except AliasNotFound as exc:
         raise ValueError(
-            f"model '{model_uri}': expected models:/NAME/VERSION or models:/NAME@ALIAS"
-        )
-    return ref[0], ref[1]
+            f"model '{model_uri}': {exc}; see `polytask registry list {ref.name}`"
+        ) from exc
+    return pinned.name, pinned.version
 
 
 def register_compressed(
@@ -397,10 +404,10 @@ def register_compressed(
         else registry.ensure_experiment(c, "polytask", uri)
     )
     tags = {
-        registry.COMPRESSION_TAG: method,
-        registry.SOURCE_VERSION_TAG: str(source.version),
-        registry.BASE_VERSION_TAG: source.tags.get(registry.BASE_VERSION_TAG, str(source.version)),
-        registry.VARIANT_TAG: manifest.variant,
+        COMPRESSION_TAG: method,
+        SOURCE_VERSION_TAG: str(source.version),
+        BASE_VERSION_TAG: source.tags.get(BASE_VERSION_TAG, str(source.version)),
+        VARIANT_TAG: manifest.variant,
     }
     run = c.create_run(
         experiment_id, run_name=f"{name}-v{source.version}-{manifest.variant}", tags=dict(tags)
@@ -417,7 +424,7 @@ def register_compressed(
             c.log_metric(run_id, key, value)
         c.log_dict(run_id, report, "compression_report.json")
         specs = [s for s in manifest.tasks if s.name in report["compressed"]["metrics"]]
-        tags[registry.OBJECTIVE_TAG] = repr(
+        tags[OBJECTIVE_TAG] = repr(
             float(objective(report["compressed"]["metrics"], specs))
         )
     model_uri = registry.log_bundle(bundle_dir, run_id, uri)

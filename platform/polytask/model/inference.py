@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from polytask.model.inputs import texts_and_pairs
 from polytask.model.network import pool
 from polytask.tasks import TaskSpec
 
@@ -25,12 +26,6 @@ class Encoded:
     tokens: np.ndarray | None = None
     word_ids: list[int | None] | None = None
     word_spans: list[tuple[int, int]] | None = None
-
-
-def split_input(item: str | dict[str, Any]) -> tuple[str, str | None]:
-    if isinstance(item, str):
-        return item, None
-    return item["text"], item.get("text_pair")
 
 
 @torch.inference_mode()
@@ -136,23 +131,22 @@ class Predictor:
                 raise KeyError(f"unknown task '{t}'; this model has: {', '.join(self.tasks)}")
         results: list[dict[str, Any]] = [{} for _ in inputs]
         for start in range(0, len(inputs), batch_size):
-            chunk = [split_input(x) for x in inputs[start : start + batch_size]]
+            chunk = inputs[start : start + batch_size]
             for task, answers in self._predict_chunk(chunk, tasks).items():
                 for offset, answer in enumerate(answers):
                     results[start + offset][task] = answer
         return results
 
     def _predict_chunk(
-        self, chunk: list[tuple[str, str | None]], tasks: list[str]
+        self, chunk: list[str | dict[str, Any]], tasks: list[str]
     ) -> dict[str, list[dict[str, Any]]]:
-        texts = [t for t, _ in chunk]
         out = {}
         for pair_view in (False, True):
             view = [t for t in tasks if self.model.specs[t].task_kind.pair == pair_view]
             if not view:
                 continue
             levels = {self.model.specs[t].task_kind.level for t in view}
-            pairs = [p or "" for _, p in chunk] if pair_view else None
+            texts, pairs = texts_and_pairs(chunk, pair_view)
             items = encode_batch(
                 self.model.encoder,
                 self.tokenizer,

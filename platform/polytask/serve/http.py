@@ -18,6 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from polytask.errors import describe_errors
+from polytask.model.inputs import split_input
 from polytask.serve.replica import replica_identity
 from polytask.serve.schemas import (
     ErrorResponse,
@@ -27,7 +29,6 @@ from polytask.serve.schemas import (
     TaskPredictRequest,
     TaskPredictResponse,
     TasksResponse,
-    describe_errors,
 )
 from polytask.tasks import TaskSpec
 
@@ -216,7 +217,7 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 def default_tasks(ingress: Ingress, items: list[str | PairInput]) -> list[str]:
     """Every served task when none are named; pair tasks only when every input has a text_pair."""
-    paired = all(not isinstance(item, str) and item.text_pair is not None for item in items)
+    paired = all(split_input(item)[1] is not None for item in items)
     tasks = [name for name, spec in ingress.specs.items() if paired or not spec.task_kind.pair]
     return tasks or list(ingress.specs)
 
@@ -244,7 +245,7 @@ def prepare_inputs(
     pair_tasks = [t for t in tasks if ingress.specs[t].task_kind.pair]
     out = []
     for i, item in enumerate(items):
-        text, pair = (item, None) if isinstance(item, str) else (item.text, item.text_pair)
+        text, pair = split_input(item)
         if pair is None and pair_tasks:
             raise APIError(
                 422,

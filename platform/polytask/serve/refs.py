@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from polytask.serve.schemas import ServeArgs, ServeArgsError
-
-_ALIAS = re.compile(r"models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)")
-_VERSION = re.compile(r"models:/(?P<name>[^/@]+)/(?P<version>[0-9]+)")
+from polytask.tracking.uris import parse_model_uri
 
 
 def served_ref(args: ServeArgs) -> str:
@@ -17,8 +14,8 @@ def served_ref(args: ServeArgs) -> str:
     ref = pin_model_uri(args.model)
     if args.cpu_variant is None or args.device != "cpu":
         return ref
-    match = _VERSION.fullmatch(ref)
-    if match is None:
+    match = parse_model_uri(ref)
+    if match.kind != "version" or match.rest:
         raise ServeArgsError(
             f"cpu_variant: '{args.cpu_variant}' is looked up in the Model Registry, but model "
             f"'{args.model}' is not a registered model; pass models:/NAME@ALIAS, or point model "
@@ -27,10 +24,10 @@ def served_ref(args: ServeArgs) -> str:
     from polytask.tracking.registry import find_variant
 
     try:
-        version = find_variant(match["name"], match["version"], args.cpu_variant)
+        version = find_variant(match.name, match.version, args.cpu_variant)
     except LookupError as exc:
         raise ServeArgsError(f"cpu_variant: {exc}, or remove cpu_variant") from exc
-    return f"models:/{match['name']}/{version}"
+    return f"models:/{match.name}/{version}"
 
 
 def pin_model_uri(uri: str) -> str:
@@ -39,25 +36,17 @@ def pin_model_uri(uri: str) -> str:
     Pinning once in the builder makes every replica (and every later autoscaled one) load the
     same version even if the alias moves; a moved alias takes effect on the next deploy.
     """
-    match = _ALIAS.fullmatch(uri)
-    if match:
-        from mlflow.exceptions import MlflowException
+    from polytask.tracking import uris
+    from polytask.tracking.registry import client
 
-        from polytask.tracking.registry import client
-
-        name, alias = match["name"], match["alias"]
-        try:
-            version = client().get_model_version_by_alias(name, alias).version
-        except MlflowException as exc:
-            raise ServeArgsError(
-                f"model '{uri}': registered model '{name}' has no alias '{alias}' in this MLflow "
-                f"store ({exc.message.splitlines()[0]}); set it with `polytask registry promote` "
-                "or pass models:/NAME/VERSION"
-            ) from exc
-        return f"models:/{name}/{version}"
-    if "://" not in uri and ":/" not in uri:
-        return str(Path(uri).expanduser().resolve())
-    return uri
+    try:
+        return uris.pin_model_uri(uri, client)
+    except uris.AliasNotFound as exc:
+        raise ServeArgsError(
+            f"model '{uri}': registered model '{exc.ref.name}' has no alias '{exc.ref.alias}' in "
+            f"this MLflow store ({exc.detail}); set it with `polytask registry promote` "
+            "or pass models:/NAME/VERSION"
+        ) from exc
 
 
 def local_bundle(ref: str) -> Path:

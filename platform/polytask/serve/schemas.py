@@ -20,6 +20,8 @@ from pydantic import (
     field_validator,
 )
 
+from polytask.errors import describe_errors
+
 
 class ServeArgsError(ValueError):
     """Application args that do not validate; the message names each field and the fix."""
@@ -133,44 +135,8 @@ def parse_args(args: dict[str, Any] | ServeArgs) -> ServeArgs:
     except ValidationError as exc:
         raise ServeArgsError(
             "invalid polytask.serve args: "
-            + describe_errors(exc.errors(), list(ServeArgs.model_fields))
+            + describe_errors(exc.errors(), ServeArgs)
         ) from exc
-
-
-def describe_errors(errors: list[dict[str, Any]], known: list[str] | None = None) -> str:
-    """Pydantic errors as one readable line: `where: problem` per error, joined by '; '."""
-    parts = []
-    for err in errors:
-        loc = tuple(err.get("loc", ()))
-        where = _location(loc)
-        kind = err.get("type", "")
-        ctx = err.get("ctx") or {}
-        if kind == "missing":
-            problem = "is required"
-        elif kind == "extra_forbidden":
-            hint = f"; known fields: {', '.join(known)}" if known and len(loc) == 1 else ""
-            problem = f"is not a known field; remove it (check the spelling){hint}"
-        elif kind == "too_short":
-            problem = f"must not be empty (at least {ctx.get('min_length', 1)} item)"
-        elif kind == "string_type" and "string" in loc and "inputs" in loc:
-            problem = 'must be a string or an object {"text": "...", "text_pair": "..."}'
-        else:
-            problem = str(err.get("msg", "is invalid")).removeprefix("Value error, ")
-        parts.append(f"{where}: {problem}" if where else problem)
-    return "; ".join(parts)
-
-
-def _location(loc: tuple[Any, ...] | list[Any]) -> str:
-    """('body', 'inputs', 0, 'object', 'text') → 'inputs[0].text' (union tags and 'body' dropped)."""
-    out = ""
-    for part in loc:
-        if part in ("body", "string", "object"):
-            continue
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or ("body" if loc else "")
 
 
 # --- HTTP bodies ---------------------------------------------------------------------------

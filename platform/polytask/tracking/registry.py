@@ -16,6 +16,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from polytask.config import default_home
+from polytask.tracking.tags import (
+    BASE_VERSION_TAG,
+    OBJECTIVE_DEF_TAG,
+    OBJECTIVE_TAG,
+    PROMOTION_TAG,
+    SOURCE_VERSION_TAG,  # noqa: F401 - tests read it from here
+    TASKS_TAG,
+    VARIANT_TAG,
+)
+from polytask.tracking.uris import AliasNotFound, is_local_path, parse_model_uri, pin_model_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -27,22 +37,9 @@ log = logging.getLogger(__name__)
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_NAME = "model"  # the logged model's name inside its run
 CANDIDATE, CHAMPION = "candidate", "champion"
-OBJECTIVE_TAG = "objective"
-# What an objective means, so promotion compares like with like: the version's task set
-# ("ner,sentiment") and the objective's definition ("mean(ner:f1,sentiment:accuracy)"); and
-# why the version did or did not become champion.
-TASKS_TAG = "polytask.tasks"
-OBJECTIVE_DEF_TAG = "polytask.objective_def"
-PROMOTION_TAG = "polytask.promotion"
 LOCK_SUFFIX = ".promotion-lock"  # a registered model that exists only while a writer decides
 CACHE_DIGEST_FILE = ".polytask-digest.json"  # in each downloaded model: uri, store, sha256
 LOCK_STALE_S = 120.0  # a lock older than this was left by a writer that died; it is broken
-# Tags of compressed versions (`polytask compress`): the method of the last step, the version it
-# was made from, the full-precision version at the root of the chain, and the bundle variant.
-COMPRESSION_TAG = "polytask.compression"
-SOURCE_VERSION_TAG = "polytask.source_version"
-BASE_VERSION_TAG = "polytask.base_version"
-VARIANT_TAG = "polytask.variant"
 FULL_PRECISION = "fp32"
 VARIANT_OF_METHOD = {"int8": "int8", "prune": "pruned"}  # a variant is these joined by '+'
 # Pinned from what is installed, so logging never spawns MLflow's slow requirement inference.
@@ -448,11 +445,13 @@ def _format_time(ms: int | None) -> str:
 
 def resolve_bundle(uri: str) -> Path:
     """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/PATH` or a dir → local bundle."""
-    if "://" not in uri and ":/" not in uri:
+    from polytask.model.bundle import MANIFEST  # here: listing versions needs no torch
+
+    if is_local_path(uri):
         path = Path(uri).expanduser()
-        if not (path / "polytask.json").is_file():
+        if not (path / MANIFEST).is_file():
             raise FileNotFoundError(
-                f"model '{uri}': not a bundle directory (no polytask.json); pass a bundle path "
+                f"model '{uri}': not a bundle directory (no {MANIFEST}); pass a bundle path "
                 "or a models:/NAME@ALIAS URI"
             )
         return path.resolve()
@@ -474,6 +473,8 @@ def _download(uri: str, store: str) -> Path:
 
     import mlflow
 
+    from polytask.model.bundle import MANIFEST
+
     uri = _concrete(uri, store)
     root = default_home() / "models" / hashlib.sha256(store.encode()).hexdigest()[:16]
     root.mkdir(parents=True, exist_ok=True)
@@ -490,7 +491,7 @@ def _download(uri: str, store: str) -> Path:
                     artifact_uri=uri, dst_path=str(tmp), tracking_uri=store, registry_uri=store
                 )
             if _bundle_in(tmp) is None:
-                raise FileNotFoundError(f"model '{uri}' holds no polytask bundle (no polytask.json)")
+                raise FileNotFoundError(f"model '{uri}' holds no polytask bundle (no {MANIFEST})")
             record = {"uri": uri, "store": store, "sha256": _digest(tmp)}
             (tmp / CACHE_DIGEST_FILE).write_text(json.dumps(record))
             if dst.exists():  # a corrupt entry: swap it out, then delete it
@@ -538,21 +539,20 @@ def _verified(entry: Path, uri: str, store: str) -> bool:
 def _concrete(uri: str, store: str) -> str:
     """`models:/NAME@ALIAS` → `models:/NAME/VERSION`; `runs:/ID/NAME` → `models:/<model id>`."""
     c = client(store)
-    if uri.startswith("models:/") and "@" in uri.split("/")[1]:
-        name, alias = uri.removeprefix("models:/").split("/")[0].split("@", 1)
-        mv = _version_by_alias(c, name, alias)
-        if mv is None:
+    ref = parse_model_uri(uri)
+    if ref.kind == "alias":
+        try:
+            return pin_model_uri(uri, lambda: c)
+        except AliasNotFound as exc:
             raise FileNotFoundError(
-                f"model '{uri}': no version of '{name}' has alias '{alias}'; see "
-                f"`polytask registry list {name}`"
-            )
-        return f"models:/{name}/{mv.version}" + uri.removeprefix(f"models:/{name}@{alias}")
-    if uri.startswith("runs:/"):
-        run_id, _, name = uri.removeprefix("runs:/").partition("/")
-        experiment_id = c.get_run(run_id).info.experiment_id
+                f"model '{uri}': no version of '{ref.name}' has alias '{ref.alias}'; see "
+                f"`polytask registry list {ref.name}`"
+            ) from exc
+    if ref.kind == "run":
+        experiment_id = c.get_run(ref.run_id).info.experiment_id
         found = c.search_logged_models(
             [experiment_id],
-            filter_string=f"source_run_id = '{_quote(run_id)}' AND name = '{_quote(name)}'",
+            filter_string=f"source_run_id = '{_quote(ref.run_id)}' AND name = '{_quote(ref.rest)}'",
             order_by=[{"field_name": "creation_timestamp", "ascending": False}],
             max_results=1,
         )
@@ -565,14 +565,16 @@ def _bundle_in(local: Path) -> Path | None:
     """The bundle inside a downloaded MLflow model (its `bundle` artifact), or the dir itself."""
     import yaml
 
+    from polytask.model.bundle import MANIFEST
+
     mlmodel = local / "MLmodel"
     if mlmodel.is_file():
         flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {})
         artifacts = flavor.get("python_function", {}).get("artifacts", {}) or {}
         rel = (artifacts.get("bundle") or {}).get("path")
-        if rel and (local / rel / "polytask.json").is_file():
+        if rel and (local / rel / MANIFEST).is_file():
             return local / rel
     for candidate in (local / "artifacts" / "bundle", local / "bundle", local):
-        if (candidate / "polytask.json").is_file():
+        if (candidate / MANIFEST).is_file():
             return candidate
     return None

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from polytask.config import DataConfig, ExperimentConfig, TaskConfig
+from polytask.model.inputs import texts_and_pairs
 from polytask.tasks import IGNORE_INDEX, KINDS, TaskSpec
 
 if TYPE_CHECKING:
@@ -253,8 +254,8 @@ def tokenize_records(
             max_length=max_length,
         )
     else:
-        pairs = [r.text_pair for r in records] if kind.pair else None
-        enc = tokenizer([r.text for r in records], pairs, truncation=True, max_length=max_length)
+        texts, pairs = texts_and_pairs(records, kind.pair)
+        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     features = []
     for i, rec in enumerate(records):
         feat = {k: enc[k][i] for k in enc}

@@ -1,7 +1,10 @@
-"""The training loop without any framework: optimizer, schedule, one epoch, evaluation, state.
+"""The training loop without any framework: optimizer, schedule, `fit` (epochs, evaluation,
+per-epoch callback), checkpoints.
 
-`train` runs this inside Ray Train workers; tests and the overhead benchmark run it directly,
-so the plain-PyTorch baseline and the Ray path execute the very same step.
+`fit` is the one epoch loop: Ray Train workers (`polytask.training.ray_run`), the compression
+tool's recovery fine-tune, the tests and the benchmarks all call it, so the plain-PyTorch baseline
+and the Ray path execute the very same steps. `TrainState` is the plain data it works on; it is
+not Ray's `TorchTrainer`, which only launches the workers that call `fit`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import contextlib
 import copy
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +25,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from polytask.config import ExperimentConfig, OptimConfig
+from polytask.model.bundle import save_bundle
 from polytask.model.network import MultiTaskModel, build_model, load_encoder
 from polytask.tasks import LOWER_IS_BETTER, TaskSpec
 from polytask.training.data import TaskBatches, TaskSampler, eval_batches, tokenize_records
 
+STATE_DIR, BUNDLE_DIR = "state", "bundle"  # a checkpoint: training state + a servable bundle
 _NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
@@ -59,8 +65,9 @@ def make_scheduler(
 
 
 @dataclass
-class Trainer:
-    """Everything one worker needs for its steps; plain data, built by `setup`."""
+class TrainState:
+    """Everything one worker's steps read and change; plain data, built by `setup`, advanced by
+    `fit`, saved by `save_state`."""
 
     cfg: ExperimentConfig
     model: nn.Module  # possibly DDP/FSDP-wrapped
@@ -75,6 +82,7 @@ class Trainer:
     autocast_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
     rank: int = 0
+    world_size: int = 1
     epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     sharded: bool = False  # FSDP: no rank holds the whole model (see polytask.training.sharding)
@@ -109,7 +117,7 @@ def setup(
     world_size: int = 1,
     device: torch.device | None = None,
     wrap: Any = None,
-) -> Trainer:
+) -> TrainState:
     """Build model, optimizer, schedule and data streams; `wrap` (e.g. prepare_model) adds DDP."""
     torch.manual_seed(cfg.optim.seed)
     device = device or torch.device("cpu")
@@ -152,9 +160,9 @@ def setup(
     )
     dtype = _autocast_dtype(cfg.scaling.mixed_precision, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return Trainer(
+    return TrainState(
         cfg, model, core, tokenizer, optimizer, scheduler, sampler, batches, eval_features,
-        device, dtype, scaler, rank, sharded=sharded, shadow=shadow,
+        device, dtype, scaler, rank, world_size, sharded=sharded, shadow=shadow,
     )
 
 
@@ -166,7 +174,9 @@ def _autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
-def train_epoch(tr: Trainer, on_step: Callable[[int, int], None] | None = None) -> dict[str, float]:
+def train_epoch(
+    tr: TrainState, on_step: Callable[[int, int], None] | None = None
+) -> dict[str, float]:
     """One epoch of task-homogeneous steps in the sampler's order; returns mean loss per task.
     `on_step(step, steps_per_epoch)` runs after each step (the chaos tests' kill window)."""
     tr.model.train()
@@ -192,17 +202,106 @@ def train_epoch(tr: Trainer, on_step: Callable[[int, int], None] | None = None) 
     return means
 
 
-def _autocast(tr: Trainer) -> contextlib.AbstractContextManager:
+EpochCallback = Callable[["TrainState", dict[str, Any]], None]
+StepCallback = Callable[[int, int, int], None]  # (epoch, step, steps_per_epoch)
+
+
+def fit(
+    tr: TrainState,
+    *,
+    epochs: int | None = None,
+    evaluate_each_epoch: bool = True,
+    on_epoch: EpochCallback | None = None,
+    on_step: StepCallback | None = None,
+) -> list[dict[str, Any]]:
+    """Train from `tr.epoch` (0, or where `load_state` left it) until `epochs` (default
+    cfg.optim.epochs); returns rank 0's per-epoch records (`tr.history`).
+
+    Each epoch: train, average the losses over ranks (DDP/FSDP), step the sampler, evaluate
+    (rank 0; every rank under FSDP, where evaluation is a collective), then `on_epoch(tr, record)`
+    on every rank (checkpoint, report). A record holds `epoch`, `start_epoch` (> 0: resumed) and,
+    on rank 0, `objective`, `<task>/<metric>`, `train_loss/<task>`, `loss_weight/<task>`,
+    `epoch_time_s` and `samples_per_s`.
+    """
+    start = tr.epoch
+    for _ in range(tr.epoch, tr.cfg.optim.epochs if epochs is None else epochs):
+        record = _fit_epoch(tr, evaluate_each_epoch, on_step)
+        record["start_epoch"] = start
+        if on_epoch is not None:
+            on_epoch(tr, record)
+    return tr.history
+
+
+def _fit_epoch(
+    tr: TrainState, evaluate_each_epoch: bool, on_step: StepCallback | None
+) -> dict[str, Any]:
+    epoch = tr.epoch
+    began = time.perf_counter()
+    step_hook = (lambda step, steps: on_step(epoch, step, steps)) if on_step else None
+    losses = _global_means(tr, train_epoch(tr, step_hook))
+    seconds = time.perf_counter() - began
+    tr.sampler.next_epoch()
+    tr.epoch += 1
+    record: dict[str, Any] = {"epoch": epoch}
+    if tr.rank != 0 and not tr.sharded:
+        return record
+    if evaluate_each_epoch:
+        metrics = evaluate(
+            tr.model if tr.sharded else tr.core,
+            tr.eval_features,
+            tr.cfg.optim.eval_batch_size,
+            tr.tokenizer.pad_token_id,
+            tr.device,
+        )
+    weights = _loss_weights(tr)
+    if tr.rank != 0:
+        return record
+    if evaluate_each_epoch:
+        record["objective"] = objective(metrics, tr.specs)
+        record.update(flat_metrics(metrics))
+    record.update({f"train_loss/{t}": v for t, v in losses.items()})
+    record.update({f"loss_weight/{t}": w for t, w in weights.items()})
+    samples = tr.sampler.steps_per_epoch * tr.cfg.optim.batch_size * tr.world_size
+    record.update({"epoch_time_s": seconds, "samples_per_s": samples / max(seconds, 1e-9)})
+    tr.history.append(record)  # the same dict: fields added before the callback land in history
+    return record
+
+
+def _loss_weights(tr: TrainState) -> dict[str, float]:
+    if tr.sharded:
+        from polytask.training import sharding
+
+        return sharding.loss_weights(tr.model)
+    return tr.core.weighting.weights()
+
+
+def _global_means(tr: TrainState, losses: dict[str, float]) -> dict[str, float]:
+    """Average each task's epoch loss over ranks, so DWA and the logged losses are global.
+    Every rank trains the same task sequence, so the key sets agree."""
+    if tr.world_size == 1:
+        return losses
+    import torch.distributed as dist
+
+    names = sorted(losses)
+    values = torch.tensor([losses[t] for t in names], dtype=torch.float64, device=tr.device)
+    dist.all_reduce(values)
+    means = {t: float(v) / tr.world_size for t, v in zip(names, values.tolist())}
+    tr.core.weighting.history.pop()  # replace this rank's local entry with the global one
+    tr.core.weighting.end_epoch(means)
+    return means
+
+
+def _autocast(tr: TrainState) -> contextlib.AbstractContextManager:
     if tr.autocast_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(tr.device.type, dtype=tr.autocast_dtype)
 
 
-def _backward(tr: Trainer, loss: torch.Tensor) -> None:
+def _backward(tr: TrainState, loss: torch.Tensor) -> None:
     (tr.scaler.scale(loss) if tr.scaler else loss).backward()
 
 
-def _optimizer_step(tr: Trainer) -> None:
+def _optimizer_step(tr: TrainState) -> None:
     if tr.scaler:
         tr.scaler.unscale_(tr.optimizer)
     if tr.cfg.optim.max_grad_norm and tr.sharded:
@@ -273,7 +372,7 @@ def flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
 Gathered = tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 
-def gather_state(tr: Trainer) -> Gathered:
+def gather_state(tr: TrainState) -> Gathered:
     """(model state, optimizer state) of the whole model. Under FSDP this is a collective that
     every rank calls; rank 0's result is the one written."""
     if tr.sharded:
@@ -283,7 +382,7 @@ def gather_state(tr: Trainer) -> Gathered:
     return tr.core.state_dict(), tr.optimizer.state_dict()
 
 
-def plain_model(tr: Trainer, model_state: dict[str, torch.Tensor]) -> MultiTaskModel:
+def plain_model(tr: TrainState, model_state: dict[str, torch.Tensor]) -> MultiTaskModel:
     """An unwrapped model holding `model_state` (rank 0), e.g. to write a bundle from."""
     if tr.shadow is None:
         return tr.core
@@ -291,7 +390,7 @@ def plain_model(tr: Trainer, model_state: dict[str, torch.Tensor]) -> MultiTaskM
     return tr.shadow
 
 
-def save_state(tr: Trainer, path: str | Path, gathered: Gathered | None = None) -> None:
+def save_state(tr: TrainState, path: str | Path, gathered: Gathered | None = None) -> None:
     """Model, optimizer, scheduler, sampler, loss weighting and epoch, for exact resumption."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -318,8 +417,27 @@ def save_state(tr: Trainer, path: str | Path, gathered: Gathered | None = None) 
     (path / "train_state.json").write_text(json.dumps(meta))
 
 
-def load_state(tr: Trainer, path: str | Path) -> None:
-    """Inverse of save_state, applied to a freshly set-up Trainer."""
+def save_checkpoint(tr: TrainState, path: str | Path, extra: dict[str, Any] | None = None) -> bool:
+    """path/state (see save_state) and path/bundle (servable, whole model) of this epoch. Every
+    rank calls it (under FSDP gathering the model is a collective); rank 0 writes and gets True."""
+    gathered = gather_state(tr) if tr.rank == 0 or tr.sharded else None
+    if tr.rank != 0:
+        return False
+    path = Path(path)
+    save_state(tr, path / STATE_DIR, gathered)
+    save_bundle(
+        plain_model(tr, gathered[0]),
+        tr.tokenizer,
+        path / BUNDLE_DIR,
+        tr.cfg.encoder.max_length,
+        source=tr.cfg.encoder.name_or_path,
+        extra=extra,
+    )
+    return True
+
+
+def load_state(tr: TrainState, path: str | Path) -> None:
+    """Inverse of save_state, applied to a freshly set-up TrainState."""
     path = Path(path)
     device = "cpu" if tr.sharded else str(tr.device)  # FSDP copies each rank's shard itself
     model_state = load_file(path / "model.safetensors", device=device)

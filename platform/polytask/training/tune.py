@@ -1,7 +1,8 @@
 """Ray Tune sweeps over task weights and hyperparameters; the best trial's bundle is registered.
 
-Train V2 pattern: each trial is a function that builds and fits its own TorchTrainer; the
-workers' `ray.train.report` reaches Tune through `TuneReportCallback`, so ASHA sees every epoch.
+Train V2 pattern: each trial is a function that builds and fits its own TorchTrainer (from
+`ray_run`, the same workers and `loop.fit` as `polytask train`); the workers' `ray.train.report`
+reaches Tune through `TuneReportCallback`, so ASHA sees every epoch.
 """
 
 from __future__ import annotations
@@ -18,21 +19,10 @@ from rich.table import Table
 
 from polytask.config import ExperimentConfig, default_home
 from polytask.tasks import LOWER_IS_BETTER, TaskSpec
-from polytask.tracking.registry import client, ensure_experiment, register_bundle, tracking_uri
-from polytask.training.data import load_task_data
+from polytask.tracking.registry import client, register_bundle, tracking_uri
+from polytask.tracking.tags import BEST_TRIAL_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_PARAM_PREFIX
+from polytask.training import ray_run
 from polytask.training.searchspace import apply_trial, parse_search_space, to_tune
-from polytask.training.train import (
-    BUNDLE_DIR,
-    RUN_NAME_TAG,
-    find_or_create_run,
-    load_tokenizer,
-    make_loop_config,
-    make_trainer,
-    storage_path,
-)
-
-SWEEP_TAG = "polytask.sweep"
-PARENT_TAG = "mlflow.parentRunId"
 
 
 @dataclass
@@ -57,27 +47,23 @@ def run_sweep(cfg: ExperimentConfig, console: Console | None = None) -> SweepRes
     console = console or Console()
     assert cfg.tune is not None, "run_sweep needs a `tune` section"
     dims = parse_search_space(cfg)  # a bad space fails here, before Ray starts
-    task_data = load_task_data(cfg)
-    from polytask.training.loop import build_features
-
-    train_features, eval_features = build_features(cfg, task_data, load_tokenizer(cfg))
-    specs = [td.spec for td in task_data.values()]
+    features = ray_run.tokenize_experiment(cfg)
     name = cfg.tune.name or f"{cfg.tracking.experiment}-sweep"
     uri = tracking_uri(cfg)
-    parent = find_or_create_run(cfg, name, uri)
+    parent = ray_run.find_or_create_run(cfg, name, uri)
     client(uri).set_tag(parent, SWEEP_TAG, name)
-    storage = storage_path(cfg)
+    storage = ray_run.storage_path(cfg)
     if not ray.is_initialized():
         ray.init()
     trainable = partial(  # object refs ride along as-is; every trial shares one tokenized copy
         _trial,
         base=cfg.model_dump(mode="json"),
-        specs=[s.to_dict() for s in specs],
+        specs=[s.to_dict() for s in features.specs],
         parent_run_id=parent,
         uri=uri,
         sweep=name,
         storage=storage,
-        refs=[ray.put(train_features), ray.put(eval_features)],
+        refs=[ray.put(features.train), ray.put(features.validation)],
     )
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
     path = os.path.join(storage, name)
@@ -92,7 +78,7 @@ def run_sweep(cfg: ExperimentConfig, console: Console | None = None) -> SweepRes
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
         )
     grid = tuner.fit()
-    result = _summarize(cfg, name, parent, uri, specs, grid)
+    result = _summarize(cfg, name, parent, uri, features.specs, grid)
     _register_best(cfg, result, uri)
     result.plot = _plot(result, cfg, uri)
     client(uri).set_terminated(parent, "FINISHED")
@@ -137,16 +123,16 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], specs: list[dict[str
     cfg = apply_trial(ExperimentConfig.model_validate(base), params)
     trial_id = tune.get_context().get_trial_id()
     run_name = f"{sweep}-{trial_id}"
-    run_id = find_or_create_run(cfg, run_name, uri)
+    run_id = ray_run.find_or_create_run(cfg, run_name, uri)
     c = client(uri)
     c.set_tag(run_id, PARENT_TAG, parent_run_id)
     c.set_tag(run_id, SWEEP_TAG, sweep)
     for key, value in params.items():
-        c.set_tag(run_id, f"trial.{key}", str(value))
-    loop_config = make_loop_config(
+        c.set_tag(run_id, f"{TRIAL_PARAM_PREFIX}{key}", str(value))
+    loop_config = ray_run.make_loop_config(
         cfg, [TaskSpec.from_dict(s) for s in specs], refs[0], refs[1], run_id, uri, run_name
     )
-    trainer = make_trainer(
+    trainer = ray_run.make_trainer(
         cfg, f"{sweep}-trials/{trial_id}", loop_config, storage, callbacks=[TuneReportCallback()]
     )
     try:
@@ -213,32 +199,18 @@ def _register_best(cfg: ExperimentConfig, result: SweepResult, uri: str) -> None
     best = result.best
     if best is None or not best["checkpoint"] or not cfg.tracking.registered_model:
         return
-    c = client(uri)
-    exp = ensure_experiment(c, cfg.tracking.experiment, uri)
-    runs = c.search_runs([exp], f"tags.`{RUN_NAME_TAG}` = '{best['run_name']}'", max_results=1)
-    bundle = _local_checkpoint_bundle(best["checkpoint"], result.name)
+    run = ray_run.find_run(cfg, best["run_name"], uri)
+    bundle = ray_run.local_bundle(best["checkpoint"], f"sweeps/{result.name}")
     reg = register_bundle(
         str(bundle),
         cfg.tracking.registered_model,
-        runs[0].info.run_id if runs else result.parent_run_id,
+        run.info.run_id if run is not None else result.parent_run_id,
         float(best["objective"]),
         cfg.tracking.promote,
         uri=uri,
     )
     result.model_version, result.aliases = reg["version"], reg["aliases"]
-    c.set_tag(result.parent_run_id, "polytask.best_trial", best["trial"])
-
-
-def _local_checkpoint_bundle(checkpoint_path: str, sweep: str) -> Path:
-    from ray.train import Checkpoint
-
-    checkpoint = Checkpoint(checkpoint_path)
-    if checkpoint.filesystem.type_name == "local":
-        return Path(checkpoint_path) / BUNDLE_DIR
-    dst = default_home() / "sweeps" / sweep / Path(checkpoint_path).name
-    if not (dst / BUNDLE_DIR).is_dir():
-        checkpoint.to_directory(str(dst))
-    return dst / BUNDLE_DIR
+    client(uri).set_tag(result.parent_run_id, BEST_TRIAL_TAG, best["trial"])
 
 
 def _plot(result: SweepResult, cfg: ExperimentConfig, uri: str) -> str | None:

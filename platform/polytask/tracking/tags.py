@@ -1,0 +1,35 @@
+"""Every MLflow tag name polytask writes or searches by, in one place: runs, sweeps and versions.
+
+Tags are how a relaunch finds its run, a sweep its trials, and `polytask serve` a compressed
+variant, so a name must never be spelled twice.
+"""
+
+from __future__ import annotations
+
+# Runs (`polytask train`): the run name a relaunch looks up, and what the run registered.
+RUN_NAME_TAG = "polytask.run_name"
+MODEL_CHECKPOINT_TAG = "polytask.model_checkpoint"
+MODEL_VERSION_TAG = "polytask.model_version"
+MODEL_ALIASES_TAG = "polytask.model_aliases"
+MODEL_URI_TAG = "polytask.model_uri"
+
+# Sweeps (`polytask tune`): the sweep's name on parent and trials; MLflow's own nesting tag.
+SWEEP_TAG = "polytask.sweep"
+PARENT_TAG = "mlflow.parentRunId"
+BEST_TRIAL_TAG = "polytask.best_trial"
+TRIAL_PARAM_PREFIX = "trial."
+
+# Model versions: the objective that decides promotion; for compressed versions (`polytask
+# compress`) the method of the last step, the version it was made from, the full-precision
+# version at the root of the chain, and the bundle variant.
+OBJECTIVE_TAG = "objective"
+# What an objective means, so promotion compares like with like: the version's task set
+# ("ner,sentiment") and the objective's definition ("mean(ner:f1,sentiment:accuracy)"); and
+# why the version did or did not become champion.
+TASKS_TAG = "polytask.tasks"
+OBJECTIVE_DEF_TAG = "polytask.objective_def"
+PROMOTION_TAG = "polytask.promotion"
+COMPRESSION_TAG = "polytask.compression"
+SOURCE_VERSION_TAG = "polytask.source_version"
+BASE_VERSION_TAG = "polytask.base_version"
+VARIANT_TAG = "polytask.variant"
