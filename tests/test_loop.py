@@ -17,6 +17,7 @@ from polytask.training.loop import (
     objective,
     save_state,
     setup,
+    train_epoch,
 )
 
 
