@@ -70,8 +70,15 @@ def test_jsonl_in_order_equal_to_in_process_and_bad_rows_reported(
     src.write_text("\n".join(lines) + "\n\n")
     out = tmp_path / "out" / "scored.jsonl"
 
+    import ray
+
+    # as many one-CPU scorers as the cluster has free CPUs: reads must still be scheduled
+    workers = int(ray.available_resources().get("CPU", 2))
     summary = run_batch(
-        BatchSpec(model=str(trained_bundle), input=str(src), output=str(out), batch_size=64)
+        BatchSpec(
+            model=str(trained_bundle), input=str(src), output=str(out), batch_size=64,
+            workers=workers,
+        )
     )
 
     assert (summary.rows, summary.failed, summary.scored) == (305, 5, 300)

@@ -27,6 +27,9 @@ OUTPUT_FORMATS = ("jsonl", "parquet")
 ERROR_COLUMN = "__polytask_error"
 LINE_COLUMN = "__polytask_line"
 RAW_COLUMN = "__polytask_raw"
+# Reading is light next to scoring; read tasks ask for no CPU so that scoring actors holding every
+# CPU of a node (2 actors on a 2-core laptop) can never starve the reads that feed them.
+READ_CPUS = 0.0
 _SUFFIXES = {
     ".jsonl": "jsonl",
     ".json": "jsonl",
@@ -157,9 +160,9 @@ def read_input(spec: BatchSpec) -> Any:
 
     fmt = detect_format(spec.input, spec.input_format)
     if fmt == "jsonl":
-        return ray.data.read_datasource(_json_lines_datasource(spec.input))
+        return ray.data.read_datasource(_json_lines_datasource(spec.input), num_cpus=READ_CPUS)
     if fmt == "parquet":
-        return ray.data.read_parquet(spec.input)
+        return ray.data.read_parquet(spec.input, num_cpus=READ_CPUS)
     import pyarrow.csv as pacsv
 
     delimiter = "\t" if fmt == "tsv" else ","
@@ -169,6 +172,7 @@ def read_input(spec: BatchSpec) -> Any:
         parse_options=pacsv.ParseOptions(delimiter=delimiter),
         convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(header, "string")),
         file_extensions=[fmt],
+        num_cpus=READ_CPUS,
     )
 
 
@@ -326,6 +330,7 @@ def run_batch(
     """Score `spec.input` into `spec.output` (one file, input order) and bad rows into the errors
     file; `progress(rows_done, rows_total_or_None, rows_per_s)` is called after every block."""
     import ray
+    import ray.data
 
     from polytask.model.bundle import read_manifest
     from polytask.tracking.registry import resolve_bundle
@@ -359,7 +364,7 @@ def run_batch(
         batch_size=spec.batch_size,
         batch_format="numpy",
         num_cpus=spec.cpus_per_worker,
-        concurrency=spec.workers,
+        compute=ray.data.ActorPoolStrategy(size=spec.workers),
     )
     summary = BatchSummary(output=spec.output, tasks=tasks)
     start = time.perf_counter()
