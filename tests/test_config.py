@@ -152,7 +152,7 @@ def test_validate_cli_reports_problems(tmp_path: Path) -> None:
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(data))
     result = CliRunner().invoke(app, ["validate", str(path)])
-    assert result.exit_code == 2
+    assert result.exit_code == 1  # a user error (2 is for command-line usage errors)
     assert "tasks[0].kind: 'sentiment' is not a task kind" in result.output
 
 
