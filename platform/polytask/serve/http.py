@@ -248,6 +248,10 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         err = APIError(
             405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}"
         )
+    elif exc.status_code == 400:  # FastAPI could not parse the body (e.g. JSON nested too deep)
+        err = APIError(
+            400, "invalid_json", f"request body could not be parsed ({exc.detail}); send e.g. {EXAMPLE}"
+        )
     else:
         err = APIError(exc.status_code, f"http_{exc.status_code}", str(exc.detail))
     err.headers = dict(exc.headers or {}) or None
