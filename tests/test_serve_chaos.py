@@ -212,7 +212,8 @@ def test_hostile_inputs_fail_alone_and_never_harm_good_traffic(app):
     assert _actor_ids(app) == before
     print(
         f"\nchaos: hostile requests {len(answers) + 2} ({len(HOSTILE) + 2} kinds), "
-        f"good requests {len(load.done)}, good lost {len(load.failures())}, replicas restarted 0"
+        f"good requests {len(load.done)}, good lost {len(load.failures())}, replicas restarted 0 "
+        f"(load average {os.getloadavg()[0]:.2f})"
     )
 
 
@@ -237,7 +238,8 @@ def test_sigkill_a_replica_under_load_costs_at_most_the_requests_in_flight(app, 
     print(
         f"\nchaos: SIGKILL {deployment}: in flight {in_flight}, failed {len(failed)}, "
         f"new replica answered after {replaced_s:.1f} s, first good request after "
-        f"{recovered - killed_at:.1f} s; {len(load.done)} requests"
+        f"{recovered - killed_at:.1f} s; {len(load.done)} requests "
+        f"(load average {os.getloadavg()[0]:.2f})"
     )
 
 
@@ -277,7 +279,10 @@ def test_a_hung_encoder_answers_504_by_the_deadline(app, untrained_bundle):
         assert "request_timeout_s" in r.json()["error"]["message"]
     assert 1.5 <= waited < 10, waited
     assert httpx.post(f"{app}/v1/predict", json=GOOD, timeout=30).status_code == 200
-    print(f"\nchaos: hung Encoder: 3 requests answered 504 after {waited:.1f} s (deadline 1.5 s)")
+    print(
+        f"\nchaos: hung Encoder: 3 requests answered 504 after {waited:.1f} s (deadline 1.5 s) "
+        f"(load average {os.getloadavg()[0]:.2f})"
+    )
 
 
 def test_error_bodies_are_json_even_for_raw_clients(app):
