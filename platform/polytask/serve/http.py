@@ -82,8 +82,8 @@ class APIError(Exception):
 
 
 # An over-limit body is read and dropped up to this many bytes before the 413 goes out: a server
-# that answers and closes while the client is still sending resets the connection (the proxy's
-# uvicorn cannot keep it), and the client sees the reset instead of the 413.
+# that answers and closes while the client is still sending can reset the connection, and the
+# client sees the reset instead of the 413.
 DRAIN_BYTES = 64 * 1024 * 1024
 
 
