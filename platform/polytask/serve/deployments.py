@@ -406,8 +406,16 @@ class Ingress:
         self, inputs: list[tuple[str, str | None]], tasks: list[str]
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """One validated request → (one {task: answer} per input, model info), answered from
-        a batch shared with the requests that arrived while the previous batch ran."""
-        return await self.batcher.submit(_Job(inputs, tasks))
+        a batch shared with the requests that arrived while the previous batch ran.
+
+        Predictions have no side effects, so a request whose Encoder or head replica died under
+        it is sent once more (Serve routes it to a live or replacement replica)."""
+        from ray.exceptions import RayActorError
+
+        try:
+            return await self.batcher.submit(_Job(inputs, tasks))
+        except RayActorError:
+            return await self.batcher.submit(_Job(inputs, tasks))
 
     async def _run_batch(
         self, jobs: list[_Job]
