@@ -239,7 +239,7 @@ def test_sigkill_a_replica_under_load_costs_at_most_the_requests_in_flight(app, 
         f"\nchaos: SIGKILL {deployment}: in flight {in_flight}, failed {len(failed)}, "
         f"new replica answered after {replaced_s:.1f} s, first good request after "
         f"{recovered - killed_at:.1f} s; {len(load.done)} requests "
-        f"(load average {os.getloadavg()[0]:.2f})"
+        f"(load average {os.getloadavg()[0]:.2f}) {[f[2:] for f in failed[:2]]}"
     )
 
 
