@@ -26,6 +26,8 @@ from polytask.serve.refs import local_bundle, pin_model_uri
 from polytask.serve.replica import replica_identity
 
 HEAD_VERSIONS_KEPT = 2
+# Pauses before resending a request whose replica died (the last attempt's error is the answer).
+RETRY_PAUSES_S = (0.0, 0.5, 2.0)
 
 
 def _model_from(config: dict[str, Any] | None) -> str | None:
@@ -409,13 +411,16 @@ class Ingress:
         a batch shared with the requests that arrived while the previous batch ran.
 
         Predictions have no side effects, so a request whose Encoder or head replica died under
-        it is sent once more (Serve routes it to a live or replacement replica)."""
-        from ray.exceptions import RayActorError
+        it is sent again (Serve routes it to a live or replacement replica), a few times with a
+        pause while Serve learns of the death; the HTTP deadline bounds the whole."""
+        from ray.exceptions import ObjectLostError, RayActorError
 
-        try:
-            return await self.batcher.submit(_Job(inputs, tasks))
-        except RayActorError:
-            return await self.batcher.submit(_Job(inputs, tasks))
+        for pause_s in RETRY_PAUSES_S:
+            try:
+                return await self.batcher.submit(_Job(inputs, tasks))
+            except (RayActorError, ObjectLostError):
+                await asyncio.sleep(pause_s)
+        return await self.batcher.submit(_Job(inputs, tasks))
 
     async def _run_batch(
         self, jobs: list[_Job]
