@@ -24,6 +24,9 @@ CPU_SURGE = {"max_surge_percent": 100}
 # (errors are still logged), and room for the requests an Ingress gathers into one batch.
 DEFAULT_LOGGING = {"enable_access_log": False}
 MAX_ONGOING = {"Ingress": 256, "Encoder": 64, "head": 64}
+# Serve's defaults (probe every 10 s, 30 s to answer) leave a broken replica in service for up to
+# 40 s; `check_health` is cheap (no model call), so probe more often and give it less time.
+HEALTH_CHECK = {"health_check_period_s": 2.0, "health_check_timeout_s": 10.0}
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -70,6 +73,7 @@ def compose(
                 "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if args.device == "cuda" else 0},
                 "max_ongoing_requests": MAX_ONGOING["Encoder"],
                 "logging_config": DEFAULT_LOGGING,
+                **HEALTH_CHECK,
             },
             opts["Encoder"],
         )
@@ -79,6 +83,7 @@ def compose(
         "ray_actor_options": {"num_cpus": 0.25},
         "max_ongoing_requests": MAX_ONGOING["head"],
         "logging_config": DEFAULT_LOGGING,
+        **HEALTH_CHECK,
         **CPU_SURGE,
     }
     heads = {
@@ -103,6 +108,8 @@ def compose(
         "batch_max_inputs": args.ingress_batch_inputs,
         "batches_in_flight": args.ingress_batches_in_flight,
         "batch_wait_s": args.batch_wait_timeout_s,
+        "request_timeout_s": args.request_timeout_s,
+        "read_timeout_s": args.read_timeout_s,
     }
     ingress_defaults = {
         "user_config": user_config,

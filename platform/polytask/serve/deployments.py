@@ -20,10 +20,14 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from polytask.serve.batching import MicroBatcher
+from polytask.serve.health import Health
+from polytask.serve.inputs import InputRejected
 from polytask.serve.refs import local_bundle, pin_model_uri
 from polytask.serve.replica import replica_identity
 
 HEAD_VERSIONS_KEPT = 2
+# Pauses before resending a request whose replica died (the last attempt's error is the answer).
+RETRY_PAUSES_S = (0.0, 0.5, 2.0)
 
 
 def _model_from(config: dict[str, Any] | None) -> str | None:
@@ -82,6 +86,7 @@ class Encoder:
             )
         self.device = device
         self.max_batch_size = max_batch_size
+        self.health = Health("Encoder")
         self.calls = 0
         self.inputs = 0
         self.passes: list[int] = []
@@ -120,6 +125,11 @@ class Encoder:
     def fingerprint(self) -> str:
         return self.state.fingerprint
 
+    def check_health(self) -> None:
+        """Serve calls this every `health_check_period_s`: forwards failing in a row with no bad
+        input to blame, or one hung forward, fail the replica and Serve starts a new one."""
+        self.health.check()
+
     def stats(self) -> dict[str, Any]:
         """`calls`: encode calls; `batches`/`batch_sizes`: inputs per gathered batch of calls."""
         batches = self.batcher.stats.as_dict()
@@ -132,6 +142,8 @@ class Encoder:
             "pass_sizes": list(self.passes[-100:]),
             "fingerprint": self.state.fingerprint,
             "model": self.state.ref,
+            "failures_in_a_row": self.health.failures,
+            "pid": os.getpid(),
             **replica_identity(),
         }
 
@@ -162,12 +174,16 @@ class Encoder:
         """All calls of a batch with one model version, in one worker thread."""
         state = self.state
         items = [item for call in calls for item in call.items]
-        encoded = await asyncio.to_thread(self._forward, state, items)
+        encoded = await asyncio.to_thread(self._watched_forward, state, items)
         out, start = [], 0
         for call in calls:
             out.append((state.fingerprint, state.ref, encoded[start : start + len(call.items)]))
             start += len(call.items)
         return out
+
+    def _watched_forward(self, state: _EncoderState, items: list[_Item]) -> list[Any]:
+        with self.health.watch(not_ours=(InputRejected,)):
+            return self._forward(state, items)
 
     def _forward(self, state: _EncoderState, items: list[_Item]) -> list[Any]:
         """Singles and pairs apart, each length-sorted and cut into passes padded to their own
@@ -182,17 +198,21 @@ class Encoder:
                 chunk = idx[start : start + self.max_batch_size]
                 self.passes.append(len(chunk))
                 del self.passes[:-1000]
-                encoded = encode_batch(
-                    state.encoder,
-                    state.tokenizer,
-                    [items[i].text for i in chunk],
-                    [items[i].pair or "" for i in chunk] if pair_view else None,
-                    max_length=state.max_length,
-                    pooling=state.pooling,
-                    need_pooled=any(items[i].need_pooled for i in chunk),
-                    need_tokens=any(items[i].need_tokens for i in chunk),
-                    device=self.device,
-                )
+                try:
+                    encoded = encode_batch(
+                        state.encoder,
+                        state.tokenizer,
+                        [items[i].text for i in chunk],
+                        [items[i].pair or "" for i in chunk] if pair_view else None,
+                        max_length=state.max_length,
+                        pooling=state.pooling,
+                        need_pooled=any(items[i].need_pooled for i in chunk),
+                        need_tokens=any(items[i].need_tokens for i in chunk),
+                        device=self.device,
+                    )
+                except Exception:
+                    _blame_input(state, items, chunk)
+                    raise
                 for i, enc in zip(chunk, encoded):
                     if not items[i].need_pooled:
                         enc.pooled = None
@@ -200,6 +220,18 @@ class Encoder:
                         enc.tokens = enc.word_ids = enc.word_spans = None
                     results[i] = enc
         return results
+
+
+def _blame_input(state: _EncoderState, items: list[_Item], chunk: list[int]) -> None:
+    """After a failed pass: InputRejected for the first input the tokenizer refuses on its own;
+    nothing when every input tokenizes (the replica, not an input, is at fault)."""
+    for i in chunk:
+        try:
+            state.tokenizer(items[i].text, items[i].pair, truncation=True, max_length=state.max_length)
+        except Exception as exc:
+            raise InputRejected(
+                i, f"the tokenizer cannot encode it ({type(exc).__name__}); send plain text"
+            ) from exc
 
 
 @serve.deployment
@@ -213,6 +245,7 @@ class Head:
         self.lock = threading.Lock()
         self.calls = 0
         self.inputs = 0
+        self.health = Health(f"head_{task}")
         self._load(model, None)
 
     def _load(self, ref: str, fingerprint: str | None) -> tuple[Any, Any]:
@@ -242,15 +275,17 @@ class Head:
     ) -> dict[str, Any]:
         """Decode the Encoder's output for this task: one answer per text. `indices` picks this
         head's inputs out of an encoder batch shared with requests for other tasks."""
+        from polytask.model.bundle import BundleError
         from polytask.model.inference import run_head
 
         self.calls += 1
         self.inputs += len(texts)
         fingerprint = encoded["fingerprint"]
-        found = self.versions.get(fingerprint)
-        head, spec = found if found is not None else self._load(encoded["model"], fingerprint)
-        items = encoded["items"] if indices is None else [encoded["items"][i] for i in indices]
-        answers = run_head(head, spec, items, texts)
+        with self.health.watch(not_ours=(BundleError,)):  # a foreign encoder is not our fault
+            found = self.versions.get(fingerprint)
+            head, spec = found if found is not None else self._load(encoded["model"], fingerprint)
+            items = encoded["items"] if indices is None else [encoded["items"][i] for i in indices]
+            answers = run_head(head, spec, items, texts)
         return {"answers": answers, "fingerprint": fingerprint, "model": encoded["model"]}
 
     def stats(self) -> dict[str, Any]:
@@ -259,8 +294,14 @@ class Head:
             "calls": self.calls,
             "inputs": self.inputs,
             "fingerprints": list(self.versions),
+            "failures_in_a_row": self.health.failures,
+            "pid": os.getpid(),
             **replica_identity(),
         }
+
+    def check_health(self) -> None:
+        """Serve's periodic probe: head calls failing in a row, or one hung, fail the replica."""
+        self.health.check()
 
 
 @dataclass
@@ -279,6 +320,8 @@ class IngressSettings:
     batch_max_inputs: int = 256
     batches_in_flight: int = 2
     batch_wait_s: float = 0.005
+    request_timeout_s: float = 30.0
+    read_timeout_s: float = 10.0
 
 
 @dataclass
@@ -359,13 +402,24 @@ class Ingress:
 
     def stats(self) -> dict[str, Any]:
         """Requests (`jobs`) and inputs per batch sent down the pipeline."""
-        return {**self.batcher.stats.as_dict(), **replica_identity()}
+        return {**self.batcher.stats.as_dict(), "pid": os.getpid(), **replica_identity()}
 
     async def run(
         self, inputs: list[tuple[str, str | None]], tasks: list[str]
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """One validated request → (one {task: answer} per input, model info), answered from
-        a batch shared with the requests that arrived while the previous batch ran."""
+        a batch shared with the requests that arrived while the previous batch ran.
+
+        Predictions have no side effects, so a request whose Encoder or head replica died under
+        it is sent again (Serve routes it to a live or replacement replica), a few times with a
+        pause while Serve learns of the death; the HTTP deadline bounds the whole."""
+        from ray.exceptions import ObjectLostError, RayActorError
+
+        for pause_s in RETRY_PAUSES_S:
+            try:
+                return await self.batcher.submit(_Job(inputs, tasks))
+            except (RayActorError, ObjectLostError):
+                await asyncio.sleep(pause_s)
         return await self.batcher.submit(_Job(inputs, tasks))
 
     async def _run_batch(

@@ -1,11 +1,13 @@
 """The HTTP API of the Ingress: routes, request guards and JSON error bodies.
 
-Bad input never reaches the model and never returns 500: auth, content type, body size and
-UTF-8 are checked before the body is parsed; every rejection is `{"error": {"code", "message"}}`.
+Bad input never reaches the model and never returns 500: auth, content type, body size, read
+deadline and UTF-8 are checked before the body is parsed, each text before it joins a batch;
+every rejection is `{"error": {"code", "message"}}`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from typing import Any, Protocol
@@ -20,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from polytask.errors import describe_errors
 from polytask.model.inputs import split_input
+from polytask.serve.inputs import InputRejected, TextError, clean_text
 from polytask.serve.replica import replica_identity
 from polytask.serve.schemas import (
     ErrorResponse,
@@ -57,10 +60,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         400: "Body is not valid JSON or not UTF-8.",
         401: "Missing or wrong API key.",
         404: "Unknown task.",
+        408: "The body did not arrive within read_timeout_s.",
         413: "Body, input count or an input's length over the limit.",
         415: "Content type is not application/json.",
-        422: "Fields missing, unknown, of the wrong type, or empty.",
+        422: "Fields missing, unknown, of the wrong type, or empty; a text that cannot be encoded.",
         503: "Overloaded; retry later.",
+        504: "No answer within request_timeout_s.",
     }.items()
 }
 
@@ -77,13 +82,27 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-class RequestGuard:
-    """Pure ASGI middleware: API key, content type, body bytes and UTF-8, then a JSON 500 catch-all."""
+# An over-limit body is read and dropped up to this many bytes before the 413 goes out: a server
+# that answers and closes while the client is still sending can reset the connection, and the
+# client sees the reset instead of the 413.
+DRAIN_BYTES = 64 * 1024 * 1024
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, api_key: str | None) -> None:
+
+class RequestGuard:
+    """Pure ASGI middleware: API key, content type, body bytes, read deadline and UTF-8, then a
+    JSON 500 catch-all."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        api_key: str | None,
+        read_timeout_s: float = 10.0,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.api_key = api_key.encode() if api_key else None
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -102,7 +121,17 @@ class RequestGuard:
             if self.api_key and path.startswith("/v1/"):
                 self._check_key(headers)
             if scope["method"] in ("POST", "PUT", "PATCH"):
-                receive = await self._buffered(headers, receive)
+                try:
+                    async with asyncio.timeout(self.read_timeout_s):
+                        receive = await self._buffered(headers, receive)
+                except TimeoutError:
+                    raise APIError(
+                        408,
+                        "request_timeout",
+                        f"the request body did not arrive within {self.read_timeout_s:g} s "
+                        "(read_timeout_s); send the whole body at once",
+                        {"Connection": "close"},
+                    ) from None
             await self.app(scope, receive, tracking_send)
         except APIError as exc:
             if not started:
@@ -134,25 +163,27 @@ class RequestGuard:
                 "'Content-Type: application/json'",
             )
         limit = self.max_body_bytes
-        too_large = APIError(
-            413,
-            "body_too_large",
-            f"request body is over {limit} bytes; send fewer or shorter inputs per request",
-        )
         declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_large
+        too_large = declared.isdigit() and int(declared) > limit
         chunks, size, more = [], 0, True
-        while more:
+        while more and not too_large:
             message = await receive()
             if message["type"] != "http.request":
                 raise APIError(400, "client_disconnected", "the client closed the request")
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
             more = message.get("more_body", False)
+            too_large = size > limit
+            chunks.append(chunk)
+        if too_large:
+            if more:
+                await _drain(receive, size)
+            raise APIError(
+                413,
+                "body_too_large",
+                f"request body is over {limit} bytes; send fewer or shorter inputs per request",
+                {"Connection": "close"},
+            )
         body = b"".join(chunks)
         try:
             body.decode("utf-8")
@@ -173,6 +204,15 @@ class RequestGuard:
             return {"type": "http.request", "body": body, "more_body": False}
 
         return replay
+
+
+async def _drain(receive: Receive, size: int) -> None:
+    """Read and drop the rest of an over-limit body, up to DRAIN_BYTES (a larger one is cut off)."""
+    while size <= DRAIN_BYTES:
+        message = await receive()
+        size += len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 def _internal(exc: BaseException) -> APIError:
@@ -208,6 +248,10 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     elif exc.status_code == 405:
         err = APIError(
             405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}"
+        )
+    elif exc.status_code == 400:  # FastAPI could not parse the body (e.g. JSON nested too deep)
+        err = APIError(
+            400, "invalid_json", f"request body could not be parsed ({exc.detail}); send e.g. {EXAMPLE}"
         )
     else:
         err = APIError(exc.status_code, f"http_{exc.status_code}", str(exc.detail))
@@ -259,6 +303,11 @@ def prepare_inputs(
 
 
 def _fit(text: str, where: str, s: Any) -> str:
+    """A checked text (see polytask.serve.inputs), cut or refused when over the length limit."""
+    try:
+        text = clean_text(text, where)
+    except TextError as exc:
+        raise APIError(422, exc.code, str(exc)) from None
     limit = s.max_chars_per_input
     if len(text) <= limit:
         return text
@@ -285,20 +334,38 @@ def create_api(ingress: Ingress) -> FastAPI:
         docs_url="/docs",
     )
     app.add_middleware(
-        RequestGuard, max_body_bytes=ingress.settings.max_body_bytes, api_key=ingress.api_key
+        RequestGuard,
+        max_body_bytes=ingress.settings.max_body_bytes,
+        api_key=ingress.api_key,
+        read_timeout_s=ingress.settings.read_timeout_s,
     )
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(APIError, lambda _, exc: exc.response())
 
+    deadline_s = ingress.settings.request_timeout_s
+
+    async def within_deadline(work: Any) -> Any:
+        try:
+            return await asyncio.wait_for(work, deadline_s)
+        except TimeoutError:
+            raise APIError(
+                504,
+                "timeout",
+                f"no answer within {deadline_s:g} s (request_timeout_s); retry, or send fewer "
+                "inputs per request",
+            ) from None
+
     async def run(items: list[str | PairInput], tasks: list[str]):
         inputs = prepare_inputs(ingress, items, tasks)
         try:
-            return await ingress.run(inputs, tasks)
+            return await within_deadline(ingress.run(inputs, tasks))
         except BackPressureError:
             raise APIError(
                 503, "overloaded", "the service is at capacity; retry shortly", {"Retry-After": "1"}
             ) from None
+        except InputRejected as exc:
+            raise APIError(422, "invalid_text", f"inputs[{exc.index}]: {exc.reason}") from None
 
     @app.get("/healthz", summary="Liveness and which replica answered")
     async def healthz() -> dict[str, Any]:
@@ -310,7 +377,7 @@ def create_api(ingress: Ingress) -> FastAPI:
             {"name": s.name, "kind": s.kind, "labels": list(s.labels), "pair": s.task_kind.pair}
             for s in ingress.specs.values()
         ]
-        fingerprint = await ingress.encoder.fingerprint.remote()
+        fingerprint = await within_deadline(ingress.encoder.fingerprint.remote())
         return {"tasks": tasks, "model": ingress.model_info(fingerprint)}
 
     @app.post(

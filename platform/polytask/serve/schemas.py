@@ -93,6 +93,18 @@ class ServeArgs(BaseModel):
     api_key_env: str | None = Field(
         None, min_length=1, description="Env var holding the API key; unset = no auth."
     )
+    request_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="End-to-end deadline of one request once its body is read; past it: 504.",
+    )
+    read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="Time a client has to send its whole body; a slower one gets 408.",
+    )
     head_options: HeadOptions = Field(default_factory=HeadOptions)
     cpu_variant: str | None = Field(
         None,
