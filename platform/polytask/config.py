@@ -217,6 +217,12 @@ class RunConfig(_Section):
     )
     checkpoints_to_keep: int = Field(2, ge=1, description="Best N checkpoints kept by objective.")
     max_failures: int = Field(1, ge=-1, description="Worker group restarts allowed (-1: no limit).")
+    progress_every_s: float = Field(
+        10.0,
+        ge=0.0,
+        description="`polytask train` prints a progress line this often (and at the end of each "
+        "epoch); 0: after every step.",
+    )
     fail_at_epoch: int | None = Field(
         None, ge=0, description="Testing aid: raise once in rank 0 after this epoch's checkpoint."
     )
