@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -121,6 +122,15 @@ def test_the_bundle_and_predictor_take_the_pair(pair_run, pair_data: Path) -> No
     )
     mismatch = CliRunner().invoke(app, ["predict", str(bundle), "a", "b", "--text-pair", "c"])
     assert mismatch.exit_code == 1 and "give one --text-pair per TEXT" in mismatch.stderr
+
+    import pandas as pd
+
+    from polytask.tracking.pyfunc_model import PolytaskModel
+
+    pyfunc = PolytaskModel()
+    pyfunc.load_context(SimpleNamespace(artifacts={"bundle": str(bundle)}))
+    frame = pd.DataFrame({"text": [same[0]["first"]], "text_pair": [same[0]["second"]]})
+    assert pyfunc.predict(None, frame)[0]["alike"]["value"] == pytest.approx(values["same"][0], abs=1e-5)
 
 
 def test_specs_without_the_pair_field_still_load() -> None:

@@ -100,7 +100,7 @@ def _label_index(raw: Any, spec: TaskSpec) -> int:
     return spec.labels.index(str(raw))
 
 
-# --- single-label classification ---------------------------------------
+# --- single-label classification -------------------------------------------------------------
 
 
 def _ce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

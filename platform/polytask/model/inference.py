@@ -125,10 +125,10 @@ class Predictor:
     def predict(
         self, inputs: list[str | dict[str, Any]], tasks: list[str] | None = None, batch_size: int = 32
     ) -> list[dict[str, Any]]:
-        """Every task when `tasks` is None, pair tasks only when every input has a text_pair (as
+        """Every task when `tasks` is empty, pair tasks only when every input has a text_pair (as
         the HTTP API does); a named pair task needs a text_pair on every input."""
         paired = [split_input(item)[1] is not None for item in inputs]
-        if tasks is None:
+        if not tasks:
             tasks = [t for t in self.tasks if all(paired) or not self.model.specs[t].pair]
             tasks = tasks or self.tasks
         for t in tasks:
