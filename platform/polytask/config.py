@@ -139,7 +139,11 @@ _SENTENCE_ONLY = ("text_field", "text_pair_field", "label_field", "label_separat
 def ignored_data_fields(kind: str, data: DataConfig) -> dict[str, tuple[str, str]]:
     """data.<key> → (error type, why) for each key set in the file that this kind would never
     read (a setting that does nothing is a mistake), and for a pair_classification without pair."""
-    written = data.model_fields_set
+    written = {  # set and not the default: a dumped-and-reloaded config sets every field
+        key
+        for key in data.model_fields_set
+        if getattr(data, key) != DataConfig.model_fields[key].default
+    }
     out = {}
     if KINDS[kind].level == "token":
         why = (
