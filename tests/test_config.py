@@ -84,8 +84,38 @@ def test_metric_must_belong_to_the_kind() -> None:
 def test_pair_task_needs_second_text_field() -> None:
     data = _base()
     data["tasks"][0]["kind"] = "pair_classification"
-    with pytest.raises(ConfigError, match="text_pair_field"):
+    with pytest.raises(ConfigError, match=r"tasks\[0\].data.text_pair_field: is required by pair"):
         config_from_dict(data)
+
+
+@pytest.mark.parametrize("kind", ["classification", "multilabel", "regression"])
+def test_every_sentence_kind_takes_a_pair(kind: str) -> None:
+    data = _base()
+    data["tasks"][0].update(kind=kind, metric=None)
+    assert not config_from_dict(data).tasks[0].pair
+    data["tasks"][0]["data"]["text_pair_field"] = "hypothesis"
+    assert config_from_dict(data).tasks[0].pair
+
+
+def test_fields_the_kind_never_reads_are_rejected_with_their_key_path() -> None:
+    data = _base()
+    data["tasks"][0]["data"].update(tokens_field="words", label_separator=",")
+    data["tasks"][1]["data"].update(text_pair_field="hypothesis", label_field="y")
+    data["optim"] = {"lrr": 1e-4}  # reported with them, not instead of them
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data)
+    problems = err.value.problems
+    assert [p.split(":")[0] for p in problems] == [
+        "tasks[0].data.tokens_field",
+        "tasks[0].data.label_separator",
+        "tasks[1].data.text_pair_field",
+        "tasks[1].data.label_field",
+        "optim.lrr",
+    ]
+    assert "classification tasks read data.text_field" in problems[0] and "'words'" in problems[0]
+    assert "only multilabel tasks split labels" in problems[1]
+    assert "token_classification tasks read words and tags" in problems[2]
+    assert all("remove it" in p for p in problems[:4])
 
 
 def test_duplicate_task_names_rejected() -> None:

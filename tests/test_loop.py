@@ -96,3 +96,25 @@ def test_strict_resume_check_accepts_only_untouched_params_without_optimizer_sta
         check_unstepped(fresh, saved, with_state - {lost}, trainable)
     with pytest.raises(RuntimeError, match="optimizer state for unknown parameters"):
         check_unstepped(fresh, saved, with_state | {"encoder.gone.weight"}, trainable)
+
+
+def test_progress_lines_come_per_interval_and_at_each_epoch_end(experiment, tiny_encoder: Path) -> None:
+    """StepMeter on `fit`'s step hook, with a clock that ticks one second per step: a line every
+    2.5 s and at each epoch's last step, whose running losses end at the epoch's mean loss."""
+    from polytask.training.progress import StepMeter, format_line
+
+    cfg = experiment(epochs=2, num_workers=1, sampling={"steps_per_epoch": 6})
+    tr, _ = _trainer(cfg, tiny_encoder)
+    sent = []
+    ticks = iter(range(1000))
+    meter = StepMeter(sent.append, 2.5, epochs=2, samples_per_step=16, clock=lambda: next(ticks))
+    history = fit(tr, evaluate_each_epoch=False, on_step=meter)
+    assert [(p.epoch, p.step) for p in sent] == [(0, 4), (0, 6), (1, 4), (1, 6)]
+    assert all(p.samples_per_s == pytest.approx(16.0) for p in sent)  # one step per tick
+    assert [p.eta_s for p in sent] == pytest.approx([8.0, 6.0, 2.0, 0.0])
+    for epoch, p in ((0, sent[1]), (1, sent[3])):
+        assert p.losses == pytest.approx(
+            {t: history[epoch][f"train_loss/{t}"] for t in p.losses}
+        ) and p.losses
+    assert format_line(sent[0]).startswith("epoch 1/2  step 4/6  loss ")
+    assert format_line(sent[0]).endswith("  16.0 samples/s  ETA 0:00:08")

@@ -6,6 +6,7 @@ Bad configs come first: they must fail before Ray is ever started in this proces
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -255,6 +256,23 @@ def test_test_split_is_scored_once_logged_and_printed(store, first_run):
     assert f"sentiment/accuracy {expected['sentiment']['accuracy']:.4f}" in line
     assert f"ner/f1 {expected['ner']['f1']:.4f}" in line
     assert res.summary()["test_metrics"]["ner"]["f1"] == pytest.approx(expected["ner"]["f1"])
+
+
+def test_progress_lines_are_printed_while_training(first_run):
+    """`polytask train` prints rank 0's progress on the driver's console: at least each epoch's
+    last step, with per-task losses, throughput and the time left, before the final report."""
+    pattern = re.compile(
+        r"^epoch (\d)/2  step (\d)/4  loss( (?:sentiment|ner) \d+\.\d{4})+  "
+        r"(\d+\.\d) samples/s  ETA (\d+:\d\d:\d\d)$"
+    )
+    lines = first_run.printed.splitlines()
+    found = [(i, pattern.match(line)) for i, line in enumerate(lines)]
+    progress = [(i, m) for i, m in found if m]
+    assert {(m[1], m[2]) for _, m in progress} >= {("1", "4"), ("2", "4")}, first_run.printed
+    assert all(float(m[4]) > 0 for _, m in progress)
+    last = max(i for i, m in progress if (m[1], m[2]) == ("2", "4"))
+    assert progress[-1][1][5] == "0:00:00" and last == progress[-1][0]
+    assert any(line.startswith("test ") for line in lines[last:]), "report after the progress"
 
 
 def test_relaunch_with_more_epochs_resumes_the_same_run(store, first_run, demo_data, tiny_encoder):

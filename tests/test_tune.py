@@ -88,6 +88,8 @@ def test_interrupted_asha_sweep_resumes_and_registers_the_best(
         if r.info.status == "FINISHED"
     }
     assert 1 <= len(finished_before) < TRIALS
+    printed = log.read_text()
+    assert "Trial status:" in printed and "objective" in printed, "Tune's trial table is shown"
 
     # 2. The same sweep launched again (in-process, for its SweepResult) resumes it. Like the CLI
     # it runs on a Ray of its own, with the dashboard: Ray Train's PlacementGroupCleaner watches

@@ -342,12 +342,22 @@ def run_batch(
     if "://" not in spec.input and not Path(spec.input).exists():
         raise BatchError(f"--input {spec.input}: no such file or folder")
     detect_format(spec.input, spec.input_format)
-    known = [s.name for s in read_manifest(resolve_bundle(spec.model)).tasks]
-    tasks = list(dict.fromkeys(spec.tasks)) if spec.tasks else known
+    specs = {s.name: s for s in read_manifest(resolve_bundle(spec.model)).tasks}
+    known = list(specs)
+    paired = spec.text_pair_field is not None
+    tasks = list(dict.fromkeys(spec.tasks)) if spec.tasks else [
+        t for t in known if paired or not specs[t].pair
+    ] or known
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise BatchError(
             f"--tasks: {', '.join(unknown)} not in {spec.model}; it has: {', '.join(known)}"
+        )
+    pair_tasks = [t for t in tasks if specs[t].pair]
+    if pair_tasks and not paired:
+        raise BatchError(
+            f"--tasks: {', '.join(pair_tasks)} compare two texts; set --text-pair-field to the "
+            "column holding the second text"
         )
     if not ray.is_initialized():
         ray.init(log_to_driver=False)

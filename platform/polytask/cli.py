@@ -239,6 +239,10 @@ def serve(
 def predict(
     model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, runs:/ID/model or bundle dir.")],
     texts: Annotated[list[str] | None, typer.Argument(help="Input texts (or use --input).")] = None,
+    text_pair: Annotated[
+        list[str] | None,
+        typer.Option(help="Second text of a pair, one per TEXT in order (pair tasks); repeatable."),
+    ] = None,
     task: Annotated[list[str] | None, typer.Option(help="Tasks to run (default: all); repeatable.")] = None,
     tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks, e.g. sentiment,ner.")] = None,
     input_path: Annotated[
@@ -264,11 +268,19 @@ def predict(
         return
     if not texts:
         _fail("give TEXT arguments, or --input FILE --output FILE to score a file")
+    if text_pair and len(text_pair) != len(texts):
+        _fail(
+            f"{len(texts)} TEXT(s) but {len(text_pair)} --text-pair: give one --text-pair per TEXT, "
+            "in the same order"
+        )
     from polytask.model.inference import Predictor
     from polytask.tracking.registry import resolve_bundle
 
+    inputs: list[str | dict[str, str]] = (
+        [{"text": a, "text_pair": b} for a, b in zip(texts, text_pair)] if text_pair else list(texts)
+    )
     predictor = Predictor.from_bundle(str(resolve_bundle(model)))
-    console.print_json(json.dumps(predictor.predict(list(texts), chosen or None)))
+    console.print_json(json.dumps(predictor.predict(inputs, chosen or None)))
 
 
 def _predict_file(

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from polytask.errors import error_lines
 from polytask.tasks import KINDS
@@ -56,7 +57,9 @@ class DataConfig(_Section):
         "the end of `polytask train` (MLflow `test/<task>/<metric>`).",
     )
     text_field: str = Field("text", description="Column with the input text.")
-    text_pair_field: str | None = Field(None, description="Second text column (pair tasks).")
+    text_pair_field: str | None = Field(
+        None, description="Second text column: set it and any sentence-level task reads pairs."
+    )
     label_field: str = Field("label", description="Column with the label (or label list).")
     tokens_field: str = Field("tokens", description="Column with word lists (token tasks).")
     tags_field: str = Field("tags", description="Column with tag lists (token tasks).")
@@ -79,6 +82,11 @@ class TaskConfig(_Section):
     weight: float = Field(1.0, gt=0.0, description="Static loss weight λ for this task.")
     head: HeadConfig = Field(default_factory=HeadConfig, description="Head options.")
     metric: str | None = Field(None, description="Primary metric; the kind's default if unset.")
+
+    @property
+    def pair(self) -> bool:
+        """A pair task: any sentence-level kind whose data names a second text."""
+        return KINDS[self.kind].level == "sentence" and self.data.text_pair_field is not None
 
     @field_validator("kind")
     @classmethod
@@ -106,11 +114,59 @@ class TaskConfig(_Section):
                 f"metric '{self.metric}' is not reported by kind '{self.kind}'; "
                 f"choose one of {', '.join(names)}"
             )
-        if self.kind == "pair_classification" and not self.data.text_pair_field:
-            raise ValueError("pair_classification needs data.text_pair_field (the second text)")
+        ignored = ignored_data_fields(self.kind, self.data)
+        if ignored:
+            raise ValidationError.from_exception_data(
+                "TaskConfig",
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError(error_type, why),
+                        loc=("data", key),
+                        input=getattr(self.data, key),
+                    )
+                    for key, (error_type, why) in ignored.items()
+                ],
+            )
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ValueError("labels contains duplicates; list each label once")
         return self
+
+
+_TOKEN_ONLY = ("tokens_field", "tags_field")
+_SENTENCE_ONLY = ("text_field", "text_pair_field", "label_field", "label_separator")
+
+
+def ignored_data_fields(kind: str, data: DataConfig) -> dict[str, tuple[str, str]]:
+    """data.<key> → (error type, why) for each key set in the file that this kind would never
+    read (a setting that does nothing is a mistake), and for a pair_classification without pair."""
+    written = {  # set and not the default: a dumped-and-reloaded config sets every field
+        key
+        for key in data.model_fields_set
+        if getattr(data, key) != DataConfig.model_fields[key].default
+    }
+    out = {}
+    if KINDS[kind].level == "token":
+        why = (
+            f"{kind} tasks read words and tags (data.tokens_field, data.tags_field or a CoNLL "
+            "file) and take no second text, so this is never read; remove it"
+        )
+        out.update({key: ("ignored_field", why) for key in _SENTENCE_ONLY if key in written})
+    else:
+        why = (
+            f"{kind} tasks read data.text_field (plus data.text_pair_field for pairs) and "
+            "data.label_field, so this is never read; remove it, or use kind token_classification"
+        )
+        out.update({key: ("ignored_field", why) for key in _TOKEN_ONLY if key in written})
+        if "label_separator" in written and kind != "multilabel":
+            why = f"only multilabel tasks split labels; {kind} reads each label whole; remove it"
+            out["label_separator"] = ("ignored_field", why)
+    if KINDS[kind].pair_only and not data.text_pair_field:
+        why = (
+            f"is required by {kind} (the column holding the second text); kind classification "
+            "also reads pairs when text_pair_field is set"
+        )
+        out["text_pair_field"] = ("value_error", why)
+    return out
 
 
 class SamplingConfig(_Section):
@@ -165,6 +221,12 @@ class RunConfig(_Section):
     )
     checkpoints_to_keep: int = Field(2, ge=1, description="Best N checkpoints kept by objective.")
     max_failures: int = Field(1, ge=-1, description="Worker group restarts allowed (-1: no limit).")
+    progress_every_s: float = Field(
+        10.0,
+        ge=0.0,
+        description="`polytask train` prints a progress line this often (and at the end of each "
+        "epoch); 0: after every step.",
+    )
     fail_at_epoch: int | None = Field(
         None, ge=0, description="Testing aid: raise once in rank 0 after this epoch's checkpoint."
     )

@@ -29,6 +29,12 @@ class TaskSpec:
     hidden_dim: int | None = None
     threshold: float = 0.5
     metric: str | None = None
+    pair: bool = False  # the task reads a second text (its data named `text_pair_field`)
+
+    def __post_init__(self) -> None:
+        # pair_classification is classification that always takes a pair; old bundles lack `pair`
+        if KINDS[self.kind].pair_only and not self.pair:
+            object.__setattr__(self, "pair", True)
 
     @property
     def task_kind(self) -> TaskKind:
@@ -47,6 +53,7 @@ class TaskSpec:
             "hidden_dim": self.hidden_dim,
             "threshold": self.threshold,
             "metric": self.metric or KINDS[self.kind].primary_metric,
+            "pair": self.pair,
         }
 
     @classmethod
@@ -56,7 +63,9 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class TaskKind:
-    """One kind of task. Functions take numpy per example so training and serving share them."""
+    """One kind of task. Functions take numpy per example so training and serving share them.
+    Whether a task reads a text pair is the task's (`TaskSpec.pair`), not the kind's: any
+    sentence-level kind can."""
 
     name: str
     level: Literal["sentence", "token"]
@@ -66,7 +75,7 @@ class TaskKind:
     metrics: Callable[[list[np.ndarray], list[Any], TaskSpec], dict[str, float]]
     decode: Callable[..., dict[str, Any]]
     encode_target: Callable[[Any, TaskSpec], Any] = field(default=lambda raw, spec: raw)
-    pair: bool = False
+    pair_only: bool = False  # pair_classification: an alias of classification that needs a pair
 
 
 def build_head(spec: TaskSpec, hidden_size: int) -> torch.nn.Module:
@@ -91,7 +100,7 @@ def _label_index(raw: Any, spec: TaskSpec) -> int:
     return spec.labels.index(str(raw))
 
 
-# --- single-label classification (also sentence pairs) ---------------------------------------
+# --- single-label classification -------------------------------------------------------------
 
 
 def _ce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -292,7 +301,7 @@ KINDS: dict[str, TaskKind] = {
             metrics=_classification_metrics,
             decode=_classification_decode,
             encode_target=_label_index,
-            pair=True,
+            pair_only=True,
         ),
         TaskKind(
             name="regression",

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from polytask.model.inputs import texts_and_pairs
+from polytask.model.inputs import split_input, texts_and_pairs
 from polytask.model.network import pool
 from polytask.tasks import TaskSpec
 
@@ -125,10 +125,22 @@ class Predictor:
     def predict(
         self, inputs: list[str | dict[str, Any]], tasks: list[str] | None = None, batch_size: int = 32
     ) -> list[dict[str, Any]]:
-        tasks = tasks or self.tasks
+        """Every task when `tasks` is empty, pair tasks only when every input has a text_pair (as
+        the HTTP API does); a named pair task needs a text_pair on every input."""
+        paired = [split_input(item)[1] is not None for item in inputs]
+        if not tasks:
+            tasks = [t for t in self.tasks if all(paired) or not self.model.specs[t].pair]
+            tasks = tasks or self.tasks
         for t in tasks:
             if t not in self.model.specs:
                 raise KeyError(f"unknown task '{t}'; this model has: {', '.join(self.tasks)}")
+        pair_tasks = [t for t in tasks if self.model.specs[t].pair]
+        if pair_tasks and not all(paired):
+            raise ValueError(
+                f"input {paired.index(False)} has no text_pair, but task(s) "
+                f"{', '.join(pair_tasks)} compare two texts: give "
+                '{"text": "...", "text_pair": "..."}'
+            )
         results: list[dict[str, Any]] = [{} for _ in inputs]
         for start in range(0, len(inputs), batch_size):
             chunk = inputs[start : start + batch_size]
@@ -142,7 +154,7 @@ class Predictor:
     ) -> dict[str, list[dict[str, Any]]]:
         out = {}
         for pair_view in (False, True):
-            view = [t for t in tasks if self.model.specs[t].task_kind.pair == pair_view]
+            view = [t for t in tasks if self.model.specs[t].pair == pair_view]
             if not view:
                 continue
             levels = {self.model.specs[t].task_kind.level for t in view}

@@ -440,7 +440,7 @@ class Ingress:
             tokens: list[bool] = []
             spans: dict[int, tuple[int, int]] = {}  # job → (first input in this view, count)
             for j, job in enumerate(jobs):
-                view = [t for t in job.tasks if self.specs[t].task_kind.pair == pair_view]
+                view = [t for t in job.tasks if self.specs[t].pair == pair_view]
                 if not view:
                     continue
                 levels = {self.specs[t].task_kind.level for t in view}
@@ -455,7 +455,7 @@ class Ingress:
                 texts, pairs if pair_view else None, pooled, tokens
             )
             view_tasks = dict.fromkeys(
-                t for j in spans for t in jobs[j].tasks if self.specs[t].task_kind.pair == pair_view
+                t for j in spans for t in jobs[j].tasks if self.specs[t].pair == pair_view
             )
             for task in view_tasks:
                 mine = [(j, *spans[j]) for j in spans if task in jobs[j].tasks]

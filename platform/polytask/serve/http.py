@@ -262,7 +262,7 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
 def default_tasks(ingress: Ingress, items: list[str | PairInput]) -> list[str]:
     """Every served task when none are named; pair tasks only when every input has a text_pair."""
     paired = all(split_input(item)[1] is not None for item in items)
-    tasks = [name for name, spec in ingress.specs.items() if paired or not spec.task_kind.pair]
+    tasks = [name for name, spec in ingress.specs.items() if paired or not spec.pair]
     return tasks or list(ingress.specs)
 
 
@@ -286,7 +286,7 @@ def prepare_inputs(
             f"{len(items)} inputs in one request; the limit is {s.max_inputs_per_request}: "
             "split them over several requests",
         )
-    pair_tasks = [t for t in tasks if ingress.specs[t].task_kind.pair]
+    pair_tasks = [t for t in tasks if ingress.specs[t].pair]
     out = []
     for i, item in enumerate(items):
         text, pair = split_input(item)
@@ -374,7 +374,7 @@ def create_api(ingress: Ingress) -> FastAPI:
     @app.get("/v1/tasks", response_model=TasksResponse, responses=ERROR_RESPONSES)
     async def list_tasks() -> dict[str, Any]:
         tasks = [
-            {"name": s.name, "kind": s.kind, "labels": list(s.labels), "pair": s.task_kind.pair}
+            {"name": s.name, "kind": s.kind, "labels": list(s.labels), "pair": s.pair}
             for s in ingress.specs.values()
         ]
         fingerprint = await within_deadline(ingress.encoder.fingerprint.remote())

@@ -114,7 +114,7 @@ def _rows_to_records(task: TaskConfig, ds: Any, where: str) -> list[Record]:
     kind = KINDS[task.kind]
     d = task.data
     fields = [d.tokens_field, d.tags_field] if kind.level == "token" else [d.text_field]
-    if kind.pair:
+    if task.pair:
         fields.append(d.text_pair_field)
     if kind.level == "sentence":
         fields.append(d.label_field)
@@ -122,7 +122,8 @@ def _rows_to_records(task: TaskConfig, ds: Any, where: str) -> list[Record]:
     if missing:
         raise DataError(
             f"tasks.{task.name}: {where} has no column(s) {missing}; columns are "
-            f"{ds.column_names}; set data.text_field / label_field / tokens_field to match"
+            f"{ds.column_names}; set data.text_field / text_pair_field / label_field / "
+            "tokens_field to match"
         )
     label_col = d.tags_field if kind.level == "token" else d.label_field
     names = _class_names(ds.features.get(label_col))
@@ -138,7 +139,7 @@ def _rows_to_records(task: TaskConfig, ds: Any, where: str) -> list[Record]:
             rec.tokens = [str(t) for t in row[d.tokens_field]]
         else:
             rec.text = row[d.text_field]
-            rec.text_pair = row[d.text_pair_field] if kind.pair else None
+            rec.text_pair = row[d.text_pair_field] if task.pair else None
         out.append(rec)
     return out
 
@@ -209,6 +210,7 @@ def resolve_spec(task: TaskConfig, splits: dict[str, list[Record] | None]) -> Ta
         hidden_dim=task.head.hidden_dim,
         threshold=task.head.threshold,
         metric=task.metric,
+        pair=task.pair,
     )
 
 
@@ -254,7 +256,7 @@ def tokenize_records(
             max_length=max_length,
         )
     else:
-        texts, pairs = texts_and_pairs(records, kind.pair)
+        texts, pairs = texts_and_pairs(records, spec.pair)
         enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     features = []
     for i, rec in enumerate(records):

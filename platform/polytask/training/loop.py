@@ -175,10 +175,11 @@ def _autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
 
 
 def train_epoch(
-    tr: TrainState, on_step: Callable[[int, int], None] | None = None
+    tr: TrainState, on_step: Callable[[int, int, dict[str, float]], None] | None = None
 ) -> dict[str, float]:
     """One epoch of task-homogeneous steps in the sampler's order; returns mean loss per task.
-    `on_step(step, steps_per_epoch)` runs after each step (the chaos tests' kill window)."""
+    `on_step(step, steps_per_epoch, mean losses so far)` runs after each step (progress lines,
+    the chaos tests' kill window)."""
     tr.model.train()
     tr.batches.start_epoch(tr.sampler.epoch)
     torch.manual_seed(tr.cfg.optim.seed * 1_000_003 + tr.sampler.epoch * 1009 + tr.rank)  # dropout
@@ -196,14 +197,14 @@ def train_epoch(
         if i % accum == 0 or i == tr.sampler.steps_per_epoch:
             _optimizer_step(tr)
         if on_step is not None:
-            on_step(i, tr.sampler.steps_per_epoch)
+            on_step(i, tr.sampler.steps_per_epoch, {t: sums[t] / counts[t] for t in sums})
     means = {t: sums[t] / counts[t] for t in sums}
     tr.core.weighting.end_epoch(means)
     return means
 
 
 EpochCallback = Callable[["TrainState", dict[str, Any]], None]
-StepCallback = Callable[[int, int, int], None]  # (epoch, step, steps_per_epoch)
+StepCallback = Callable[[int, int, int, dict[str, float]], None]  # (epoch, step, steps, losses)
 
 
 def fit(
@@ -237,7 +238,7 @@ def _fit_epoch(
 ) -> dict[str, Any]:
     epoch = tr.epoch
     began = time.perf_counter()
-    step_hook = (lambda step, steps: on_step(epoch, step, steps)) if on_step else None
+    step_hook = (lambda step, steps, losses: on_step(epoch, step, steps, losses)) if on_step else None
     losses = _global_means(tr, train_epoch(tr, step_hook))
     seconds = time.perf_counter() - began
     tr.sampler.next_epoch()

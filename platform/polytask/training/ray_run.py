@@ -16,12 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from polytask.config import ExperimentConfig, default_home
 from polytask.tasks import TaskSpec
 from polytask.tracking.registry import client, ensure_experiment
 from polytask.tracking.tags import RUN_NAME_TAG
 from polytask.training.data import load_task_data, tokenize_records
 from polytask.training.loop import BUNDLE_DIR, STATE_DIR, build_features
+from polytask.training.progress import ProgressPrinter, StepMeter, queue_sender
 
 
 @dataclass
@@ -135,10 +138,17 @@ def find_or_create_run(cfg: ExperimentConfig, name: str, uri: str) -> str:
 
 
 def fit_on_ray(
-    cfg: ExperimentConfig, name: str, run_id: str, uri: str, storage: str, features: Features
+    cfg: ExperimentConfig,
+    name: str,
+    run_id: str,
+    uri: str,
+    storage: str,
+    features: Features,
+    console: Console | None = None,
 ) -> Any:
     """TorchTrainer.fit over pre-tokenized features (object store refs); returns Ray's Result.
-    The same name + storage path resumes from that run's latest checkpoint."""
+    The same name + storage path resumes from that run's latest checkpoint. With a `console`,
+    rank 0's progress lines are printed there while the workers run."""
     import ray
 
     if not ray.is_initialized():
@@ -154,7 +164,11 @@ def fit_on_ray(
     )
     if cfg.run.hold_at_epoch is not None and "://" not in storage:
         loop_config["pid_file"] = str(Path(storage) / name / "rank0.pid")
-    return make_trainer(cfg, name, loop_config, storage).fit()
+    if console is None:
+        return make_trainer(cfg, name, loop_config, storage).fit()
+    with ProgressPrinter(console) as printer:
+        loop_config["progress"] = printer.queue
+        return make_trainer(cfg, name, loop_config, storage).fit()
 
 
 def make_loop_config(
@@ -277,9 +291,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None
         if rank == 0 and cfg.run.fail_at_epoch == record["epoch"] and resumed is None:
             _fail_once(record["epoch"])
 
-    hold = _hold_for_kill(cfg, rank, resumed is not None, config.get("pid_file"))
-    history = fit(state, on_epoch=report, on_step=hold)
+    hooks = [_hold_for_kill(cfg, rank, resumed is not None, config.get("pid_file"))]
+    if rank == 0 and config.get("progress") is not None:
+        hooks.append(
+            StepMeter(
+                queue_sender(config["progress"]),
+                cfg.run.progress_every_s,
+                cfg.optim.epochs,
+                cfg.optim.batch_size * world,
+            )
+        )
+    history = fit(state, on_epoch=report, on_step=_each(hooks))
     return history if rank == 0 else None
+
+
+def _each(hooks: list[Any]) -> Any:
+    """One step hook calling every hook given (None entries skipped); None if there are none."""
+    live = [h for h in hooks if h is not None]
+    if not live:
+        return None
+
+    def call(*args: Any) -> None:
+        for hook in live:
+            hook(*args)
+
+    return call
 
 
 def _wrapper(cfg: ExperimentConfig) -> Any:
@@ -309,7 +345,7 @@ def _hold_for_kill(
     if target is None or rank != 0 or resumed or not pid_file:
         return None
 
-    def hold(epoch: int, step: int, steps: int) -> None:
+    def hold(epoch: int, step: int, steps: int, losses: dict[str, float]) -> None:
         if epoch != target or step != max(1, steps // 2):
             return
         import ray.train

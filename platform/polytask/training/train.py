@@ -94,7 +94,7 @@ def run_training(
         soft_wrap=True,
     )
     try:
-        result = fit_on_ray(cfg, name, run_id, uri, storage, features)
+        result = fit_on_ray(cfg, name, run_id, uri, storage, features, console)
         out = _finish(cfg, name, run_id, uri, storage, result)
         if features.test and out.bundle_path:
             out.test_metrics = evaluate_test_split(cfg, out, features)

@@ -75,7 +75,7 @@ def run_sweep(cfg: ExperimentConfig, console: Console | None = None) -> SweepRes
             trainable,
             param_space=to_tune(dims),
             tune_config=_tune_config(cfg),
-            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
         )
     grid = tuner.fit()
     result = _summarize(cfg, name, parent, uri, features.specs, grid)
