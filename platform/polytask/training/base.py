@@ -128,3 +128,27 @@ def load_base_parts(path: Path, trust_remote_code: bool = False) -> dict[str, An
         "specs": manifest.tasks,
         "heads": heads,
     }
+
+
+def add_task_config(
+    model: str, experiment: str | Path, overrides: list[str] | None = None
+) -> ExperimentConfig:
+    """`polytask add-task MODEL EXPERIMENT.yaml`: the experiment's tasks trained as new heads on
+    MODEL's frozen encoder, registered as a new version of MODEL's registered model unless the
+    experiment names another (`tracking.registered_model`)."""
+    import json
+
+    from polytask.config import load_config
+
+    forced = [f"encoder.name_or_path={json.dumps(model)}", "encoder.freeze=true"]
+    cfg = load_config(experiment, [*(overrides or []), *forced])
+    if not is_polytask_model(model):
+        raise BaseModelError(
+            f"MODEL '{model}': not a polytask model; pass models:/NAME@ALIAS, models:/NAME/VERSION, "
+            "runs:/RUN_ID/model or a bundle directory (`polytask registry list` shows them)"
+        )
+    parsed = parse_model_uri(model)
+    if cfg.tracking.registered_model is None and parsed.registered:
+        tracking = cfg.tracking.model_copy(update={"registered_model": parsed.name})
+        cfg = cfg.model_copy(update={"tracking": tracking})
+    return cfg
