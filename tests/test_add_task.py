@@ -215,6 +215,7 @@ def test_serve_update_adds_only_the_new_head_under_load(added, store):
         mood = _answers(c, ["mood"])
 
     failed = [x for x in seen if x[0] != 200]
+    print(f"update: {report.seconds:.1f} s, {len(seen)} requests during it, {len(failed)} failed")
     assert seen and not failed, failed[:5]
     refs = [ref for _, ref in seen]
     assert refs[0] == f"models:/{NAME}/1" and refs[-1] == f"models:/{NAME}/2", refs[:: max(1, len(refs) // 10)]
