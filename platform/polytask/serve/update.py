@@ -53,7 +53,7 @@ def update_app(
 
     args: dict[str, Any] = {}
     options: dict[str, dict[str, Any]] = {}
-    name, prefix = APP_NAME, "/"
+    name, prefix, runtime_env = APP_NAME, "/", None
     if config_path is not None:
         app_cfg = _polytask_app(load_serve_config(config_path), config_path)
         args = dict(app_cfg.args)
@@ -61,10 +61,13 @@ def update_app(
             d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in app_cfg.deployments
         }
         name, prefix = app_cfg.name, app_cfg.route_prefix or "/"
+        runtime_env = app_cfg.runtime_env or None
     if cpu_variant is not None:
         args["cpu_variant"] = cpu_variant
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
+        # The same job runtime_env as `polytask serve`: Serve copies it into every deployment's
+        # actor options, and a different one would restart every replica.
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env=runtime_env)
     if name not in serve.status().applications:
         raise ServeArgsError(
             f"--update: no Serve application '{name}' is running on this Ray cluster; start it "
