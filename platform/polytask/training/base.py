@@ -44,8 +44,9 @@ def is_polytask_model(name_or_path: str) -> bool:
 
 
 def resolve_base(cfg: ExperimentConfig) -> tuple[ExperimentConfig, BaseModel | None]:
-    """(cfg with the base pinned to one version and its pooling/max_length, the base), or
-    (cfg, None) when the encoder is not a polytask model. Run once, on the driver."""
+    """(cfg with the base pinned to one version, its pooling/max_length and the tracking URI it
+    was found in; the base), or (cfg, None) when the encoder is not a polytask model. Run once,
+    on the driver."""
     if not is_polytask_model(cfg.encoder.name_or_path):
         return cfg, None
     uri = tracking_uri(cfg)
@@ -67,7 +68,10 @@ def resolve_base(cfg: ExperimentConfig) -> tuple[ExperimentConfig, BaseModel | N
             "max_length": base.manifest.max_length,
         }
     )
-    return cfg.model_copy(update={"encoder": encoder}), base
+    # Workers resolve the base themselves (other nodes cannot read this one's cache), from the
+    # store the driver used, whatever their own environment says.
+    tracking = cfg.tracking.model_copy(update={"tracking_uri": uri})
+    return cfg.model_copy(update={"encoder": encoder, "tracking": tracking}), base
 
 
 def _load(ref: str, uri: str) -> BaseModel:
