@@ -39,7 +39,11 @@ def replica_actors(app: str = APP_NAME) -> dict[str, list[str]]:
     details = _get_global_client().get_serve_details()
     deployments = details.get("applications", {}).get(app, {}).get("deployments", {})
     return {
-        name: sorted(r["actor_id"] for r in d.get("replicas", []) if r.get("state") == "RUNNING")
+        name: sorted(
+            r.get("actor_id") or r["replica_id"]
+            for r in d.get("replicas", [])
+            if r.get("state") == "RUNNING"
+        )
         for name, d in deployments.items()
     }
 
