@@ -155,7 +155,8 @@ def test_freeze_trains_heads_only_with_the_encoder_in_eval_mode(experiment):
     from polytask.training.loop import build_features, fit, setup
     from polytask.training.ray_run import load_tokenizer
 
-    cfg = experiment(epochs=1, lr=5e-3, num_workers=1, encoder={"freeze": True})
+    cfg = experiment(epochs=1, lr=5e-3, num_workers=1)
+    cfg = cfg.model_copy(update={"encoder": cfg.encoder.model_copy(update={"freeze": True})})
     task_data = load_task_data(cfg)
     train_f, eval_f = build_features(cfg, task_data, load_tokenizer(cfg))
     tr = setup(cfg, [td.spec for td in task_data.values()], train_f, eval_f)
