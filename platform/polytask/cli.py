@@ -161,6 +161,42 @@ def train(
     console.print_json(json.dumps(result.summary()))
 
 
+@app.command("add-task")
+def add_task(
+    model: Annotated[
+        str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... or a bundle dir.")
+    ],
+    experiment: Annotated[Path, typer.Argument(help="Experiment YAML with the new tasks only.")],
+    overrides: Overrides = None,
+    run_name: Annotated[str | None, typer.Option(help="Run name; reuse it to resume.")] = None,
+) -> None:
+    """Train new task heads on MODEL's frozen encoder; register MODEL's heads + the new ones as a
+    new version (the encoder fingerprint is unchanged, so a running app only adds the heads)."""
+    from polytask.training.base import add_task_config
+    from polytask.training.train import run_training
+
+    cfg = add_task_config(model, experiment, overrides)
+    result = run_training(cfg, run_name=run_name, console=console)
+    console.print_json(json.dumps(result.summary()))
+    name, version = cfg.tracking.registered_model, result.model_version
+    if name is None or version is None:
+        return
+    new = f"models:/{name}/{version}"
+    if CHAMPION not in result.aliases:
+        console.print(
+            f"{new} stays '{result.aliases[0] if result.aliases else 'candidate'}' "
+            f"({result.promotion}).\n  make it the champion: polytask registry promote {name} "
+            f"{version}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    console.print(
+        f"  update a running app (keeps its Encoder replicas): polytask serve {new} --update",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 @app.command()
 def tune(
     experiment: Annotated[Path, typer.Argument(help="Experiment YAML with a `tune` section.")],
@@ -227,11 +263,31 @@ def serve(
         CpuVariant | None,
         typer.Option(help="On a CPU encoder, serve this compressed variant of MODEL."),
     ] = None,
+    update: Annotated[
+        bool,
+        typer.Option(
+            help="Redeploy the app already running on this Ray cluster with MODEL and return; "
+            "deployments whose weights did not change (e.g. the Encoder after add-task) keep "
+            "their replicas."
+        ),
+    ] = False,
 ) -> None:
     """Serve a model with Ray Serve: encoder and head deployments behind one HTTP API."""
     from polytask.serve import run_server
 
     variant = cpu_variant.value if cpu_variant else None
+    if update:
+        from polytask.serve.update import update_app
+
+        report = update_app(model, config_path=config, cpu_variant=variant)
+        console.print(
+            f"updated to {report.model} in {report.seconds:.1f} s; kept replicas: "
+            f"{', '.join(report.kept) or '-'}; restarted: {', '.join(report.replaced) or '-'}; "
+            f"added: {', '.join(report.added) or '-'}; removed: {', '.join(report.removed) or '-'}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
     run_server(model, config_path=config, host=host, port=port, console=console, cpu_variant=variant)
 
 

@@ -34,12 +34,21 @@ class _Section(BaseModel):
 
 
 class EncoderConfig(_Section):
-    name_or_path: str = Field(description="Hugging Face hub id or local directory of the encoder.")
+    name_or_path: str = Field(
+        description="Hugging Face hub id or local directory of the encoder, or a polytask model "
+        "(models:/NAME@ALIAS, models:/NAME/VERSION, runs:/..., a bundle directory) whose encoder, "
+        "tokenizer and heads the new tasks are added to."
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
     max_length: int = Field(128, ge=8, le=8192, description="Longest tokenized input; longer is cut.")
     pooling: Literal["cls", "mean"] = Field("cls", description="How sentence tasks pool tokens.")
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with the checkpoint; off unless you trust it."
+    )
+    freeze: bool = Field(
+        False,
+        description="Train heads only: the encoder's weights (and so its fingerprint) stay as "
+        "loaded, so the new heads can be served beside a running encoder.",
     )
 
 

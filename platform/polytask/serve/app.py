@@ -42,11 +42,13 @@ def compose(
     from polytask.model.bundle import BundleError, read_manifest
     from polytask.serve.deployments import Encoder, Head, Ingress
     from polytask.serve.refs import local_bundle, served_ref
+    from polytask.serve.versions import encoder_version, head_version
 
     args = parse_args(args)
     ref = served_ref(args)
     try:
-        manifest = read_manifest(local_bundle(ref))
+        bundle = local_bundle(ref)
+        manifest = read_manifest(bundle)
     except (FileNotFoundError, BundleError) as exc:
         raise ServeArgsError(f"model: {exc}") from exc
     known = [s.name for s in manifest.tasks]
@@ -77,6 +79,14 @@ def compose(
             },
             opts["Encoder"],
         )
+    )
+    # A version that names the weights, not the model version: redeploying a model that only
+    # gained heads reconfigures the running Encoder replicas instead of restarting them.
+    encoder = encoder.options(
+        version=encoder_version(
+            manifest, args.device, args.max_batch_size, args.batch_wait_timeout_s
+        ),
+        _internal=True,
     ).bind(ref, args.device, args.max_batch_size, args.batch_wait_timeout_s)
     head_defaults = {
         "user_config": user_config,
@@ -92,7 +102,9 @@ def compose(
                 _merge({**head_defaults, "name": f"head_{task}"}, args.head_options.as_options()),
                 opts[f"head_{task}"],
             )
-        ).bind(ref, task)
+        )
+        .options(version=head_version(bundle, task), _internal=True)
+        .bind(ref, task)
         for task in tasks
     }
     settings = {

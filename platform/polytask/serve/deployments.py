@@ -105,6 +105,7 @@ class Encoder:
         path = local_bundle(ref)
         manifest = read_manifest(path)
         encoder, tokenizer, fingerprint = load_encoder_part(path, self.device)
+        self.loads = getattr(self, "loads", 0) + 1  # weight loads by this replica (stats)
         if fingerprint != manifest.fingerprint:
             raise BundleError(
                 f"{ref}: encoder weights have fingerprint {fingerprint} but polytask.json says "
@@ -115,12 +116,29 @@ class Encoder:
         )
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """`user_config: {model: URI}` switches the encoder in place (no replica restart)."""
+        """`user_config: {model: URI}` switches the encoder in place (no replica restart); a
+        version with the same encoder (e.g. one that only added heads) swaps the reference
+        without reloading the weights."""
         model = _model_from(config)
         if model is not None:
             ref = pin_model_uri(model)
             if ref != self.state.ref:
-                self.state = self._load(ref)
+                self.state = self._same_encoder(ref) or self._load(ref)
+
+    def _same_encoder(self, ref: str) -> _EncoderState | None:
+        """The loaded encoder under the new reference when `ref`'s bundle has the same weights
+        and settings (fingerprint, pooling, max_length), else None."""
+        from dataclasses import replace
+
+        from polytask.model.bundle import read_manifest
+
+        manifest = read_manifest(local_bundle(ref))
+        same = (manifest.fingerprint, manifest.pooling, manifest.max_length) == (
+            self.state.fingerprint,
+            self.state.pooling,
+            self.state.max_length,
+        )
+        return replace(self.state, ref=ref) if same else None
 
     def fingerprint(self) -> str:
         return self.state.fingerprint
@@ -144,6 +162,7 @@ class Encoder:
             "model": self.state.ref,
             "failures_in_a_row": self.health.failures,
             "pid": os.getpid(),
+            "loads": self.loads,
             **replica_identity(),
         }
 

@@ -160,9 +160,11 @@ def register_bundle(
     promote: str = "if_better",
     model_uri: str | None = None,
     uri: str | None = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Log (unless `model_uri` is given) and register a bundle; alias it `candidate`, and
-    `champion` as `settle_champion` decides. `promotion` in the result says why."""
+    `champion` as `settle_champion` decides. `promotion` in the result says why; `extra_tags`
+    go on the version with the standard ones."""
     from mlflow.exceptions import MlflowException
 
     from polytask.model.bundle import read_manifest
@@ -180,6 +182,7 @@ def register_bundle(
         OBJECTIVE_TAG: repr(float(objective)),
         TASKS_TAG: ",".join(sorted(s.name for s in specs)),
         OBJECTIVE_DEF_TAG: objective_definition(specs),
+        **(extra_tags or {}),
     }
     mv = create_version(name, model_uri, run_id, tags, uri)
     c.set_registered_model_alias(name, CANDIDATE, mv.version)

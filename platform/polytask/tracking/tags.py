@@ -33,3 +33,7 @@ COMPRESSION_TAG = "polytask.compression"
 SOURCE_VERSION_TAG = "polytask.source_version"
 BASE_VERSION_TAG = "polytask.base_version"
 VARIANT_TAG = "polytask.variant"
+# Versions made by `polytask add-task`: the version whose encoder and heads they reuse, and the
+# tasks they added (comma-separated). Not BASE_VERSION_TAG: that one marks compressed variants.
+ADDED_TO_VERSION_TAG = "polytask.added_to_version"
+ADDED_TASKS_TAG = "polytask.added_tasks"

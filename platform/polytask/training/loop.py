@@ -26,8 +26,9 @@ from torch import nn
 
 from polytask.config import ExperimentConfig, OptimConfig
 from polytask.model.bundle import save_bundle
-from polytask.model.network import MultiTaskModel, build_model, load_encoder
+from polytask.model.network import MultiTaskModel, build_model, encoder_fingerprint, load_encoder
 from polytask.tasks import LOWER_IS_BETTER, TaskSpec
+from polytask.training.base import base_bundle, load_base_parts
 from polytask.training.data import TaskBatches, TaskSampler, eval_batches, tokenize_records
 
 STATE_DIR, BUNDLE_DIR = "state", "bundle"  # a checkpoint: training state + a servable bundle
@@ -87,6 +88,8 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     sharded: bool = False  # FSDP: no rank holds the whole model (see polytask.training.sharding)
     shadow: MultiTaskModel | None = None  # FSDP, rank 0: a plain copy to load gathered state into
+    frozen: list[str] = field(default_factory=list)  # submodules not trained, kept in eval mode
+    frozen_fingerprint: str | None = None  # encoder.freeze: the fingerprint every bundle must keep
 
     @property
     def specs(self) -> list[TaskSpec]:
@@ -121,17 +124,24 @@ def setup(
     """Build model, optimizer, schedule and data streams; `wrap` (e.g. prepare_model) adds DDP."""
     torch.manual_seed(cfg.optim.seed)
     device = device or torch.device("cpu")
-    encoder, tokenizer = load_encoder(
-        cfg.encoder.name_or_path, cfg.encoder.revision, cfg.encoder.trust_remote_code
-    )
+    base_path = base_bundle(cfg)
+    base: dict[str, Any] = {"specs": [], "heads": {}, "fingerprint": None}
+    if base_path is not None:
+        base = load_base_parts(base_path, cfg.encoder.trust_remote_code)
+        encoder, tokenizer = base["encoder"], base["tokenizer"]
+    else:
+        encoder, tokenizer = load_encoder(
+            cfg.encoder.name_or_path, cfg.encoder.revision, cfg.encoder.trust_remote_code
+        )
     core = build_model(
         encoder,
-        specs,
+        [*base["specs"], *specs],
         cfg.encoder.pooling,
         cfg.loss_weighting.method,
         {t.name: t.weight for t in cfg.tasks},
         cfg.loss_weighting.dwa_temperature,
     )
+    frozen = _freeze(core, cfg.encoder.freeze, base["heads"])
     sharded = wrap is not None and cfg.scaling.parallel_strategy == "fsdp"
     shadow = copy.deepcopy(core) if sharded and rank == 0 else None
     model = wrap(core) if wrap else core.to(device)
@@ -162,8 +172,25 @@ def setup(
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     return TrainState(
         cfg, model, core, tokenizer, optimizer, scheduler, sampler, batches, eval_features,
-        device, dtype, scaler, rank, world_size, sharded=sharded, shadow=shadow,
+        device, dtype, scaler, rank, world_size, sharded=sharded, shadow=shadow, frozen=frozen,
+        frozen_fingerprint=base["fingerprint"] or (encoder_fingerprint(encoder) if cfg.encoder.freeze else None),
     )
+
+
+def _freeze(core: MultiTaskModel, encoder: bool, base_heads: dict[str, nn.Module]) -> list[str]:
+    """Install the base model's heads and stop gradients to them (and to the encoder when
+    `encoder`); returns the frozen submodules' names, kept in eval mode while training."""
+    frozen = []
+    for name, head in base_heads.items():
+        core.heads[name] = head
+        frozen.append(f"heads.{name}")
+    if encoder:
+        frozen.append("encoder")
+    for name in frozen:
+        module = core.get_submodule(name)
+        module.requires_grad_(False)
+        module.eval()
+    return frozen
 
 
 def _autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
@@ -181,6 +208,8 @@ def train_epoch(
     `on_step(step, steps_per_epoch, mean losses so far)` runs after each step (progress lines,
     the chaos tests' kill window)."""
     tr.model.train()
+    for name in tr.frozen:  # frozen parts compute what serving computes: no dropout
+        tr.core.get_submodule(name).eval()
     tr.batches.start_epoch(tr.sampler.epoch)
     torch.manual_seed(tr.cfg.optim.seed * 1_000_003 + tr.sampler.epoch * 1009 + tr.rank)  # dropout
     accum = tr.cfg.optim.grad_accum_steps
@@ -426,7 +455,7 @@ def save_checkpoint(tr: TrainState, path: str | Path, extra: dict[str, Any] | No
         return False
     path = Path(path)
     save_state(tr, path / STATE_DIR, gathered)
-    save_bundle(
+    manifest = save_bundle(
         plain_model(tr, gathered[0]),
         tr.tokenizer,
         path / BUNDLE_DIR,
@@ -434,6 +463,11 @@ def save_checkpoint(tr: TrainState, path: str | Path, extra: dict[str, Any] | No
         source=tr.cfg.encoder.name_or_path,
         extra=extra,
     )
+    if tr.frozen_fingerprint is not None and manifest.fingerprint != tr.frozen_fingerprint:
+        raise RuntimeError(
+            f"encoder.freeze: the encoder's fingerprint changed from {tr.frozen_fingerprint} to "
+            f"{manifest.fingerprint}; frozen weights must not change (a bug, please report it)"
+        )
     return True
 
 

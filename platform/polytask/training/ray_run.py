@@ -55,10 +55,12 @@ def load_tokenizer(cfg: ExperimentConfig) -> Any:
     from transformers import AutoTokenizer
 
     from polytask.model.network import resolve_encoder_path
+    from polytask.training.base import base_bundle
 
+    base = base_bundle(cfg)  # a polytask model: its own tokenizer, saved beside its encoder
     tokenizer = AutoTokenizer.from_pretrained(
-        resolve_encoder_path(cfg.encoder.name_or_path),
-        revision=cfg.encoder.revision,
+        str(base / "encoder") if base else resolve_encoder_path(cfg.encoder.name_or_path),
+        revision=None if base else cfg.encoder.revision,
         trust_remote_code=cfg.encoder.trust_remote_code,
         use_fast=True,
     )

@@ -28,11 +28,14 @@ from polytask.tracking.registry import (
     ui_command,
 )
 from polytask.tracking.tags import (
+    ADDED_TASKS_TAG,
+    ADDED_TO_VERSION_TAG,
     MODEL_ALIASES_TAG,
     MODEL_CHECKPOINT_TAG,
     MODEL_URI_TAG,
     MODEL_VERSION_TAG,
 )
+from polytask.training.base import BaseModel, resolve_base
 from polytask.training.ray_run import (
     Features,
     find_or_create_run,
@@ -63,6 +66,7 @@ class TrainResult:
     storage_path: str = ""
     model_uri: str | None = None
     test_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    promotion: str | None = None  # why the new version did or did not become champion
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready digest (the CLI prints it); the full history stays in MLflow."""
@@ -81,6 +85,7 @@ def run_training(
 ) -> TrainResult:
     """Train, checkpoint, log and register; relaunching the same run name resumes it."""
     console = console or Console()
+    cfg, base = resolve_base(cfg)  # a polytask model as encoder: pinned, its heads carried over
     features = tokenize_experiment(cfg)  # DataError propagates unchanged, before any Ray worker
     name = run_name or cfg.run.name or default_run_name(cfg)
     uri = tracking_uri(cfg)
@@ -95,7 +100,7 @@ def run_training(
     )
     try:
         result = fit_on_ray(cfg, name, run_id, uri, storage, features, console)
-        out = _finish(cfg, name, run_id, uri, storage, result)
+        out = _finish(cfg, name, run_id, uri, storage, result, base)
         if features.test and out.bundle_path:
             out.test_metrics = evaluate_test_split(cfg, out, features)
     except BaseException:
@@ -111,7 +116,13 @@ def default_run_name(cfg: ExperimentConfig) -> str:
 
 
 def _finish(
-    cfg: ExperimentConfig, name: str, run_id: str, uri: str, storage: str, result: Any
+    cfg: ExperimentConfig,
+    name: str,
+    run_id: str,
+    uri: str,
+    storage: str,
+    result: Any,
+    base: BaseModel | None = None,
 ) -> TrainResult:
     """Pick the best checkpoint and log + register its bundle, once per distinct checkpoint
     (a relaunch whose best checkpoint did not change reuses the earlier model version)."""
@@ -155,11 +166,13 @@ def _finish(
             out.objective,
             cfg.tracking.promote,
             uri=uri,
+            extra_tags=added_task_tags(cfg, base),
         )
-        out.model_version, out.aliases, out.model_uri = (
+        out.model_version, out.aliases, out.model_uri, out.promotion = (
             reg["version"],
             reg["aliases"],
             reg["model_uri"],
+            reg["promotion"],
         )
     else:
         out.model_uri = log_bundle(out.bundle_path, run_id, uri)
@@ -173,6 +186,16 @@ def _finish(
     }
     c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     return out
+
+
+def added_task_tags(cfg: ExperimentConfig, base: BaseModel | None) -> dict[str, str]:
+    """Version tags of a model made by adding tasks to `base`: where it came from, what it added."""
+    if base is None:
+        return {}
+    return {
+        ADDED_TO_VERSION_TAG: base.ref if base.version is None else str(base.version),
+        ADDED_TASKS_TAG: ",".join(sorted(cfg.task_names)),
+    }
 
 
 def _best(result: Any) -> tuple[Any, dict[str, Any]] | None:
