@@ -172,6 +172,27 @@ def _polytask_app(config: Any, path: str | Path) -> Any:
     return apps[0]
 
 
+def app_from_config(
+    config_path: str | Path | None, cpu_variant: str | None = None
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], str, str, dict[str, Any] | None]:
+    """(args, deployment options, app name, route prefix, runtime_env) from a Serve config file,
+    or the defaults without one; `polytask serve` and `serve --update` read configs the same way."""
+    args: dict[str, Any] = {}
+    options: dict[str, dict[str, Any]] = {}
+    name, prefix, runtime_env = APP_NAME, "/", None
+    if config_path is not None:
+        app_cfg = _polytask_app(load_serve_config(config_path), config_path)
+        args = dict(app_cfg.args)
+        options = {
+            d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in app_cfg.deployments
+        }
+        name, prefix = app_cfg.name, app_cfg.route_prefix or "/"
+        runtime_env = app_cfg.runtime_env or None
+    if cpu_variant is not None:
+        args["cpu_variant"] = cpu_variant
+    return args, options, name, prefix, runtime_env
+
+
 def run_server(
     model: str,
     config_path: str | Path | None = None,
@@ -194,19 +215,7 @@ def run_server(
         else:
             console.print(line, soft_wrap=True, markup=False, highlight=False)
 
-    args: dict[str, Any] = {}
-    options: dict[str, dict[str, Any]] = {}
-    name, prefix, runtime_env = APP_NAME, "/", None
-    if config_path is not None:
-        app_cfg = _polytask_app(load_serve_config(config_path), config_path)
-        args = dict(app_cfg.args)
-        options = {
-            d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in app_cfg.deployments
-        }
-        name, prefix = app_cfg.name, app_cfg.route_prefix or "/"
-        runtime_env = app_cfg.runtime_env or None
-    if cpu_variant is not None:
-        args["cpu_variant"] = cpu_variant
+    args, options, name, prefix, runtime_env = app_from_config(config_path, cpu_variant)
     parsed = parse_args({**args, "model": model})
     app = compose(parsed, options)
     if not ray.is_initialized():

@@ -12,11 +12,10 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ray import serve
 
-from polytask.serve.app import APP_NAME, _polytask_app, compose, load_serve_config
+from polytask.serve.app import APP_NAME, app_from_config, compose
 from polytask.serve.schemas import ServeArgsError, parse_args
 
 
@@ -55,19 +54,7 @@ def update_app(
     config's args and deployment options; returns once the app is RUNNING again."""
     import ray
 
-    args: dict[str, Any] = {}
-    options: dict[str, dict[str, Any]] = {}
-    name, prefix, runtime_env = APP_NAME, "/", None
-    if config_path is not None:
-        app_cfg = _polytask_app(load_serve_config(config_path), config_path)
-        args = dict(app_cfg.args)
-        options = {
-            d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in app_cfg.deployments
-        }
-        name, prefix = app_cfg.name, app_cfg.route_prefix or "/"
-        runtime_env = app_cfg.runtime_env or None
-    if cpu_variant is not None:
-        args["cpu_variant"] = cpu_variant
+    args, options, name, prefix, runtime_env = app_from_config(config_path, cpu_variant)
     if not ray.is_initialized():
         # The same job runtime_env as `polytask serve`: Serve copies it into every deployment's
         # actor options, and a different one would restart every replica.
