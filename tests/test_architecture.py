@@ -4,6 +4,8 @@ points to the module's own layer or one below it, and the import graph has no cy
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -104,3 +106,22 @@ def test_serving_never_imports_training_or_compression() -> None:
         todo.extend(graph.get(mod, ()))
     bad = sorted(m for m in seen if m.startswith(("polytask.training", "polytask.compression")))
     assert not bad, f"serving reaches {bad}"
+
+
+def test_the_http_front_reads_a_model_without_importing_torch(untrained_bundle: Path) -> None:
+    """The Ingress only needs the manifest: a new Ingress replica (autoscaling, a redeploy) must
+    not pay for importing torch, transformers or MLflow on a bundle path."""
+    code = (
+        "import sys\n"
+        "from polytask.serve.deployments import Ingress\n"
+        "from polytask.serve.http import create_api\n"
+        "from polytask.serve.refs import local_bundle\n"
+        "from polytask.model.manifest import read_manifest\n"
+        "tasks = [s.name for s in read_manifest(local_bundle(sys.argv[1])).tasks]\n"
+        "print(tasks, sorted(m for m in ('torch', 'transformers', 'mlflow') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(untrained_bundle)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['sentiment', 'ner'] []"

@@ -177,16 +177,21 @@ def test_ratios_and_targets_read_one_run():
 # --- end to end ------------------------------------------------------------------------------------
 
 
-def test_serve_bench_tiny_end_to_end(tmp_path):
+def test_serve_bench_tiny_end_to_end(tmp_path, ray_local, capsys):
+    """The script's own `main`, in this process on the session's Ray (as on a cluster it joins:
+    it starts Ray only when none is connected), so the test pays for no second Ray."""
+    from ray import serve
+    from serve_bench import main
+
     from polytask.demo import demo_corpus
 
     texts = tmp_path / "texts.tsv"
     texts.write_text("sentence\tlabel\n" + "".join(f"{t} \t0\n" for t in demo_corpus()[::5]))
     out = tmp_path / "serve"
-    proc = _run_script(
-        "jobs/bench/serve_bench.py", "--tiny", "--texts", str(texts), "--out", str(out)
-    )
-    assert "0 errors at every level" in proc.stdout
+    serve.shutdown()  # the benchmark starts Serve on a port of its own
+    assert main(["--tiny", "--texts", str(texts), "--out", str(out)]) == 0
+    assert "0 errors at every level" in capsys.readouterr().out
+    assert ray_local.is_initialized(), "a Ray it did not start is left running"
 
     result = json.loads((out / "results.json").read_text())
     assert result["texts"] == {"source": str(texts), "count": len(demo_corpus()[::5])}

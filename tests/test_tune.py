@@ -19,6 +19,7 @@ import pytest
 from mlflow import MlflowClient
 from rich.console import Console
 
+from conftest import connect_ray
 from polytask.config import load_config
 from polytask.demo import demo_experiment, write_yaml
 from polytask.training.searchspace import SearchSpaceError
@@ -51,7 +52,7 @@ def _steps(c: MlflowClient, run_id: str, key: str) -> list[int]:
 
 
 def test_interrupted_asha_sweep_resumes_and_registers_the_best(
-    demo_data: Path, tiny_encoder: Path, tmp_path: Path, mlflow_uri: str, no_ray
+    demo_data: Path, tiny_encoder: Path, tmp_path: Path, mlflow_uri: str, ray_cluster
 ) -> None:
     import ray
 
@@ -67,8 +68,10 @@ def test_interrupted_asha_sweep_resumes_and_registers_the_best(
     path = write_yaml(exp, tmp_path / "sweep.yaml")
     c = MlflowClient(mlflow_uri)
 
-    # 1. A real `polytask tune` process (its own local Ray), interrupted after its first trial.
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    # 1. A real `polytask tune` process, interrupted after its first trial. It joins the session's
+    # Ray as its own job (as `RAY_ADDRESS=... polytask tune` joins a cluster), so the interrupt
+    # also ends that job's trials.
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "polytask.cli", "tune", str(path)]
     log = tmp_path / "first.log"
     with log.open("w") as sink:
@@ -91,15 +94,18 @@ def test_interrupted_asha_sweep_resumes_and_registers_the_best(
     printed = log.read_text()
     assert "Trial status:" in printed and "objective" in printed, "Tune's trial table is shown"
 
-    # 2. The same sweep launched again (in-process, for its SweepResult) resumes it. Like the CLI
-    # it runs on a Ray of its own, with the dashboard: Ray Train's PlacementGroupCleaner watches
-    # controllers through the state API it serves, or trials ASHA stops would leak their CPUs.
+    # 2. The same sweep launched again (in-process, for its SweepResult) resumes it, on the same
+    # Ray (its dashboard serves the state API that Ray Train's PlacementGroupCleaner watches, or
+    # trials ASHA stops would leak their CPUs).
     out = io.StringIO()
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
+    was_connected = ray.is_initialized()
+    connect_ray(ray_cluster)
     try:
         result = run_sweep(load_config(path), console=Console(file=out, width=200))
     finally:
         ray.shutdown()
+        if was_connected:
+            connect_ray(ray_cluster)
     assert "resuming sweep s" in out.getvalue()
 
     assert len(result.trials) == TRIALS

@@ -335,7 +335,7 @@ def run_batch(
     import ray
     import ray.data
 
-    from polytask.model.bundle import read_manifest
+    from polytask.model.manifest import read_manifest
     from polytask.tracking.registry import resolve_bundle
 
     out_fmt = output_format(spec.output)

@@ -243,7 +243,7 @@ def registry_show(
     uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or a path.")],
 ) -> None:
     """Where a model URI resolves to, and its tasks."""
-    from polytask.model.bundle import read_manifest
+    from polytask.model.manifest import read_manifest
     from polytask.tracking.registry import resolve_bundle
 
     path = resolve_bundle(uri)

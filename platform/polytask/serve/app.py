@@ -39,7 +39,7 @@ def compose(
 ) -> Application:
     """The bound application; `deployment_options` ({deployment name: Serve options}) are applied
     last, the way a config's `deployments:` list overrides options set in code."""
-    from polytask.model.bundle import BundleError, read_manifest
+    from polytask.model.manifest import BundleError, read_manifest
     from polytask.serve.deployments import Encoder, Head, Ingress
     from polytask.serve.refs import local_bundle, served_ref
     from polytask.serve.versions import encoder_version, head_version

@@ -130,7 +130,7 @@ class Encoder:
         and settings (fingerprint, pooling, max_length), else None."""
         from dataclasses import replace
 
-        from polytask.model.bundle import read_manifest
+        from polytask.model.manifest import read_manifest
 
         manifest = read_manifest(local_bundle(ref))
         same = (manifest.fingerprint, manifest.pooling, manifest.max_length) == (
@@ -294,8 +294,8 @@ class Head:
     ) -> dict[str, Any]:
         """Decode the Encoder's output for this task: one answer per text. `indices` picks this
         head's inputs out of an encoder batch shared with requests for other tasks."""
-        from polytask.model.bundle import BundleError
         from polytask.model.inference import run_head
+        from polytask.model.manifest import BundleError
 
         self.calls += 1
         self.inputs += len(texts)
@@ -394,7 +394,7 @@ class Ingress:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """A new model reference refreshes the task list (labels) the API reports and validates."""
-        from polytask.model.bundle import read_manifest
+        from polytask.model.manifest import read_manifest  # not bundle: the Ingress needs no torch
 
         model = _model_from(config)
         if model is None:

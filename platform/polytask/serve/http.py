@@ -216,7 +216,7 @@ async def _drain(receive: Receive, size: int) -> None:
 
 
 def _internal(exc: BaseException) -> APIError:
-    from polytask.model.bundle import BundleError
+    from polytask.model.manifest import BundleError
 
     if isinstance(exc, BundleError):
         return APIError(500, "model_mismatch", f"the served model is inconsistent: {exc}")

@@ -167,7 +167,7 @@ def register_bundle(
     go on the version with the standard ones."""
     from mlflow.exceptions import MlflowException
 
-    from polytask.model.bundle import read_manifest
+    from polytask.model.manifest import read_manifest
 
     uri = uri or tracking_uri()
     specs = read_manifest(bundle_dir).tasks
@@ -448,7 +448,7 @@ def _format_time(ms: int | None) -> str:
 
 def resolve_bundle(uri: str) -> Path:
     """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/PATH` or a dir → local bundle."""
-    from polytask.model.bundle import MANIFEST  # here: listing versions needs no torch
+    from polytask.model.manifest import MANIFEST  # listing versions needs no torch
 
     if is_local_path(uri):
         path = Path(uri).expanduser()
@@ -476,7 +476,7 @@ def _download(uri: str, store: str) -> Path:
 
     import mlflow
 
-    from polytask.model.bundle import MANIFEST
+    from polytask.model.manifest import MANIFEST
 
     uri = _concrete(uri, store)
     root = default_home() / "models" / hashlib.sha256(store.encode()).hexdigest()[:16]
@@ -568,7 +568,7 @@ def _bundle_in(local: Path) -> Path | None:
     """The bundle inside a downloaded MLflow model (its `bundle` artifact), or the dir itself."""
     import yaml
 
-    from polytask.model.bundle import MANIFEST
+    from polytask.model.manifest import MANIFEST
 
     mlmodel = local / "MLmodel"
     if mlmodel.is_file():

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from polytask.config import ExperimentConfig
-from polytask.model.bundle import MANIFEST, Manifest, read_manifest
+from polytask.model.manifest import MANIFEST, Manifest, read_manifest
 from polytask.tracking.registry import client, resolve_bundle, tracking_uri, use_tracking_uri
 from polytask.tracking.uris import AliasNotFound, is_local_path, parse_model_uri, pin_model_uri
 
