@@ -121,7 +121,7 @@ def test_the_http_front_reads_a_model_without_importing_torch(untrained_bundle: 
         "print(tasks, sorted(m for m in ('torch', 'transformers', 'mlflow') if m in sys.modules))"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, str(untrained_bundle)], capture_output=True, text=True
+        [sys.executable, "-c", code, str(untrained_bundle)], check=False, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['sentiment', 'ner'] []"
