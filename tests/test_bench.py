@@ -25,8 +25,6 @@ from common import BenchError, read_texts
 from loadgen import ceiling, run_load
 from report import compute
 
-from conftest import connect_ray
-
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -179,28 +177,16 @@ def test_ratios_and_targets_read_one_run():
 # --- end to end ------------------------------------------------------------------------------------
 
 
-def test_serve_bench_tiny_end_to_end(tmp_path, ray_cluster, capsys):
-    """The script's own `main`, in this process on the session's Ray (as on a cluster it joins:
-    it starts Ray only when none is connected), so the test pays for no second Ray."""
-    from ray import serve
-    from serve_bench import main
-
+def test_serve_bench_tiny_end_to_end(tmp_path):
     from polytask.demo import demo_corpus
 
     texts = tmp_path / "texts.tsv"
     texts.write_text("sentence\tlabel\n" + "".join(f"{t} \t0\n" for t in demo_corpus()[::5]))
     out = tmp_path / "serve"
-    # Replicas import the bench's apps by module name, as they do when the script's directory
-    # is on the driver's path.
-    path = os.pathsep.join(p for p in (str(BENCH), os.environ.get("PYTHONPATH")) if p)
-    ray = connect_ray(ray_cluster, {"PYTHONPATH": path})
-    try:
-        serve.shutdown()  # the benchmark starts Serve on a port of its own
-        assert main(["--tiny", "--texts", str(texts), "--out", str(out)]) == 0
-        assert ray.is_initialized(), "a Ray it did not start is left running"
-    finally:
-        connect_ray(ray_cluster)
-    assert "0 errors at every level" in capsys.readouterr().out
+    proc = _run_script(
+        "jobs/bench/serve_bench.py", "--tiny", "--texts", str(texts), "--out", str(out)
+    )
+    assert "0 errors at every level" in proc.stdout
 
     result = json.loads((out / "results.json").read_text())
     assert result["texts"] == {"source": str(texts), "count": len(demo_corpus()[::5])}
