@@ -58,12 +58,10 @@ def build_bundle(path: Path) -> Path:
 
 def _score_share(bundle: str, texts: list[str], batch_size: int, threads: int) -> float:
     """Seconds one process takes to score `texts` the way a scoring actor does."""
-    import torch
-
-    from polytask.batch import score_sorted
+    from polytask.batch import score_sorted, set_threads
     from polytask.model.inference import Predictor
 
-    torch.set_num_threads(threads)
+    set_threads(threads)  # what a scoring actor with `threads` CPUs does
     predictor = Predictor.from_bundle(bundle)
     score_sorted(predictor, texts[:64], predictor.tasks, 32)  # warm-up
     start = time.perf_counter()
@@ -159,6 +157,8 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
+    from polytask.batch import start_ray
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     texts = load_texts(args.data, args.rows)
     tmp = Path(tempfile.mkdtemp(prefix="polytask-batch-bench-"))
@@ -174,7 +174,7 @@ def main() -> None:
     best = max(limits, key=limits.get)
     limit = limits[best]
     load["after_limit"] = os.getloadavg()[0]
-    ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
+    start_ray()  # the local Ray `polytask predict --input` starts; not timed, as with `ray job submit`
     job = ray_data(bundle, src, tmp / "out.jsonl", args.workers, args.batch_size)
     load["after_ray_data"] = os.getloadavg()[0]
     endpoint = http(bundle, texts[:3000], per_request=32, concurrency=4)  # a rate: 3000 rows suffice
@@ -216,8 +216,6 @@ def main() -> None:
             f"| `polytask predict --input` ({args.workers} actors, start-up included) | "
             f"{job['rows_per_s']:.1f} | {r['ray_data_vs_limit']:.0%} |"
         ),
-        (
-            ),
         (
             f"| HTTP endpoint (`polytask serve` defaults, 32 rows/request, 4 clients) | {endpoint:.1f} | "
             f"{endpoint / limit:.0%} |"
