@@ -4,6 +4,10 @@ through the HTTP endpoint (`polytask serve` defaults), in one run on the package
 
     python jobs/bench/batch_bench.py --data ../shared/data --out bench_results/batch
 
+The limit is steady scoring (model loaded, warmed up) while the job is timed from the call, so
+start-up counts against the job only; the job's rate after its first scored block is recorded
+too, to show how much of the gap is start-up.
+
 Results: OUT/results.json and OUT/results.md (ratios within this run; load average recorded).
 """
 
@@ -99,13 +103,16 @@ def ray_data(bundle: Path, src: Path, out: Path, workers: int, batch_size: int) 
         lambda done, _total, _rate: marks.append((time.perf_counter() - start, done)),
     )
     wall = time.perf_counter() - start
+    first_at, first_rows = marks[0]
     return {
         "rows": summary.rows,
         "failed": summary.failed,
         "wall_s": wall,
         "rows_per_s": summary.rows / wall,
-        # start-up share: actors loading the model, planning, the first block scored
-        "first_rows_at_s": marks[0][0] if marks else None,
+        # start-up: planning, actors importing torch/transformers and loading the model, the first
+        # block scored; the rate after it is what the job does once started (not the headline)
+        "first_rows_at_s": first_at,
+        "rows_per_s_after_first_block": (summary.rows - first_rows) / (wall - first_at),
     }
 
 
@@ -215,6 +222,11 @@ def main() -> None:
         (
             f"| `polytask predict --input` ({args.workers} actors, start-up included) | "
             f"{job['rows_per_s']:.1f} | {r['ray_data_vs_limit']:.0%} |"
+        ),
+        (
+            f"| the same job after its first scored block ({job['first_rows_at_s']:.1f} s of "
+            f"start-up excluded; not the target) | {job['rows_per_s_after_first_block']:.1f} | "
+            f"{job['rows_per_s_after_first_block'] / limit:.0%} |"
         ),
         (
             f"| HTTP endpoint (`polytask serve` defaults, 32 rows/request, 4 clients) | {endpoint:.1f} | "
