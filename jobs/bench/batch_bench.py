@@ -4,6 +4,10 @@ through the HTTP endpoint (`polytask serve` defaults), in one run on the package
 
     python jobs/bench/batch_bench.py --data ../shared/data --out bench_results/batch
 
+The limit is steady scoring (model loaded, warmed up) while the job is timed from the call, so
+start-up counts against the job only; the job's rate after its first scored block is recorded
+too, to show how much of the gap is start-up.
+
 Results: OUT/results.json and OUT/results.md (ratios within this run; load average recorded).
 """
 
@@ -58,12 +62,10 @@ def build_bundle(path: Path) -> Path:
 
 def _score_share(bundle: str, texts: list[str], batch_size: int, threads: int) -> float:
     """Seconds one process takes to score `texts` the way a scoring actor does."""
-    import torch
-
-    from polytask.batch import score_sorted
+    from polytask.batch import score_sorted, set_threads
     from polytask.model.inference import Predictor
 
-    torch.set_num_threads(threads)
+    set_threads(threads)  # what a scoring actor with `threads` CPUs does
     predictor = Predictor.from_bundle(bundle)
     score_sorted(predictor, texts[:64], predictor.tasks, 32)  # warm-up
     start = time.perf_counter()
@@ -101,13 +103,16 @@ def ray_data(bundle: Path, src: Path, out: Path, workers: int, batch_size: int) 
         lambda done, _total, _rate: marks.append((time.perf_counter() - start, done)),
     )
     wall = time.perf_counter() - start
+    first_at, first_rows = marks[0]
     return {
         "rows": summary.rows,
         "failed": summary.failed,
         "wall_s": wall,
         "rows_per_s": summary.rows / wall,
-        # start-up share: actors loading the model, planning, the first block scored
-        "first_rows_at_s": marks[0][0] if marks else None,
+        # start-up: planning, actors importing torch/transformers and loading the model, the first
+        # block scored; the rate after it is what the job does once started (not the headline)
+        "first_rows_at_s": first_at,
+        "rows_per_s_after_first_block": (summary.rows - first_rows) / (wall - first_at),
     }
 
 
@@ -159,6 +164,8 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
+    from polytask.batch import start_ray
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     texts = load_texts(args.data, args.rows)
     tmp = Path(tempfile.mkdtemp(prefix="polytask-batch-bench-"))
@@ -174,7 +181,7 @@ def main() -> None:
     best = max(limits, key=limits.get)
     limit = limits[best]
     load["after_limit"] = os.getloadavg()[0]
-    ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
+    start_ray()  # the local Ray `polytask predict --input` starts; not timed, as with `ray job submit`
     job = ray_data(bundle, src, tmp / "out.jsonl", args.workers, args.batch_size)
     load["after_ray_data"] = os.getloadavg()[0]
     endpoint = http(bundle, texts[:3000], per_request=32, concurrency=4)  # a rate: 3000 rows suffice
@@ -217,7 +224,10 @@ def main() -> None:
             f"{job['rows_per_s']:.1f} | {r['ray_data_vs_limit']:.0%} |"
         ),
         (
-            ),
+            f"| the same job after its first scored block ({job['first_rows_at_s']:.1f} s of "
+            f"start-up excluded; not the target) | {job['rows_per_s_after_first_block']:.1f} | "
+            f"{job['rows_per_s_after_first_block'] / limit:.0%} |"
+        ),
         (
             f"| HTTP endpoint (`polytask serve` defaults, 32 rows/request, 4 clients) | {endpoint:.1f} | "
             f"{endpoint / limit:.0%} |"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,12 +28,15 @@ OUTPUT_FORMATS = ("jsonl", "parquet")
 ERROR_COLUMN = "__polytask_error"
 LINE_COLUMN = "__polytask_line"
 RAW_COLUMN = "__polytask_raw"
+# The row as the driver writes it (a JSONL output line), or a bad row's input as JSON: built in the
+# scoring actors, so the driver does no per-row JSON work and blocks hold plain strings.
+RECORD_COLUMN = "__polytask_record"
+# Rows per block the JSONL reader builds; Ray Data merges a read task's blocks up to its target
+# block size, so the blocks the scorers get are cut by `read_input` (one scoring batch each).
+JSONL_BLOCK_ROWS = 1024
 # Reading is light next to scoring; read tasks ask for no CPU so that scoring actors holding every
 # CPU of a node (2 actors on a 2-core laptop) can never starve the reads that feed them.
 READ_CPUS = 0.0
-# Rows per block read from JSONL: small enough that every scoring actor gets work (a 12,000-row
-# file in 4,096-row blocks left one of two actors idle for a third of the job) and results stream.
-JSONL_BLOCK_ROWS = 1024
 _SUFFIXES = {
     ".jsonl": "jsonl",
     ".json": "jsonl",
@@ -157,15 +161,27 @@ def _json_lines_datasource(paths: str) -> Any:
     return JsonLines(paths, file_extensions=["jsonl", "json", "ndjson"])
 
 
-def read_input(spec: BatchSpec) -> Any:
-    """A Ray Dataset over the input; CSV/TSV columns are read as strings so no row fails to parse."""
+def read_input(spec: BatchSpec, rows: int | None = None) -> Any:
+    """A Ray Dataset over the input; CSV/TSV columns are read as strings so no row fails to parse.
+
+    With the row count known, the input is cut into blocks of at most one scoring batch, as many
+    as a multiple of the workers so that the last round keeps every actor busy. Ray Data's own cut
+    (a few blocks per file) gave each of 2 actors two 3,000-row tasks of a 12,000-row file: no
+    scored row reached the driver before the end, and one actor idled while the other finished.
+    """
     import ray.data
 
     fmt = detect_format(spec.input, spec.input_format)
+    blocks = {}
+    if rows:
+        rounds = math.ceil(rows / (spec.batch_size * spec.workers))
+        blocks["override_num_blocks"] = rounds * spec.workers
     if fmt == "jsonl":
-        return ray.data.read_datasource(_json_lines_datasource(spec.input), num_cpus=READ_CPUS)
+        return ray.data.read_datasource(
+            _json_lines_datasource(spec.input), num_cpus=READ_CPUS, **blocks
+        )
     if fmt == "parquet":
-        return ray.data.read_parquet(spec.input, num_cpus=READ_CPUS)
+        return ray.data.read_parquet(spec.input, num_cpus=READ_CPUS, **blocks)
     import pyarrow.csv as pacsv
 
     delimiter = "\t" if fmt == "tsv" else ","
@@ -176,6 +192,7 @@ def read_input(spec: BatchSpec) -> Any:
         convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(header, "string")),
         file_extensions=[fmt],
         num_cpus=READ_CPUS,
+        **blocks,
     )
 
 
@@ -202,8 +219,22 @@ def _csv_header(path: str, delimiter: str) -> list[str]:
         return list(reader.schema.names)
 
 
+def set_threads(threads: int) -> None:
+    """One process's share of the cores: torch's intra-op threads and, at one thread, no tokenizer
+    thread pool either (it would spread each batch over every core, under the other actors)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if threads == 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 class Scorer:
-    """A Ray Data actor: loads the bundle once, then scores blocks; never raises on a bad row."""
+    """A Ray Data actor: loads the bundle once, then scores blocks; never raises on a bad row.
+
+    It returns rows in the output's shape (JSONL lines, or Parquet columns with answers as JSON
+    strings), so the driver only writes them in order.
+    """
 
     def __init__(
         self,
@@ -212,7 +243,10 @@ class Scorer:
         text_field: str,
         pair_field: str | None,
         sub_batch_size: int,
+        output_format: str = "jsonl",
+        threads: int = 1,
     ) -> None:
+        set_threads(threads)
         from polytask.model.inference import Predictor
         from polytask.tracking.registry import resolve_bundle
 
@@ -221,6 +255,7 @@ class Scorer:
         self.text_field = text_field
         self.pair_field = pair_field
         self.sub_batch_size = sub_batch_size
+        self.output_format = output_format
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = _rows(batch)
@@ -230,18 +265,35 @@ class Scorer:
             inputs.append(item)
             errors.append(error)
         good = [i for i, e in enumerate(errors) if e is None]
-        answers = score_sorted(
+        answers: list[dict[str, Any] | None] = [None] * len(rows)
+        scored = score_sorted(
             self.predictor, [inputs[i] for i in good], self.tasks, self.sub_batch_size
         )
-        out: dict[str, list[Any]] = {task: [None] * len(rows) for task in self.tasks}
-        for i, answer in zip(good, answers):
-            for task in self.tasks:
-                out[task][i] = json.dumps(answer[task])
-        columns = _columns(rows)
-        result = {name: _array([row.get(name) for row in rows]) for name in columns}
-        result.update({task: _array(values) for task, values in out.items()})
+        for i, answer in zip(good, scored):
+            answers[i] = answer
+        columns = [c for c in _columns(rows) if c != LINE_COLUMN]
+        result: dict[str, np.ndarray] = {}
+        if LINE_COLUMN in batch:
+            result[LINE_COLUMN] = batch[LINE_COLUMN]
         # "" (not None) for good rows: an all-null column would come back to the driver as NaN
         result[ERROR_COLUMN] = _array([e or "" for e in errors])
+        records = []
+        for row, answer in zip(rows, answers):
+            if answer is None:  # a bad row: its input, for the errors file
+                record = {name: _jsonable(row.get(name)) for name in columns}
+            elif self.output_format == "jsonl":
+                record = {name: row.get(name) for name in columns} | answer
+            else:
+                records.append("")
+                continue
+            records.append(json.dumps(record, ensure_ascii=False))
+        result[RECORD_COLUMN] = _array(records)
+        if self.output_format == "parquet":
+            result.update({name: _array([row.get(name) for row in rows]) for name in columns})
+            for task in self.tasks:
+                result[task] = _array(
+                    [None if a is None else json.dumps(a[task]) for a in answers]
+                )
         return result
 
     def _input(self, row: dict[str, Any]) -> tuple[str | dict[str, str] | None, str | None]:
@@ -302,10 +354,11 @@ def _length(item: str | dict[str, str]) -> int:
     return len(item) if isinstance(item, str) else len(item["text"]) + len(item["text_pair"])
 
 
-def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+def _rows(batch: dict[str, np.ndarray], keep: np.ndarray | None = None) -> list[dict[str, Any]]:
     names = list(batch)
     n = len(batch[names[0]]) if names else 0
-    return [{k: _plain(batch[k][i]) for k in names} for i in range(n)]
+    index = range(n) if keep is None else np.flatnonzero(keep)
+    return [{k: _plain(batch[k][i]) for k in names} for i in index]
 
 
 def _plain(value: Any) -> Any:
@@ -325,6 +378,15 @@ def _array(values: list[Any]) -> np.ndarray:
     out = np.empty(len(values), dtype=object)
     out[:] = values
     return out
+
+
+def start_ray() -> None:
+    """Join the Ray cluster in RAY_ADDRESS (`ray job submit`), else start a local one for this job
+    only: without a dashboard, whose processes would take CPU from the scorers and die with it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
 
 
 def run_batch(
@@ -359,12 +421,11 @@ def run_batch(
             f"--tasks: {', '.join(pair_tasks)} compare two texts; set --text-pair-field to the "
             "column holding the second text"
         )
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+    start_ray()
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = read_input(spec)
     total = _count_rows(spec)
+    ds = read_input(spec, total)
     scored = ds.map_batches(
         Scorer,
         fn_constructor_kwargs={
@@ -373,6 +434,8 @@ def run_batch(
             "text_field": spec.text_field,
             "pair_field": spec.text_pair_field,
             "sub_batch_size": spec.sub_batch_size,
+            "output_format": out_fmt,
+            "threads": max(1, int(spec.cpus_per_worker)),
         },
         batch_size=spec.batch_size,
         batch_format="numpy",
@@ -384,17 +447,19 @@ def run_batch(
     Path(spec.output).parent.mkdir(parents=True, exist_ok=True)
     with _Writer(spec.output, out_fmt, tasks) as writer, _ErrorLog(spec.errors_path) as errors:
         for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
-            rows = _rows(batch)
-            for row in rows:
-                summary.rows += 1
-                reason = row.pop(ERROR_COLUMN)
-                line = row.pop(LINE_COLUMN, None)
-                if reason:
-                    summary.failed += 1
-                    errors.write(summary.rows, line, reason, row, tasks)
-                    continue
-                summary.scored += 1
-                writer.write(row)
+            reasons = batch.pop(ERROR_COLUMN)
+            lines = batch.pop(LINE_COLUMN, None)
+            records = batch.pop(RECORD_COLUMN)
+            bad = [i for i, reason in enumerate(reasons) if reason]
+            for i in bad:
+                line = None if lines is None else int(lines[i])
+                errors.write(summary.rows + i + 1, line, reasons[i], json.loads(records[i]))
+            good = np.ones(len(reasons), dtype=bool)
+            good[bad] = False
+            writer.write(records[good] if out_fmt == "jsonl" else _rows(batch, good))
+            summary.rows += len(reasons)
+            summary.failed += len(bad)
+            summary.scored += len(reasons) - len(bad)
             if progress is not None:
                 elapsed = time.perf_counter() - start
                 progress(summary.rows, total, summary.rows / elapsed if elapsed > 0 else 0.0)
@@ -427,7 +492,8 @@ def _count_rows(spec: BatchSpec) -> int | None:
 
 
 class _Writer:
-    """Rows → one JSONL file (answers as objects) or one Parquet file (answers as JSON strings)."""
+    """Scored rows → one JSONL file (lines made by the actors) or one Parquet file (answers as JSON
+    strings)."""
 
     def __init__(self, path: str, fmt: str, tasks: list[str]) -> None:
         self.path, self.fmt, self.tasks = path, fmt, tasks
@@ -440,12 +506,12 @@ class _Writer:
             self.file = open(self.path, "w", encoding="utf-8")
         return self
 
-    def write(self, row: dict[str, Any]) -> None:
+    def write(self, rows: Any) -> None:
+        """JSONL lines (strings) or Parquet rows (dicts), in input order."""
         if self.fmt == "jsonl":
-            record = {k: (json.loads(v) if k in self.tasks else v) for k, v in row.items()}
-            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.file.writelines(line + "\n" for line in rows)
             return
-        self.buffer.append(row)
+        self.buffer.extend(rows)
         if len(self.buffer) >= 4096:
             self._flush()
 
@@ -493,13 +559,11 @@ class _ErrorLog:
         self.file = open(self.path, "w", encoding="utf-8")
         return self
 
-    def write(
-        self, row_number: int, line: int | None, reason: str, row: dict[str, Any], tasks: list[str]
-    ) -> None:
+    def write(self, row_number: int, line: int | None, reason: str, row: dict[str, Any]) -> None:
         record: dict[str, Any] = {"row": row_number, "error": reason}
         if line is not None:
             record["line"] = line
-        record["input"] = {k: _jsonable(v) for k, v in row.items() if k not in tasks}
+        record["input"] = row
         self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def __exit__(self, *exc: object) -> None:
