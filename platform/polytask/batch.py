@@ -398,13 +398,16 @@ def run_batch(
     import ray.data
 
     from polytask.model.manifest import read_manifest
-    from polytask.tracking.registry import resolve_bundle
+    from polytask.tracking.registry import client, resolve_bundle
+    from polytask.tracking.uris import pin_model_uri
 
     out_fmt = output_format(spec.output)
     if "://" not in spec.input and not Path(spec.input).exists():
         raise BatchError(f"--input {spec.input}: no such file or folder")
     detect_format(spec.input, spec.input_format)
     specs = {s.name: s for s in read_manifest(resolve_bundle(spec.model)).tasks}
+    # Every actor loads the version checked here, even if the alias moves during the job.
+    model = pin_model_uri(spec.model, client)
     known = list(specs)
     paired = spec.text_pair_field is not None
     tasks = list(dict.fromkeys(spec.tasks)) if spec.tasks else [
@@ -429,7 +432,7 @@ def run_batch(
     scored = ds.map_batches(
         Scorer,
         fn_constructor_kwargs={
-            "model": spec.model,
+            "model": model,
             "tasks": tasks,
             "text_field": spec.text_field,
             "pair_field": spec.text_pair_field,
