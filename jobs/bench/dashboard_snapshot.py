@@ -158,6 +158,8 @@ def legend(fmt: str, labels: Labels) -> str:
 
 
 def run(out: Path, duration_s: float, window_s: float, encoder: str) -> dict[str, Any]:
+    import tempfile
+
     import httpx
     import ray
     from common import build_demo_bundle, default_texts_file, load_1min, read_texts
@@ -167,7 +169,7 @@ def run(out: Path, duration_s: float, window_s: float, encoder: str) -> dict[str
     from polytask.serve import run_server
 
     out.mkdir(parents=True, exist_ok=True)
-    bundle = build_demo_bundle(out / "bundle", encoder, max_length=64)
+    bundle = build_demo_bundle(Path(tempfile.mkdtemp()) / "bundle", encoder, max_length=64)
     texts_file = default_texts_file()
     texts = read_texts(texts_file)[:500] if texts_file else ["the movie was great"] * 50
     metrics_port, http_port = _free_port(), _free_port()
