@@ -533,6 +533,19 @@ def test_each_request_writes_one_json_log_line_with_its_fields(v1, ray_cluster):
     assert line["route"] == "/v1/predict" and line["deployment"].endswith("Ingress")
 
 
+def test_metrics_port_of_a_joined_cluster_is_the_clusters(ray_local):
+    """`--metrics-port` cannot move a running cluster's port: joining one says so, and the URL
+    it prints instead is this node's real metrics endpoint."""
+    from polytask.serve.app import start_ray
+
+    said: list[str] = []
+    start_ray(_free_port(), said.append)
+    (line,) = said
+    url = line.rsplit(" ", 1)[1]
+    assert line.startswith("joined a running Ray cluster") and url.endswith("/metrics")
+    assert "ray_" in httpx.get(url, timeout=10).text
+
+
 def test_head_refuses_states_of_another_encoder(trained_bundle, all_kinds_bundle, tmp_path):
     """A head never decodes states of an encoder it was not trained with (the fingerprint check)."""
     from polytask.model.bundle import BundleError
