@@ -157,7 +157,9 @@ def legend(fmt: str, labels: Labels) -> str:
 # --- the run -----------------------------------------------------------------------------------
 
 
-def run(out: Path, duration_s: float, window_s: float, encoder: str) -> dict[str, Any]:
+def run(
+    out: Path, duration_s: float, window_s: float, encoder: str, texts_path: str | None
+) -> dict[str, Any]:
     import tempfile
 
     import httpx
@@ -170,7 +172,7 @@ def run(out: Path, duration_s: float, window_s: float, encoder: str) -> dict[str
 
     out.mkdir(parents=True, exist_ok=True)
     bundle = build_demo_bundle(Path(tempfile.mkdtemp()) / "bundle", encoder, max_length=64)
-    texts_file = default_texts_file()
+    texts_file = texts_path or default_texts_file()
     texts = read_texts(texts_file)[:500] if texts_file else ["the movie was great"] * 50
     metrics_port, http_port = _free_port(), _free_port()
     ray.init(
@@ -271,9 +273,10 @@ def render(result: dict[str, Any], window_s: float, png: Path) -> list[str]:
         ax.axis("off")
     load = result["load_1min"]
     fig.suptitle(
-        "polytask serving dashboard: rendered by jobs/bench/dashboard_snapshot.py from a real "
-        f"run's scrapes of Ray's /metrics (not Grafana); rate window {window_s:g} s; phases: "
-        f"2 clients x both tasks | 16 clients x sentiment | idle; load avg {load[0]}→{load[1]}",
+        "polytask serving dashboard, rendered by jobs/bench/dashboard_snapshot.py from a real "
+        f"run's scrapes of Ray's /metrics (not by Grafana); rate window {window_s:g} s\n"
+        "phases (dotted): 2 clients x both tasks | 16 clients x sentiment, 4 inputs | idle; "
+        f"bad requests every 2 s; load average {load[0]} → {load[1]}",
         fontsize=9,
     )
     fig.tight_layout()
@@ -283,18 +286,20 @@ def render(result: dict[str, Any], window_s: float, png: Path) -> list[str]:
 
 
 def main() -> None:
-    from common import DEFAULT_ENCODER
+    from common import DEFAULT_ENCODER, default_texts_file
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "dashboard")
     parser.add_argument("--duration-s", type=float, default=90.0, help="three equal phases")
     parser.add_argument("--window-s", type=float, default=10.0, help="rate() window")
     parser.add_argument("--encoder", default=DEFAULT_ENCODER)
+    parser.add_argument("--texts", help="one text per line or SST-2 TSV (default: SST-2 dev if found)")
     args = parser.parse_args()
-    result = run(args.out, args.duration_s, args.window_s, args.encoder)
+    result = run(args.out, args.duration_s, args.window_s, args.encoder, args.texts)
     empty = render(result, args.window_s, args.out / "dashboard.png")
     summary = {
         "scrapes": len(result["scrapes"]),
+        "texts": str(args.texts or default_texts_file() or "'the movie was great' x 50"),
         "load_1min_before_after": result["load_1min"],
         "levels": [
             {k: lv[k] for k in LEVEL_KEYS} for lv in result["levels"]
