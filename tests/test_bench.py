@@ -279,3 +279,44 @@ def test_compress_bench_tiny_end_to_end(tmp_path):
         rows[t["variant"]]["seq_per_s"] / rows["fp32"]["seq_per_s"]
     )
     assert "seq/s, 1 thread (× fp32)" in (out / "results.md").read_text()
+
+
+def test_dashboard_snapshot_evaluates_the_dashboards_promql_like_prometheus():
+    """The snapshot's PromQL subset on two hand-made scrapes 10 s apart: rate of a counter summed
+    by a label, a ratio of rates, a gauge sum, and histogram_quantile's interpolation (Prometheus:
+    rank q*total, linear inside the bucket that holds it, the last finite bound for +Inf)."""
+    from dashboard_snapshot import DASHBOARD, Series, parse_scrape, queried_metrics
+
+    def scrape(requests: float, buckets: list[float], replicas: int) -> dict:
+        lines = [
+            f'ray_polytask_requests_total{{task="ner",code="200",replica="a"}} {requests}',
+            f'ray_polytask_requests_total{{task="ner",code="200",replica="b"}} {requests}',
+            f'ray_polytask_requests_total{{task="ner",code="404",replica="a"}} {requests}',
+            f'ray_serve_deployment_replica_healthy{{deployment="Encoder",application="polytask"}} {replicas}',
+        ]
+        for le, count in zip(["0.1", "0.2", "+Inf"], buckets):
+            lines.append(f'ray_polytask_request_latency_s_bucket{{task="ner",le="{le}"}} {count}')
+        return parse_scrape("\n".join(lines) + "\n")
+
+    series = Series([(0.0, scrape(0, [0, 0, 0], 1)), (10.0, scrape(50, [10, 30, 40], 2))], 10)
+    ok = series.evaluate('sum by (task) (rate(ray_polytask_requests_total{code="200"}[1m]))', 1)
+    assert ok == {(("task", "ner"),): 10.0}  # two replicas x 50 requests over 10 s
+    p50 = series.evaluate(
+        "histogram_quantile(0.5, sum by (task, le) (rate(ray_polytask_request_latency_s_bucket[1m])))", 1
+    )
+    assert p50 == {(("task", "ner"),): pytest.approx(0.15)}  # rank 20: halfway into (0.1, 0.2]
+    p99 = series.evaluate(
+        "histogram_quantile(0.99, sum by (task, le) (rate(ray_polytask_request_latency_s_bucket[1m])))", 1
+    )
+    assert p99 == {(("task", "ner"),): pytest.approx(0.2)}  # in +Inf: the last finite bound
+    share = series.evaluate(
+        'sum (rate(ray_polytask_requests_total{code="404"}[1m])) / sum (rate(ray_polytask_requests_total[1m]))', 1
+    )
+    assert share == {(): pytest.approx(1 / 3)}
+    gauge = 'sum by (deployment) (ray_serve_deployment_replica_healthy{application="polytask"})'
+    assert series.evaluate(gauge, 1) == {(("deployment", "Encoder"),): 2.0}
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert {"ray_polytask_requests_total", "ray_serve_deployment_replica_healthy"} <= queried_metrics(dashboard)
+    for panel in dashboard["panels"]:  # every panel query is in the subset the snapshot evaluates
+        for target in panel["targets"]:
+            series.evaluate(target["expr"].replace("$__rate_interval", "10s"), 1)

@@ -47,6 +47,7 @@ RAY_KINDS = {"RayCluster", "RayJob", "RayService"}
 PLATFORM = ("overlays/gpu", "overlays/cpu-only")
 JOBS = ("overlays/gpu/jobs", "overlays/cpu-only/jobs")
 OVERLAYS = PLATFORM + JOBS
+MONITORING = "monitoring"  # needs the Prometheus Operator's CRDs; applied on its own
 ALL_BUILDS = ("base", "base/jobs") + OVERLAYS
 
 
@@ -137,7 +138,7 @@ def test_every_yaml_file_in_k8s_parses():
             assert isinstance(doc, (dict, list)), f"{path}: a document is neither a map nor a list"
 
 
-@pytest.mark.parametrize("path", ALL_BUILDS)
+@pytest.mark.parametrize("path", ALL_BUILDS + (MONITORING,))
 def test_kustomization_renders(path):
     out = rendered(path)
     assert out
@@ -156,7 +157,7 @@ def _kustomize_cli() -> list[str] | None:
 
 
 @pytest.mark.skipif(_kustomize_cli() is None, reason="neither kustomize nor kubectl installed")
-@pytest.mark.parametrize("path", ALL_BUILDS)
+@pytest.mark.parametrize("path", ALL_BUILDS + (MONITORING,))
 def test_renderer_agrees_with_real_kustomize(path):
     def ident(o):
         return (o["apiVersion"], o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])
@@ -734,6 +735,8 @@ SUBMITTER = {"polytask.io/ray-submitter": "true", "app.kubernetes.io/part-of": "
 OPERATOR = {"app.kubernetes.io/name": "kuberay-operator"}
 RANDOM = {"app": "something-else"}
 CLIENT = {"polytask.io/serve-client": "true"}
+MONITORING_NS = {"kubernetes.io/metadata.name": "monitoring"}
+PROMETHEUS = {"app.kubernetes.io/name": "prometheus"}
 # a pod in another namespace that copies a Ray cluster's labels
 IMPOSTOR = {**RAY_WORKER, **CLIENT}
 
@@ -778,6 +781,17 @@ IMPOSTOR = {**RAY_WORKER, **CLIENT}
         (RAY_WORKER, OUR_NS, POSTGRES, 5432, False),
         (RANDOM, OUR_NS, POSTGRES, 5432, False),
         (MLFLOW, OTHER_NS, POSTGRES, 5432, False),
+        # Prometheus (namespace monitoring) scrapes the Serve cluster's metrics port, nothing else
+        (PROMETHEUS, MONITORING_NS, RAY_HEAD, 8080, True),
+        (PROMETHEUS, MONITORING_NS, RAY_WORKER, 8080, True),
+        (PROMETHEUS, MONITORING_NS, RAY_HEAD, 8000, False),
+        (PROMETHEUS, MONITORING_NS, RAY_HEAD, 8265, False),
+        (PROMETHEUS, MONITORING_NS, RAY_HEAD, 6379, False),
+        (PROMETHEUS, MONITORING_NS, MLFLOW, 5000, False),
+        (PROMETHEUS, MONITORING_NS, TRAIN_HEAD, 8080, False),
+        (PROMETHEUS, OTHER_NS, RAY_HEAD, 8080, False),  # a pod calling itself Prometheus
+        (RANDOM, MONITORING_NS, RAY_HEAD, 8080, False),
+        (RANDOM, OUR_NS, RAY_HEAD, 8080, False),
     ],
 )
 def test_network_policies(src, src_ns, dst, port, expected):
@@ -846,6 +860,33 @@ def test_network_policy_labels_match_the_pods(path):
         ]
         == "postgres"
     )
+
+
+# ------------------------------------------------------------------ monitoring
+@pytest.mark.parametrize("path", PLATFORM)
+def test_podmonitor_scrapes_every_serve_pod_on_its_metrics_port(path):
+    """The PodMonitor selects the RayService's head and worker pods, in our namespace, by a
+    container port named `metrics` that every one of them declares as 8080 (KubeRay's
+    --metrics-export-port), which the NetworkPolicy opens to Prometheus and nothing else."""
+    (monitor,) = objs(MONITORING, "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (endpoint,) = spec["podMetricsEndpoints"]
+    assert endpoint["path"] == "/metrics"
+    rs = one(path, "RayService", "polytask")
+    pods = list(pod_specs(rs))
+    assert len(pods) >= 2  # head + worker groups
+    for where, meta, pod in pods:
+        assert _selected(spec["selector"], meta["labels"]), where
+        ports = {p["name"]: p["containerPort"] for c in pod["containers"] for p in c.get("ports", [])}
+        assert ports.get(endpoint["port"]) == 8080, where
+    policies = objs(path, "NetworkPolicy")
+    for _, meta, _ in pods:
+        assert _allowed(policies, PROMETHEUS, MONITORING_NS, meta["labels"], 8080)
+    for job in objs(path + "/jobs", "RayJob"):  # training clusters are not scraped
+        for where, meta, _ in pod_specs(job):
+            assert not _selected(spec["selector"], meta.get("labels") or {}), where
 
 
 # ------------------------------------------------------------------ image

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +77,19 @@ def serving(ray_local):
 
 @pytest.fixture(scope="module")
 def v1(serving, trained_bundle):
-    """The demo bundle served through `run_server` with serve_configs/local.yaml."""
+    """The demo bundle served through `run_server` with serve_configs/local.yaml, JSON logs and
+    the per-request log line on (`polytask serve --log-format json --access-log`)."""
     from polytask.model.inference import Predictor
     from polytask.serve import run_server
 
-    url = run_server(str(trained_bundle), config_path=LOCAL_CONFIG, port=serving, blocking=False)
+    url = run_server(
+        str(trained_bundle),
+        config_path=LOCAL_CONFIG,
+        port=serving,
+        blocking=False,
+        log_format="json",
+        access_log=True,
+    )
     assert url == f"http://127.0.0.1:{serving}"
     with httpx.Client(base_url=url, timeout=120) as client:
         yield client, Predictor.from_bundle(str(trained_bundle))
@@ -442,6 +451,99 @@ def test_bad_input_is_a_4xx_json_error_and_never_restarts_a_replica(v1):
     ok = client.post("/v1/predict", json={"inputs": TEXTS[:1]})
     assert ok.status_code == 200, ok.text
     assert _replicas(client, ["Encoder", "head_sentiment", "head_ner"]) == before
+
+
+def _scrape(port: int) -> str:
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+def test_dashboard_metrics_are_exported_by_the_running_app(v1, trained_bundle):
+    """Every metric the Grafana dashboard queries is on Ray's /metrics endpoint of this node, with
+    polytask's tags (deployment, model, task, status code, rejection reason). Ray's agent gets
+    metrics from the replicas every few seconds, so the scrape is retried until it has them."""
+    import json
+    import sys
+
+    import ray
+
+    sys.path.insert(0, str(ROOT / "jobs" / "bench"))
+    try:
+        from dashboard_snapshot import DASHBOARD, parse_scrape, queried_metrics
+    finally:
+        sys.path.pop(0)
+    client, _ = v1
+    assert client.post("/v1/predict", json={"inputs": TEXTS[:2], "tasks": ["sentiment"]}).is_success
+    assert client.post("/v1/predict", json={"inputs": ["a"], "tasks": ["nope"]}).status_code == 404
+    wanted = queried_metrics(json.loads(DASHBOARD.read_text()))
+    assert len(wanted) >= 7
+    node = ray.get_runtime_context().get_node_id()
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["NodeID"] == node)
+    deadline = time.monotonic() + 40
+    while True:
+        scrape = parse_scrape(_scrape(port))
+        found = {name for name in wanted if name in scrape}
+        answered = [
+            labels
+            for labels, value in scrape.get("ray_polytask_requests_total", [])
+            if labels.get("task") == "sentiment" and labels.get("code") == "200" and value >= 1
+        ]
+        rejected = [
+            labels
+            for labels, _ in scrape.get("ray_polytask_rejected_total", [])
+            if labels.get("reason") == "unknown_task" and labels.get("code") == "404"
+        ]
+        if (found == wanted and answered and rejected) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert found == wanted, f"not exported: {sorted(wanted - found)}"
+    assert answered and rejected
+    assert {(a["deployment"], a["model"]) for a in answered} == {("Ingress", str(trained_bundle))}
+    stages = {labels["stage"] for labels, _ in scrape["ray_polytask_stage_latency_s_count"]}
+    assert stages >= {"ingress_queue", "encoder_queue", "tokenize", "encoder_forward", "head"}
+
+
+def test_each_request_writes_one_json_log_line_with_its_fields(v1, ray_cluster):
+    """With JSON logs and the request log on, the Ingress writes one JSON line per prediction
+    request to its Serve log file: Serve's request id, and polytask's tasks, status and latency."""
+    import json
+    import uuid
+
+    client, _ = v1
+    rid = f"polytask-test-{uuid.uuid4()}"
+    answer = client.post(
+        "/v1/predict",
+        json={"inputs": TEXTS[:3], "tasks": ["ner", "sentiment"]},
+        headers={"x-request-id": rid},
+    )
+    assert answer.status_code == 200 and answer.headers["x-request-id"] == rid
+    logs = Path(ray_cluster.head_node.get_logs_dir_path()) / "serve"
+    deadline, mine = time.monotonic() + 10, []
+    while not mine and time.monotonic() < deadline:
+        for path in logs.glob("replica_polytask_Ingress_*.log"):
+            for line in path.read_text().splitlines():
+                if rid in line and "polytask_tasks" in line:
+                    mine.append(json.loads(line))
+        time.sleep(0.2)
+    assert len(mine) == 1, mine
+    (line,) = mine
+    assert line["request_id"] == rid
+    assert line["polytask_tasks"] == ["ner", "sentiment"] and line["polytask_inputs"] == 3
+    assert line["polytask_status"] == 200 and line["polytask_error"] is None
+    assert 0 < line["polytask_latency_ms"] < 120_000
+    assert line["route"] == "/v1/predict" and line["deployment"].endswith("Ingress")
+
+
+def test_metrics_port_of_a_joined_cluster_is_the_clusters(ray_local):
+    """`--metrics-port` cannot move a running cluster's port: joining one says so, and the URL
+    it prints instead is this node's real metrics endpoint."""
+    from polytask.serve.app import start_ray
+
+    said: list[str] = []
+    start_ray(_free_port(), said.append)
+    (line,) = said
+    url = line.rsplit(" ", 1)[1]
+    assert line.startswith("joined a running Ray cluster") and url.endswith("/metrics")
+    assert "ray_" in httpx.get(url, timeout=10).text
 
 
 def test_head_refuses_states_of_another_encoder(trained_bundle, all_kinds_bundle, tmp_path):

@@ -121,3 +121,25 @@ def test_never_split_errors_fail_the_batch_without_retries():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="max_in_flight"):
         MicroBatcher(Recorder(), max_in_flight=0)
+
+
+def test_on_batch_hears_each_batch_size_and_how_long_its_jobs_waited():
+    """What feeds the replica's metrics: one call per batch that leaves, with its inputs and the
+    queue wait of each job (the ones that waited behind a running batch waited for it)."""
+
+    async def scenario() -> list[tuple[int, list[float]]]:
+        heard: list[tuple[int, list[float]]] = []
+        batcher = MicroBatcher(
+            Recorder(delay_s=0.05),
+            size=len,
+            max_in_flight=1,
+            on_batch=lambda size, waits: heard.append((size, waits)),
+        )
+        await asyncio.gather(*(batcher.submit(x) for x in ("ab", "c", "de")))
+        return heard
+
+    heard = asyncio.run(scenario())
+    assert [size for size, _ in heard] == [2, 3]
+    (first,), second = heard[0][1], heard[1][1]
+    assert first < 0.02
+    assert len(second) == 2 and all(0.04 < w < 0.5 for w in second)

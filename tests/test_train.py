@@ -95,8 +95,11 @@ def first_run(ray_local, store, demo_data, tiny_encoder):
     held_back = write_demo_data(store.root / "held_back", n_train=1, n_eval=50, seed=7)
     cfg.tasks[0].data.test = str(held_back / "sentiment" / "validation.jsonl")
     cfg.tasks[1].data.test = str(held_back / "ner" / "validation.conll")
+    cfg.tracking.system_metrics = True  # MLflow's monitor, sampling every second
     console = Console(record=True, width=240)
-    result = run_training(cfg, run_name="joint", console=console)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+        result = run_training(cfg, run_name="joint", console=console)
     return SimpleNamespace(cfg=cfg, result=result, printed=console.export_text())
 
 
@@ -273,6 +276,22 @@ def test_progress_lines_are_printed_while_training(first_run):
     last = max(i for i, m in progress if (m[1], m[2]) == ("2", "4"))
     assert progress[-1][1][5] == "0:00:00" and last == progress[-1][0]
     assert any(line.startswith("test ") for line in lines[last:]), "report after the progress"
+
+
+def test_progress_and_system_metrics_reach_mlflow_while_training(store, first_run):
+    """Each progress record is logged to the run (step = training steps so far, over epochs):
+    at least both epoch ends (steps 4 and 8), with a positive speed and a loss per task; MLflow's
+    system-metrics monitor sampled the machine while the workers ran."""
+    c, run_id = _client(store), first_run.result.run_id
+    speed = c.get_metric_history(run_id, "train/samples_per_s")
+    steps = sorted(m.step for m in speed)
+    assert {4, 8} <= set(steps), steps
+    assert all(m.value > 0 for m in speed)
+    assert all(m.value > 0 for m in c.get_metric_history(run_id, "train/step_time_s"))
+    for task in ("sentiment", "ner"):
+        assert sorted(_steps(store, run_id, f"train/{task}/loss")) == steps
+    system = [k for k in c.get_run(run_id).data.metrics if k.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in system, system
 
 
 def test_relaunch_with_more_epochs_resumes_the_same_run(store, first_run, demo_data, tiny_encoder):

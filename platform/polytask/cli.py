@@ -36,6 +36,8 @@ CpuVariant = Enum(
     "CpuVariant", {v: v for v in (FULL_PRECISION, _INT8, _PRUNED, f"{_PRUNED}+{_INT8}")}, type=str
 )
 CpuVariant.__doc__ = "`polytask serve --cpu-variant`: the variants `polytask compress` registers."
+LogFormat = Enum("LogFormat", {"text": "text", "json": "json"}, type=str)
+LogFormat.__doc__ = "`polytask serve --log-format`: Serve's logging_config encoding."
 
 
 def _raised_in_polytask(tb: TracebackType | None) -> bool:
@@ -271,15 +273,36 @@ def serve(
             "their replicas."
         ),
     ] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Prometheus metrics port of the Ray this command starts (a joined cluster keeps "
+            "its own); the URL to scrape is printed."
+        ),
+    ] = None,
+    log_format: Annotated[
+        LogFormat | None,
+        typer.Option(help="Serve log encoding (default: the config's logging_config, else text)."),
+    ] = None,
+    access_log: Annotated[
+        bool | None,
+        typer.Option(
+            "--access-log/--no-access-log",
+            help="One log line per request (off by default: it costs CPU on the hot path).",
+        ),
+    ] = None,
 ) -> None:
     """Serve a model with Ray Serve: encoder and head deployments behind one HTTP API."""
     from polytask.serve import run_server
 
     variant = cpu_variant.value if cpu_variant else None
+    fmt = log_format.value if log_format else None
     if update:
         from polytask.serve.update import update_app
 
-        report = update_app(model, config_path=config, cpu_variant=variant)
+        report = update_app(
+            model, config_path=config, cpu_variant=variant, log_format=fmt, access_log=access_log
+        )
         console.print(
             f"updated to {report.model} in {report.seconds:.1f} s; kept replicas: "
             f"{', '.join(report.kept) or '-'}; restarted: {', '.join(report.replaced) or '-'}; "
@@ -288,7 +311,17 @@ def serve(
             soft_wrap=True,
         )
         return
-    run_server(model, config_path=config, host=host, port=port, console=console, cpu_variant=variant)
+    run_server(
+        model,
+        config_path=config,
+        host=host,
+        port=port,
+        console=console,
+        cpu_variant=variant,
+        metrics_port=metrics_port,
+        log_format=fmt,
+        access_log=access_log,
+    )
 
 
 @app.command()
@@ -400,11 +433,22 @@ def quickstart(
     fast: Annotated[bool, typer.Option(help="Tiny random encoder, few steps (for tests).")] = False,
     keep_serving: Annotated[bool, typer.Option(help="Keep the endpoint up until Ctrl-C.")] = False,
     port: Annotated[int, typer.Option(help="HTTP port for the demo endpoint.")] = 8000,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Prometheus metrics port of the local Ray; the URL is printed."),
+    ] = None,
 ) -> None:
     """Train → register → serve → ask, end to end on this machine, offline."""
     from polytask.quickstart import run_quickstart
 
-    run_quickstart(workdir, fast=fast, keep_serving=keep_serving, port=port, console=console)
+    run_quickstart(
+        workdir,
+        fast=fast,
+        keep_serving=keep_serving,
+        port=port,
+        console=console,
+        metrics_port=metrics_port,
+    )
 
 
 def main() -> None:

@@ -252,6 +252,11 @@ class TrackingConfig(_Section):
         None, description="MLflow URI; default $MLFLOW_TRACKING_URI or .polytask/mlflow.db."
     )
     experiment: str = Field("polytask", description="MLflow experiment name.")
+    system_metrics: bool | None = Field(
+        None,
+        description="Log MLflow system metrics (CPU, memory, disk, network, GPU) of the driver's "
+        "machine to the run while it trains; null: as $MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING says.",
+    )
     registered_model: str | None = Field(None, description="Model Registry name; null: skip.")
     promote: Literal["if_better", "always", "never"] = Field(
         "if_better", description="When a new version also gets the `champion` alias."

@@ -50,8 +50,10 @@ def run_quickstart(
     keep_serving: bool = False,
     port: int = 8000,
     console: Console | None = None,
+    metrics_port: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the demo end to end; returns the HTTP answers (the test asserts on them)."""
+    """Run the demo end to end; returns the HTTP answers (the test asserts on them). With
+    `metrics_port`, the Ray it starts exports Prometheus metrics there."""
     console = console or Console()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -66,10 +68,16 @@ def run_quickstart(
     console.rule("[bold]2/4 joint training on Ray Train (2 workers)")
     import ray
 
+    from polytask.serve.app import start_ray
     from polytask.training.train import run_training
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_ray(
+        metrics_port,
+        lambda line: console.print(line, highlight=False, soft_wrap=True),
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     try:
         run_name = f"quickstart-{int(time.time())}"
         result = run_training(load_config(path), run_name=run_name, console=console)
@@ -85,11 +93,12 @@ def _serve_and_ask(console: Console, result: Any, port: int, keep_serving: bool)
     """Deploy the champion, ask it the examples, print the answers and how to reach it."""
     from ray import serve
 
-    from polytask.serve import build_app
+    from polytask.serve import compose
+    from polytask.serve.app import DEFAULT_LOGGING
 
     console.rule("[bold]3/4 serving models:/polytask-demo@champion on Ray Serve")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"model": f"models:/{MODEL_NAME}@champion", "device": "cpu"})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=DEFAULT_LOGGING)
+    app = compose({"model": f"models:/{MODEL_NAME}@champion", "device": "cpu"})
     serve.run(app, name="polytask", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
 

@@ -6,6 +6,7 @@ pyfunc, `polytask predict`, tests). Sharing these two functions is what keeps th
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +41,11 @@ def encode_batch(
     need_pooled: bool,
     need_tokens: bool,
     device: str = "cpu",
+    timings: dict[str, float] | None = None,
 ) -> list[Encoded]:
-    """One forward pass for a batch padded to its own longest input (never to max_length)."""
+    """One forward pass for a batch padded to its own longest input (never to max_length).
+    `timings`, when given, gains the seconds spent in `tokenize` and `encoder_forward`."""
+    began = time.perf_counter()
     enc = tokenizer(
         texts,
         pairs,
@@ -52,10 +56,16 @@ def encode_batch(
         return_tensors="pt",
     )
     offsets = enc.pop("offset_mapping", None)
+    tokenized = time.perf_counter()
     inputs = {k: v.to(device) for k, v in enc.items()}
     hidden = encoder(**inputs).last_hidden_state
     pooled = pool(hidden, inputs["attention_mask"], pooling).float().cpu().numpy() if need_pooled else None
     states = hidden.float().cpu().numpy() if need_tokens else None
+    if timings is not None:
+        timings["tokenize"] = timings.get("tokenize", 0.0) + tokenized - began
+        timings["encoder_forward"] = (
+            timings.get("encoder_forward", 0.0) + time.perf_counter() - tokenized
+        )
     lengths = enc["attention_mask"].sum(1).tolist()
     out = []
     for i, n in enumerate(lengths):

@@ -22,6 +22,8 @@ APP_NAME = "polytask"
 CPU_SURGE = {"max_surge_percent": 100}
 # Measured defaults (README, "Serving levers"): no per-request access log line on the hot path
 # (errors are still logged), and room for the requests an Ingress gathers into one batch.
+# A Serve config's application-level `logging_config` (or `polytask serve --log-format json
+# --access-log`) replaces these keys; see `logging_options`.
 DEFAULT_LOGGING = {"enable_access_log": False}
 MAX_ONGOING = {"Ingress": 256, "Encoder": 64, "head": 64}
 # Serve's defaults (probe every 10 s, 30 s to answer) leave a broken replica in service for up to
@@ -30,15 +32,35 @@ HEALTH_CHECK = {"health_check_period_s": 2.0, "health_check_timeout_s": 10.0}
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """`serve run polytask.serve:build_app model=...` and `import_path` of serve configs."""
-    return compose(parse_args(args))
+    """`serve run polytask.serve:build_app model=...` and `import_path` of serve configs. The
+    deployments get no logging_config in code, so the config's application-level
+    `logging_config` (Serve applies it to deployments that set none) decides."""
+    return compose(parse_args(args), logging_config=None)
+
+
+def logging_options(
+    config: dict[str, Any] | None = None,
+    log_format: str | None = None,
+    access_log: bool | None = None,
+) -> dict[str, Any]:
+    """Serve's LoggingConfig: polytask's defaults, then a config file's application-level
+    `logging_config`, then the command-line switches."""
+    out = {**DEFAULT_LOGGING, **(config or {})}
+    if log_format is not None:
+        out["encoding"] = log_format.upper()
+    if access_log is not None:
+        out["enable_access_log"] = access_log
+    return out
 
 
 def compose(
-    args: ServeArgs | dict[str, Any], deployment_options: dict[str, dict[str, Any]] | None = None
+    args: ServeArgs | dict[str, Any],
+    deployment_options: dict[str, dict[str, Any]] | None = None,
+    logging_config: dict[str, Any] | None = DEFAULT_LOGGING,
 ) -> Application:
     """The bound application; `deployment_options` ({deployment name: Serve options}) are applied
-    last, the way a config's `deployments:` list overrides options set in code."""
+    last, the way a config's `deployments:` list overrides options set in code.
+    `logging_config` goes on every deployment (None: left to the application's)."""
     from polytask.model.manifest import BundleError, read_manifest
     from polytask.serve.deployments import Encoder, Head, Ingress
     from polytask.serve.refs import local_bundle, served_ref
@@ -67,6 +89,7 @@ def compose(
         )
     opts = {name: dict((deployment_options or {}).get(name, {})) for name in names}
     user_config = {"model": ref}
+    logging = {} if logging_config is None else {"logging_config": dict(logging_config)}
 
     encoder = Encoder.options(
         **_merge(
@@ -74,7 +97,7 @@ def compose(
                 "user_config": user_config,
                 "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if args.device == "cuda" else 0},
                 "max_ongoing_requests": MAX_ONGOING["Encoder"],
-                "logging_config": DEFAULT_LOGGING,
+                **logging,
                 **HEALTH_CHECK,
             },
             opts["Encoder"],
@@ -92,7 +115,7 @@ def compose(
         "user_config": user_config,
         "ray_actor_options": {"num_cpus": 0.25},
         "max_ongoing_requests": MAX_ONGOING["head"],
-        "logging_config": DEFAULT_LOGGING,
+        **logging,
         **HEALTH_CHECK,
         **CPU_SURGE,
     }
@@ -127,7 +150,7 @@ def compose(
         "user_config": user_config,
         "ray_actor_options": {"num_cpus": 0.5},
         "max_ongoing_requests": MAX_ONGOING["Ingress"],
-        "logging_config": DEFAULT_LOGGING,
+        **logging,
         **CPU_SURGE,
     }
     return Ingress.options(**_merge(ingress_defaults, opts["Ingress"])).bind(
@@ -174,12 +197,15 @@ def _polytask_app(config: Any, path: str | Path) -> Any:
 
 def app_from_config(
     config_path: str | Path | None, cpu_variant: str | None = None
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]], str, str, dict[str, Any] | None]:
-    """(args, deployment options, app name, route prefix, runtime_env) from a Serve config file,
-    or the defaults without one; `polytask serve` and `serve --update` read configs the same way."""
+) -> tuple[
+    dict[str, Any], dict[str, dict[str, Any]], str, str, dict[str, Any] | None, dict[str, Any]
+]:
+    """(args, deployment options, app name, route prefix, runtime_env, logging_config) from a
+    Serve config file, or the defaults without one; `polytask serve` and `serve --update` read
+    configs the same way."""
     args: dict[str, Any] = {}
     options: dict[str, dict[str, Any]] = {}
-    name, prefix, runtime_env = APP_NAME, "/", None
+    name, prefix, runtime_env, logging = APP_NAME, "/", None, {}
     if config_path is not None:
         app_cfg = _polytask_app(load_serve_config(config_path), config_path)
         args = dict(app_cfg.args)
@@ -188,9 +214,34 @@ def app_from_config(
         }
         name, prefix = app_cfg.name, app_cfg.route_prefix or "/"
         runtime_env = app_cfg.runtime_env or None
+        if app_cfg.logging_config is not None:
+            logging = app_cfg.logging_config.model_dump(exclude_unset=True)
     if cpu_variant is not None:
         args["cpu_variant"] = cpu_variant
-    return args, options, name, prefix, runtime_env
+    return args, options, name, prefix, runtime_env, logging
+
+
+def start_ray(metrics_port: int | None, say: Any, **init: Any) -> None:
+    """`ray.init` for the serving commands: a Ray started here exports Prometheus metrics on
+    `metrics_port`; a cluster joined (RAY_ADDRESS, or one already running on this machine) keeps
+    its own port, which is said."""
+    import ray
+
+    if not ray.is_initialized():
+        if metrics_port is not None:
+            init["_metrics_export_port"] = metrics_port
+        ray.init(**init)
+    if metrics_port is None:
+        return
+    node = ray.get_runtime_context().get_node_id()
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["NodeID"] == node)
+    if port == metrics_port:
+        say(f"Prometheus metrics: http://127.0.0.1:{port}/metrics")
+    else:
+        say(
+            f"joined a running Ray cluster: --metrics-port {metrics_port} does not apply; this "
+            f"node's metrics port is the cluster's ({port}): http://127.0.0.1:{port}/metrics"
+        )
 
 
 def run_server(
@@ -201,26 +252,27 @@ def run_server(
     console: Any = None,
     blocking: bool = True,
     cpu_variant: str | None = None,
+    metrics_port: int | None = None,
+    log_format: str | None = None,
+    access_log: bool | None = None,
 ) -> str:
     """Start Serve on host:port and deploy MODEL with the config's args and deployment options;
-    a given `cpu_variant` replaces the config's.
+    a given `cpu_variant` replaces the config's, `log_format`/`access_log` its logging_config.
 
     Returns the base URL; with `blocking`, serves until Ctrl-C and then shuts Serve down.
     """
-    import ray
-
     def say(line: str) -> None:
         if console is None:
             print(line, flush=True)
         else:
             console.print(line, soft_wrap=True, markup=False, highlight=False)
 
-    args, options, name, prefix, runtime_env = app_from_config(config_path, cpu_variant)
+    args, options, name, prefix, runtime_env, logging = app_from_config(config_path, cpu_variant)
+    logging = logging_options(logging, log_format, access_log)
     parsed = parse_args({**args, "model": model})
-    app = compose(parsed, options)
-    if not ray.is_initialized():
-        ray.init(runtime_env=runtime_env)
-    serve.start(http_options={"host": host, "port": port}, logging_config=DEFAULT_LOGGING)
+    app = compose(parsed, options, logging)
+    start_ray(metrics_port, say, runtime_env=runtime_env)
+    serve.start(http_options={"host": host, "port": port}, logging_config=logging)
     served = serve.run(app, name=name, route_prefix=prefix).model_info.remote().result()
     url = f"http://{host}:{port}{prefix.rstrip('/')}"
     auth = f' -H "Authorization: Bearer ${parsed.api_key_env}"' if parsed.api_key_env else ""

@@ -12,6 +12,7 @@ again on its own and only the ones that fail again get the error.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ class MicroBatcher(Generic[J, R]):
     goes alone). `wait_s` > 0 lets a batch that is not full wait that long for more jobs, but
     only while another batch is running: a lone request still leaves at once.
     Exceptions in `never_split` (e.g. back-pressure) fail the whole batch without a retry.
+    `on_batch(size, waits_s)` hears of each batch as it leaves: its inputs and how long each of
+    its jobs waited (the replica's metrics).
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class MicroBatcher(Generic[J, R]):
         max_in_flight: int = 1,
         wait_s: float = 0.0,
         never_split: tuple[type[BaseException], ...] = (),
+        on_batch: Callable[[int, list[float]], None] | None = None,
     ) -> None:
         if max_size < 1 or max_in_flight < 1 or wait_s < 0:
             raise ValueError("max_size and max_in_flight must be >= 1 and wait_s >= 0")
@@ -74,14 +78,17 @@ class MicroBatcher(Generic[J, R]):
         self.max_in_flight = max_in_flight
         self.wait_s = wait_s
         self.never_split = never_split
+        self.on_batch = on_batch
         self.stats = BatchStats()
         self._pending: deque[tuple[J, asyncio.Future]] = deque()
+        self._since: dict[asyncio.Future, float] = {}  # submit time of each waiting job
         self._in_flight = 0
         self._tasks: set[asyncio.Task] = set()
 
     async def submit(self, job: J) -> R:
         future = asyncio.get_running_loop().create_future()
         self._pending.append((job, future))
+        self._since[future] = time.perf_counter()
         self.stats.jobs += 1
         self._dispatch()
         return await future
@@ -99,6 +106,7 @@ class MicroBatcher(Generic[J, R]):
             job, future = self._pending[0]
             if future.done():  # the caller went away (client disconnected)
                 self._pending.popleft()
+                self._since.pop(future, None)
                 continue
             n = self.size(job)
             if batch and total + n > self.max_size:
@@ -113,10 +121,15 @@ class MicroBatcher(Generic[J, R]):
             if self.wait_s > 0 and busy and sum(self.size(j) for j, _ in batch) < self.max_size:
                 await asyncio.sleep(self.wait_s)
                 batch = self._take(batch)
+            now = time.perf_counter()
+            waits = [now - self._since.pop(future, now) for _, future in batch]
             live = [(job, future) for job, future in batch if not future.done()]
             if not live:
                 return
-            self.stats.record(sum(self.size(job) for job, _ in live))
+            size = sum(self.size(job) for job, _ in live)
+            self.stats.record(size)
+            if self.on_batch is not None:
+                self.on_batch(size, waits)
             outcomes = await self._outcomes([job for job, _ in live])
             for (_, future), outcome in zip(live, outcomes):
                 if future.done():
@@ -127,6 +140,7 @@ class MicroBatcher(Generic[J, R]):
                     future.set_result(outcome)
         except BaseException as exc:  # cancelled replica shutdown: no caller may hang
             for _, future in batch:
+                self._since.pop(future, None)
                 if not future.done():
                     future.set_exception(exc)
             raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from ray.serve.handle import DeploymentHandle
 from polytask.serve.batching import MicroBatcher
 from polytask.serve.health import Health
 from polytask.serve.inputs import InputRejected
+from polytask.serve.metrics import ServeMetrics
 from polytask.serve.refs import local_bundle, pin_model_uri
 from polytask.serve.replica import replica_identity
 
@@ -90,14 +92,17 @@ class Encoder:
         self.calls = 0
         self.inputs = 0
         self.passes: list[int] = []
+        self.metrics = ServeMetrics(model)
         self.batcher: MicroBatcher[_EncodeCall, tuple[str, str, list[Any]]] = MicroBatcher(
             self._encode_calls,
             size=lambda call: len(call.items),
             max_size=max(max_batch_size, 1024),
             max_in_flight=1,
             wait_s=batch_wait_timeout_s,
+            on_batch=lambda size, waits: self.metrics.batch_formed("encoder", size, waits),
         )
         self.state = self._load(model)
+        self.metrics.set_model(self.state.ref)
 
     def _load(self, ref: str) -> _EncoderState:
         from polytask.model.bundle import BundleError, load_encoder_part, read_manifest
@@ -124,6 +129,7 @@ class Encoder:
             ref = pin_model_uri(model)
             if ref != self.state.ref:
                 self.state = self._same_encoder(ref) or self._load(ref)
+                self.metrics.set_model(ref)
 
     def _same_encoder(self, ref: str) -> _EncoderState | None:
         """The loaded encoder under the new reference when `ref`'s bundle has the same weights
@@ -146,6 +152,7 @@ class Encoder:
     def check_health(self) -> None:
         """Serve calls this every `health_check_period_s`: forwards failing in a row with no bad
         input to blame, or one hung forward, fail the replica and Serve starts a new one."""
+        self.metrics.failures.set(self.health.failures)
         self.health.check()
 
     def stats(self) -> dict[str, Any]:
@@ -193,20 +200,31 @@ class Encoder:
         """All calls of a batch with one model version, in one worker thread."""
         state = self.state
         items = [item for call in calls for item in call.items]
-        encoded = await asyncio.to_thread(self._watched_forward, state, items)
+        passes: list[tuple[int, dict[str, float]]] = []  # (inputs, stage seconds) per pass
+        try:
+            encoded = await asyncio.to_thread(self._watched_forward, state, items, passes)
+        finally:
+            for size, seconds in passes:
+                self.metrics.passes.observe(size)
+                self.metrics.stages(seconds)
         out, start = [], 0
         for call in calls:
             out.append((state.fingerprint, state.ref, encoded[start : start + len(call.items)]))
             start += len(call.items)
         return out
 
-    def _watched_forward(self, state: _EncoderState, items: list[_Item]) -> list[Any]:
+    def _watched_forward(
+        self, state: _EncoderState, items: list[_Item], passes: list[tuple[int, dict[str, float]]]
+    ) -> list[Any]:
         with self.health.watch(not_ours=(InputRejected,)):
-            return self._forward(state, items)
+            return self._forward(state, items, passes)
 
-    def _forward(self, state: _EncoderState, items: list[_Item]) -> list[Any]:
+    def _forward(
+        self, state: _EncoderState, items: list[_Item], passes: list[tuple[int, dict[str, float]]]
+    ) -> list[Any]:
         """Singles and pairs apart, each length-sorted and cut into passes padded to their own
-        longest input (what the in-process limit does)."""
+        longest input (what the in-process limit does); `passes` gets each pass's size and
+        stage seconds (recorded by the caller, on the replica's event loop)."""
         from polytask.model.inference import encode_batch
 
         results: list[Any] = [None] * len(items)
@@ -217,6 +235,7 @@ class Encoder:
                 chunk = idx[start : start + self.max_batch_size]
                 self.passes.append(len(chunk))
                 del self.passes[:-1000]
+                seconds: dict[str, float] = {}
                 try:
                     encoded = encode_batch(
                         state.encoder,
@@ -228,7 +247,9 @@ class Encoder:
                         need_pooled=any(items[i].need_pooled for i in chunk),
                         need_tokens=any(items[i].need_tokens for i in chunk),
                         device=self.device,
+                        timings=seconds,
                     )
+                    passes.append((len(chunk), seconds))
                 except Exception:
                     _blame_input(state, items, chunk)
                     raise
@@ -265,6 +286,7 @@ class Head:
         self.calls = 0
         self.inputs = 0
         self.health = Health(f"head_{task}")
+        self.metrics = ServeMetrics(model)
         self._load(model, None)
 
     def _load(self, ref: str, fingerprint: str | None) -> tuple[Any, Any]:
@@ -288,6 +310,7 @@ class Head:
             if ref != self.ref:
                 self._load(ref, None)
                 self.ref = ref
+                self.metrics.set_model(ref)
 
     def predict(
         self, encoded: dict[str, Any], texts: list[str], indices: list[int] | None = None
@@ -299,12 +322,14 @@ class Head:
 
         self.calls += 1
         self.inputs += len(texts)
+        began = time.perf_counter()
         fingerprint = encoded["fingerprint"]
         with self.health.watch(not_ours=(BundleError,)):  # a foreign encoder is not our fault
             found = self.versions.get(fingerprint)
             head, spec = found if found is not None else self._load(encoded["model"], fingerprint)
             items = encoded["items"] if indices is None else [encoded["items"][i] for i in indices]
             answers = run_head(head, spec, items, texts)
+        self.metrics.stage.observe(time.perf_counter() - began, {"stage": "head"})
         return {"answers": answers, "fingerprint": fingerprint, "model": encoded["model"]}
 
     def stats(self) -> dict[str, Any]:
@@ -320,6 +345,7 @@ class Head:
 
     def check_health(self) -> None:
         """Serve's periodic probe: head calls failing in a row, or one hung, fail the replica."""
+        self.metrics.failures.set(self.health.failures)
         self.health.check()
 
 
@@ -382,6 +408,7 @@ class Ingress:
                 )
         from ray.serve.exceptions import BackPressureError
 
+        self.metrics = ServeMetrics(self.settings.model_ref)
         self.batcher: MicroBatcher[_Job, tuple[list[dict[str, Any]], dict[str, Any]]]
         self.batcher = MicroBatcher(
             self._run_batch,
@@ -390,6 +417,7 @@ class Ingress:
             max_in_flight=self.settings.batches_in_flight,
             wait_s=self.settings.batch_wait_s,
             never_split=(BackPressureError,),
+            on_batch=lambda size, waits: self.metrics.batch_formed("ingress", size, waits),
         )
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -405,6 +433,7 @@ class Ingress:
         manifest = read_manifest(local_bundle(ref))
         self.specs = {s.name: s for s in manifest.tasks if s.name in self.heads}
         self.settings.model_ref = ref
+        self.metrics.set_model(ref)
 
     def __serve_build_asgi_app__(self):
         from polytask.serve.http import create_api

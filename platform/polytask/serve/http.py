@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fastapi import FastAPI
@@ -44,6 +47,7 @@ class Ingress(Protocol):
     settings: Any
     api_key: str | None
     encoder: Any
+    metrics: Any  # polytask.serve.metrics.ServeMetrics
 
     async def run(
         self, inputs: list[tuple[str, str | None]], tasks: list[str]
@@ -52,6 +56,57 @@ class Ingress(Protocol):
     def model_info(self, fingerprint: str | None = None) -> dict[str, Any]: ...
 
 logger = logging.getLogger("ray.serve")
+
+
+@dataclass
+class RequestRecord:
+    """What one HTTP request did; the routes and error handlers fill it in (through the ASGI scope),
+    the middleware finishes it and hands it to the metrics and the request log."""
+
+    method: str
+    path: str
+    tasks: list[str] = field(default_factory=list)
+    inputs: int = 0
+    status: int = 0
+    reason: str | None = None  # the error code of a 4xx/5xx JSON body
+    seconds: float = 0.0
+
+
+SCOPE_KEY = "polytask.request"
+
+
+def _record_of(request: Request) -> RequestRecord | None:
+    return request.scope.get(SCOPE_KEY)
+
+
+def _answer(request: Request, err: APIError) -> JSONResponse:
+    """An error response whose code is noted for the request's metrics and log line."""
+    record = _record_of(request)
+    if record is not None:
+        record.reason = err.code
+    return err.response()
+
+
+def log_request(record: RequestRecord) -> None:
+    """One line per prediction request: Serve adds the request id, and drops the line unless its
+    logging_config has `enable_access_log: true` (it is an access line); with `encoding: JSON`
+    the `extra` fields are top-level JSON keys."""
+    logger.info(
+        "%s %s %s %s %.1fms",
+        record.method,
+        record.path,
+        ",".join(record.tasks) or "-",
+        record.status,
+        record.seconds * 1000,
+        extra={
+            "serve_access_log": True,
+            "polytask_tasks": record.tasks,
+            "polytask_inputs": record.inputs,
+            "polytask_status": record.status,
+            "polytask_error": record.reason,
+            "polytask_latency_ms": round(record.seconds * 1000, 3),
+        },
+    )
 
 EXAMPLE = '{"inputs": ["the movie was great"], "tasks": ["sentiment"]}'
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -98,21 +153,38 @@ class RequestGuard:
         max_body_bytes: int,
         api_key: str | None,
         read_timeout_s: float = 10.0,
+        on_request: Callable[[RequestRecord], None] | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.api_key = api_key.encode() if api_key else None
         self.read_timeout_s = read_timeout_s
+        self.on_request = on_request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.on_request is None or scope["method"] != "POST":
+            await self._guarded(scope, receive, send)
+            return
+        began = time.perf_counter()
+        record = scope[SCOPE_KEY] = RequestRecord(scope["method"], scope["path"])
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            record.status = scope.get("polytask.status", 0) or 499  # 499: the client went away
+            record.seconds = time.perf_counter() - began
+            self.on_request(record)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                scope["polytask.status"] = message["status"]
             await send(message)
 
         try:
@@ -135,11 +207,11 @@ class RequestGuard:
             await self.app(scope, receive, tracking_send)
         except APIError as exc:
             if not started:
-                await exc.response()(scope, receive, send)
+                await _answer(Request(scope), exc)(scope, receive, tracking_send)
         except Exception as exc:  # a real server fault: log it, answer JSON, keep the replica
             logger.exception("polytask ingress: unhandled error")
             if not started:
-                await _internal(exc).response()(scope, receive, send)
+                await _answer(Request(scope), _internal(exc))(scope, receive, tracking_send)
 
     def _check_key(self, headers: Headers) -> None:
         auth = headers.get("authorization", "")
@@ -227,19 +299,23 @@ def _internal(exc: BaseException) -> APIError:
     )
 
 
-def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
     bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
     if bad_json is not None:
         why = (bad_json.get("ctx") or {}).get("error", "JSON decode error")
-        return APIError(
-            400, "invalid_json", f"request body is not valid JSON ({why}); send e.g. {EXAMPLE}"
-        ).response()
+        return _answer(
+            request,
+            APIError(
+                400, "invalid_json", f"request body is not valid JSON ({why}); send e.g. {EXAMPLE}"
+            ),
+        )
     if any(tuple(e.get("loc", ())) == ("body",) for e in errors):
-        return APIError(
-            422, "invalid_request", f"request body must be a JSON object like {EXAMPLE}"
-        ).response()
-    return APIError(422, "invalid_request", describe_errors(errors)).response()
+        return _answer(
+            request,
+            APIError(422, "invalid_request", f"request body must be a JSON object like {EXAMPLE}"),
+        )
+    return _answer(request, APIError(422, "invalid_request", describe_errors(errors)))
 
 
 def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -256,7 +332,7 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     else:
         err = APIError(exc.status_code, f"http_{exc.status_code}", str(exc.detail))
     err.headers = dict(exc.headers or {}) or None
-    return err.response()
+    return _answer(request, err)
 
 
 def default_tasks(ingress: Ingress, items: list[str | PairInput]) -> list[str]:
@@ -325,6 +401,13 @@ def create_api(ingress: Ingress) -> FastAPI:
     """The FastAPI app of one Ingress replica; routes close over the replica's handles and limits."""
     from ray.serve.exceptions import BackPressureError
 
+    def on_request(record: RequestRecord) -> None:
+        # a task tag only for served tasks: a client must not be able to mint label values
+        record.tasks = list(dict.fromkeys(t if t in ingress.specs else "unknown" for t in record.tasks))
+        ingress.metrics.request(
+            record.tasks, record.inputs, record.status, record.seconds, record.reason
+        )
+        log_request(record)
 
     app = FastAPI(
         title="polytask",
@@ -338,10 +421,11 @@ def create_api(ingress: Ingress) -> FastAPI:
         max_body_bytes=ingress.settings.max_body_bytes,
         api_key=ingress.api_key,
         read_timeout_s=ingress.settings.read_timeout_s,
+        on_request=on_request,
     )
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(APIError, lambda _, exc: exc.response())
+    app.add_exception_handler(APIError, _answer)
 
     deadline_s = ingress.settings.request_timeout_s
 
@@ -356,7 +440,10 @@ def create_api(ingress: Ingress) -> FastAPI:
                 "inputs per request",
             ) from None
 
-    async def run(items: list[str | PairInput], tasks: list[str]):
+    async def run(request: Request, items: list[str | PairInput], tasks: list[str]):
+        record = _record_of(request)
+        if record is not None:
+            record.tasks, record.inputs = tasks, len(items)
         inputs = prepare_inputs(ingress, items, tasks)
         try:
             return await within_deadline(ingress.run(inputs, tasks))
@@ -385,12 +472,12 @@ def create_api(ingress: Ingress) -> FastAPI:
         response_model=None,
         responses={200: {"model": PredictResponse}, **ERROR_RESPONSES},
     )
-    async def predict(body: PredictRequest) -> JSONResponse:
+    async def predict(request: Request, body: PredictRequest) -> JSONResponse:
         """Run the requested tasks (default: all) on every input."""
         tasks = (
             list(dict.fromkeys(body.tasks)) if body.tasks else default_tasks(ingress, body.inputs)
         )
-        results, model = await run(body.inputs, tasks)
+        results, model = await run(request, body.inputs, tasks)
         return JSONResponse({"results": results, "model": model})
 
     @app.post(
@@ -398,9 +485,9 @@ def create_api(ingress: Ingress) -> FastAPI:
         response_model=None,
         responses={200: {"model": TaskPredictResponse}, **ERROR_RESPONSES},
     )
-    async def predict_task(task: str, body: TaskPredictRequest) -> JSONResponse:
+    async def predict_task(request: Request, task: str, body: TaskPredictRequest) -> JSONResponse:
         """Run one task on every input."""
-        results, model = await run(body.inputs, [task])
+        results, model = await run(request, body.inputs, [task])
         return JSONResponse({"task": task, "results": [r[task] for r in results], "model": model})
 
     return app

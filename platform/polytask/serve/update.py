@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ray import serve
 
-from polytask.serve.app import APP_NAME, app_from_config, compose
+from polytask.serve.app import APP_NAME, app_from_config, compose, logging_options
 from polytask.serve.schemas import ServeArgsError, parse_args
 
 
@@ -48,13 +48,17 @@ def replica_actors(app: str = APP_NAME) -> dict[str, list[str]]:
 
 
 def update_app(
-    model: str, config_path: str | Path | None = None, cpu_variant: str | None = None
+    model: str,
+    config_path: str | Path | None = None,
+    cpu_variant: str | None = None,
+    log_format: str | None = None,
+    access_log: bool | None = None,
 ) -> UpdateReport:
     """Redeploy the running polytask app (the config's name, else `polytask`) with MODEL and the
     config's args and deployment options; returns once the app is RUNNING again."""
     import ray
 
-    args, options, name, prefix, runtime_env = app_from_config(config_path, cpu_variant)
+    args, options, name, prefix, runtime_env, logging = app_from_config(config_path, cpu_variant)
     if not ray.is_initialized():
         # The same job runtime_env as `polytask serve`: Serve copies it into every deployment's
         # actor options, and a different one would restart every replica.
@@ -64,7 +68,7 @@ def update_app(
             f"--update: no Serve application '{name}' is running on this Ray cluster; start it "
             f"with `polytask serve MODEL` (drop --update), or set RAY_ADDRESS to its cluster"
         )
-    app = compose(parse_args({**args, "model": model}), options)
+    app = compose(parse_args({**args, "model": model}), options, logging_options(logging, log_format, access_log))
     before = replica_actors(name)
     began = time.perf_counter()
     serve.run(app, name=name, route_prefix=prefix)

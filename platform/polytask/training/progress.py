@@ -30,6 +30,16 @@ class Progress:
     losses: dict[str, float]
     samples_per_s: float
     eta_s: float
+    step_s: float = 0.0  # mean seconds per training step this epoch
+
+
+def mlflow_metrics(p: Progress) -> list[tuple[str, float, int]]:
+    """(key, value, step) for MLflow: the step counts training steps over all epochs so far, so
+    curves from several epochs line up on one axis."""
+    step = p.epoch * p.steps + p.step
+    out = [("train/samples_per_s", p.samples_per_s, step), ("train/step_time_s", p.step_s, step)]
+    out += [(f"train/{task}/loss", loss, step) for task, loss in sorted(p.losses.items())]
+    return out
 
 
 def format_line(p: Progress) -> str:
@@ -85,6 +95,7 @@ class StepMeter:
                 losses=dict(losses),
                 samples_per_s=rate * self.samples_per_step,
                 eta_s=left / rate if rate else 0.0,
+                step_s=1 / rate if rate else 0.0,
             )
         )
 
@@ -101,13 +112,17 @@ def queue_sender(queue: Any) -> Callable[[Progress], None]:
 
 
 class ProgressPrinter:
-    """The driver's side: a queue the workers write to and a thread printing what arrives.
-    Use as a context manager around `trainer.fit()`; `queue` goes into the loop config."""
+    """The driver's side: a queue the workers write to and a thread printing what arrives (and
+    handing it to `on_record`, e.g. the MLflow logger). Use as a context manager around
+    `trainer.fit()`; `queue` goes into the loop config."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(
+        self, console: Console, on_record: Callable[[Progress], None] | None = None
+    ) -> None:
         from ray.util.queue import Queue
 
         self.console = console
+        self.on_record = on_record
         self.queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="polytask-progress", daemon=True)
@@ -143,4 +158,7 @@ class ProgressPrinter:
             self._print(record)
 
     def _print(self, record: dict[str, Any]) -> None:
-        self.console.print(format_line(Progress(**record)), highlight=False, soft_wrap=True)
+        progress = Progress(**record)
+        self.console.print(format_line(progress), highlight=False, soft_wrap=True)
+        if self.on_record is not None:
+            self.on_record(progress)

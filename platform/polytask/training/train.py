@@ -9,9 +9,11 @@ split when `data.test` is given.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -99,7 +101,8 @@ def run_training(
         soft_wrap=True,
     )
     try:
-        result = fit_on_ray(cfg, name, run_id, uri, storage, features, console)
+        with system_metrics(cfg, run_id, uri):
+            result = fit_on_ray(cfg, name, run_id, uri, storage, features, console)
         out = _finish(cfg, name, run_id, uri, storage, result, base)
         if features.test and out.bundle_path:
             out.test_metrics = evaluate_test_split(cfg, out, features)
@@ -109,6 +112,27 @@ def run_training(
     client(uri).set_terminated(run_id, "FINISHED")
     print_report(out, cfg, console)
     return out
+
+
+@contextlib.contextmanager
+def system_metrics(cfg: ExperimentConfig, run_id: str, uri: str) -> Iterator[None]:
+    """MLflow's own system-metrics monitor on the run while the workers train, when
+    `tracking.system_metrics` (or, when that is unset, MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING)
+    asks for it; it samples the driver's machine (`system/...` metrics)."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+
+    wanted = cfg.tracking.system_metrics
+    if not (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get() if wanted is None else wanted):
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def default_run_name(cfg: ExperimentConfig) -> str:
