@@ -50,7 +50,7 @@ def test_load_on_one_task_scales_encoder_and_its_head_up_and_back_down(
     try:
         assert running() == MINIMUM
         with Load(url, "sentiment", clients=8) as load:
-            up = _poll(lambda c: all(c[d] == 2 for d in SCALED), 25, history)
+            up = _poll(lambda c: all(c[d] == 2 for d in SCALED), 40, history)
         stopped = time.monotonic()
         down = _poll(lambda c: all(c[d] == 1 for d in SCALED), 20, history)
     finally:

@@ -175,14 +175,16 @@ def record_timeline(
     }
 
 
-def changes(timeline: dict[str, Any]) -> dict[str, list[tuple[float, int]]]:
-    """{deployment: [(time, running replicas)]} at the start and at every change."""
+def changes(timeline: dict[str, Any], starting: bool = False) -> dict[str, list[tuple[float, int]]]:
+    """{deployment: [(time, replicas)]} at the start and at every change: RUNNING replicas, or with
+    `starting` also STARTING ones (what the autoscaler has decided, before the replicas are up)."""
     out: dict[str, list[tuple[float, int]]] = {}
     for sample in timeline["samples"]:
         for name, state in sample["deployments"].items():
+            count = state["running"] + (state["states"].get("STARTING", 0) if starting else 0)
             steps = out.setdefault(name, [])
-            if not steps or steps[-1][1] != state["running"]:
-                steps.append((sample["t"], state["running"]))
+            if not steps or steps[-1][1] != count:
+                steps.append((sample["t"], count))
     return out
 
 
@@ -192,25 +194,32 @@ def plot(timeline: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = changes(timeline)
+    steps, decided = changes(timeline), changes(timeline, starting=True)
     end = timeline["samples"][-1]["t"]
     names = sorted(steps, key=lambda n: (n != "Ingress", n != "Encoder", n))
     fig, axes = plt.subplots(len(names), 1, figsize=(8, 1.3 * len(names) + 1), sharex=True)
     load = timeline["load"]
     for ax, name in zip(axes, names):
-        xs = [t for t, _ in steps[name]] + [end]
-        ys = [n for _, n in steps[name]] + [steps[name][-1][1]]
-        ax.step(xs, ys, where="post", lw=2)
-        ax.axvspan(load["start_s"], load["stop_s"], color="tab:orange", alpha=0.15)
+        for series, style, label in (
+            (decided, "--", "RUNNING + STARTING"),
+            (steps, "-", "RUNNING"),
+        ):
+            xs = [t for t, _ in series[name]] + [end]
+            ys = [n for _, n in series[name]] + [series[name][-1][1]]
+            ax.step(xs, ys, style, where="post", lw=2, label=label)
+        ax.axvspan(load["start_s"], load["stop_s"], color="0.5", alpha=0.15)
         ax.set_ylabel(name, rotation=0, ha="right", va="center")
-        ax.set_ylim(0, max(3, max(ys) + 1))
-        ax.set_yticks(range(max(3, max(ys) + 1)))
+        top = max(3, max(n for _, n in decided[name]) + 1)
+        ax.set_ylim(0, top)
+        ax.set_yticks(range(top))
         ax.grid(alpha=0.3)
+    axes[0].legend(loc="upper right", fontsize=7)
     delays = timeline["config"]["changes"]
     axes[0].set_title(
-        f"RUNNING replicas per deployment (shaded: {load['clients']} clients on "
-        f"/v1/tasks/{load['task']}/predict); upscale_delay_s {delays['upscale_delay_s']}, "
-        f"downscale_delay_s {delays['downscale_delay_s']}",
+        f"Replicas per deployment from serve.status(); shaded: {load['clients']} clients on "
+        f"/v1/tasks/{load['task']}/predict\nupscale_delay_s {delays['upscale_delay_s']}, "
+        f"downscale_delay_s {delays['downscale_delay_s']}, target_ongoing_requests "
+        f"{delays['target_ongoing_requests']}",
         fontsize=9,
     )
     axes[-1].set_xlabel("seconds")
@@ -286,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model=args.model or "tiny random BERT (tests/conftest.py), random sentiment + ner heads",
         changes=changes(timeline),
+        changes_with_starting=changes(timeline, starting=True),
         load_average_before=load_before,
         load_average_after=[round(x, 2) for x in os.getloadavg()],
         machine=machine_info(),
