@@ -74,6 +74,28 @@ def test_every_deployment_autoscales_and_heads_stay_on_cpu(path: Path):
             )
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_encoder_and_head_targets_count_batches_so_max_replicas_is_reachable(path: Path):
+    """The Encoder and heads are called once per Ingress batch (per text view), and an Ingress
+    replica runs at most `ingress_batches_in_flight` batches, so their ongoing requests never
+    exceed Ingress max_replicas x that; a target whose max_replicas needs more never scales there
+    (cluster.yaml's old 8 kept the Encoder at 1 replica)."""
+    from polytask.serve.schemas import ServeArgs
+
+    (app,) = _apps(path)
+    by_name = {d["name"]: d for d in _deployments(app)}
+    in_flight = app.args.get(
+        "ingress_batches_in_flight", ServeArgs.model_fields["ingress_batches_in_flight"].default
+    )
+    batches = by_name["Ingress"]["autoscaling_config"]["max_replicas"] * in_flight
+    for name, options in [("Encoder", by_name["Encoder"])] + [
+        (entry.get("name", "head_options"), entry) for entry in _head_entries(app)
+    ]:
+        auto = options["autoscaling_config"]
+        target = auto.get("target_ongoing_requests", 2)  # Serve's default
+        assert target * auto["max_replicas"] <= batches, (path.name, name, target, batches)
+
+
 def test_cluster_config_pins_heads_to_cpu_pool_and_encoder_to_gpu():
     (app,) = _apps(CONFIG_DIR / "cluster.yaml")
     for entry in _head_entries(app):
