@@ -10,9 +10,9 @@ batches, and low: the Ingress gathers concurrent requests into batches and runs 
 Serve's "ongoing requests" of the Encoder and of a head count batches in flight, at most 2 per
 Ingress replica however many clients there are. With the tiny model each stage holds a batch for
 a fraction of its trip (measured under 8 clients: Encoder ~0.9, loaded head ~0.6, idle head 0), so
-a target of 0.25 is crossed only by the deployments the load goes through. Eight clients, not
-fewer: with four, the loaded head's average once stayed under 0.25 for the 2 s downscale delay
-and it dropped to 1 replica mid-load.
+targets of 0.25 (Encoder) and 0.1 (heads) are crossed only by the deployments the load goes
+through. Eight clients, not fewer: with four and a head target of 0.25, the loaded head's average
+once stayed under it for the 2 s downscale delay and it dropped to 1 replica mid-load.
 """
 
 from __future__ import annotations

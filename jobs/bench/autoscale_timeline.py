@@ -37,6 +37,9 @@ APP = "polytask"
 # local.yaml's target of 1 batch per replica is right for a real encoder (MiniLM: ~60 % of a
 # request's CPU is the Encoder's) but sits at the tiny model's mean, so it flaps. 0.25 (a batch
 # in flight a quarter of the time) is below every loaded window and above an idle one.
+# Heads get 0.1: a loaded head's 2 s average fell to 0.27 once, too near 0.25; an idle head
+# reads exactly 0.
+HEAD_TARGET = 0.1
 SCENARIO = {
     "target_ongoing_requests": 0.25,
     "upscale_delay_s": 0.5,
@@ -58,9 +61,12 @@ def autoscale_config(out_dir: str | Path, changes: dict[str, float] | None = Non
     their `deployments:` entries, as a user would; returns the written file."""
     config = yaml.safe_load(LOCAL_CONFIG.read_text())
     app = next(a for a in config["applications"] if a["import_path"] == "polytask.serve:build_app")
-    scaled = [app["args"]["head_options"]] + app["deployments"]
-    for options in scaled:
-        options["autoscaling_config"].update(changes or SCENARIO)
+    changes = changes or SCENARIO
+    for options in app["deployments"]:
+        options["autoscaling_config"].update(changes)
+    app["args"]["head_options"]["autoscaling_config"].update(
+        {**changes, "target_ongoing_requests": HEAD_TARGET}
+    )
     path = Path(out_dir) / "autoscale.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
