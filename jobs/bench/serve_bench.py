@@ -384,9 +384,10 @@ def run_serve_bench(
                         runs = bench_baseline(port, exported, texts, settings, log)
                     all_runs += [{**r, "round": round_} for r in runs]
         finally:
-            serve.shutdown()
             if own_ray:
-                ray.shutdown()
+                ray.shutdown()  # Serve and every replica go with the Ray this run started
+            else:
+                serve.shutdown()
         limits.append(limit_once())
     limit = max(limits, key=lambda m: m["inputs_per_s"])
     limit["measurements"] = [m["inputs_per_s"] for m in limits]
