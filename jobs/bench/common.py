@@ -46,6 +46,15 @@ def read_texts(path: str | Path) -> list[str]:
     return texts
 
 
+def shown_path(path: str | Path) -> str:
+    """A path as results files record it: relative to the repo root when it lies in the checkout
+    or beside it (../shared/data), so no machine's layout is committed; else as given."""
+    resolved = Path(path).resolve()
+    if resolved.is_relative_to(REPO_ROOT.parent):
+        return os.path.relpath(resolved, REPO_ROOT)
+    return str(path)
+
+
 def default_texts_file() -> Path | None:
     """SST-2 dev beside the checkout (../shared/data), looked up from the cwd, then the repo root."""
     for base in (Path.cwd(), REPO_ROOT):

@@ -286,7 +286,7 @@ def render(result: dict[str, Any], window_s: float, png: Path) -> list[str]:
 
 
 def main() -> None:
-    from common import DEFAULT_ENCODER, default_texts_file
+    from common import DEFAULT_ENCODER, default_texts_file, shown_path
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "dashboard")
@@ -299,7 +299,8 @@ def main() -> None:
     empty = render(result, args.window_s, args.out / "dashboard.png")
     summary = {
         "scrapes": len(result["scrapes"]),
-        "texts": str(args.texts or default_texts_file() or "'the movie was great' x 50"),
+        "texts": shown_path(texts) if (texts := args.texts or default_texts_file())
+        else "'the movie was great' x 50",
         "load_1min_before_after": result["load_1min"],
         "levels": [
             {k: lv[k] for k in LEVEL_KEYS} for lv in result["levels"]

@@ -31,7 +31,6 @@ import loadgen
 from common import (
     DEFAULT_ENCODER,
     DEFAULT_TEXTS,
-    REPO_ROOT,
     BenchError,
     CpuWatch,
     build_demo_bundle,
@@ -40,6 +39,7 @@ from common import (
     machine_info,
     pick_tasks,
     read_texts,
+    shown_path,
     usable_cores,
 )
 
@@ -268,10 +268,10 @@ def bench_baseline(port, exported, texts, settings, log) -> list[dict[str, Any]]
 
 def _load_texts(texts_file: str | None, tiny: bool) -> tuple[list[str], str]:
     if texts_file is not None:
-        return read_texts(texts_file), str(texts_file)
+        return read_texts(texts_file), shown_path(texts_file)
     found = default_texts_file()
     if found is not None and not tiny:
-        return read_texts(found), os.path.relpath(found, REPO_ROOT)
+        return read_texts(found), shown_path(found)
     if tiny:
         from polytask.demo import demo_corpus
 
