@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Self
 
 import httpx
@@ -30,23 +31,31 @@ JSON = {"content-type": "application/json"}
 def app(ray_local, untrained_bundle) -> Iterator[str]:
     from ray import serve
 
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    _deploy(untrained_bundle)
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def _deploy(bundle: Path, **extra_args: Any) -> None:
+    """The chaos app (small limits, one replica each) as `polytask`, with `extra_args` on top."""
+    from ray import serve
+
     from polytask.serve import compose
 
-    port = _free_port()
     args = {
-        "model": str(untrained_bundle),
+        "model": str(bundle),
         "max_inputs_per_request": 16,
         "max_chars_per_input": 500,
         "max_body_bytes": BODY_LIMIT,
         "read_timeout_s": READ_TIMEOUT_S,
+        **extra_args,
     }
     one = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}
     options = {name: one for name in ("Ingress", "head_sentiment", "head_ner")}
     options["Encoder"] = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(compose(args, options), name="polytask", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
 
 
 def _free_port() -> int:
@@ -246,22 +255,7 @@ def test_sigkill_a_replica_under_load_costs_at_most_the_requests_in_flight(app, 
 def test_a_hung_encoder_answers_504_by_the_deadline(app, untrained_bundle):
     """A stopped (SIGSTOP) Encoder process: requests get 504 JSON at request_timeout_s instead of
     hanging, and the service answers again once it runs."""
-    from ray import serve
-
-    from polytask.serve import compose
-
-    args = {
-        "model": str(untrained_bundle),
-        "max_inputs_per_request": 16,
-        "max_chars_per_input": 500,
-        "max_body_bytes": BODY_LIMIT,
-        "read_timeout_s": READ_TIMEOUT_S,
-        "request_timeout_s": 1.5,
-    }
-    one = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}
-    options = {name: one for name in ("Ingress", "head_sentiment", "head_ner")}
-    options["Encoder"] = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
-    serve.run(compose(args, options), name="polytask", route_prefix="/")
+    _deploy(untrained_bundle, request_timeout_s=1.5)
     encoder = _stats("Encoder")
     os.kill(encoder["pid"], signal.SIGSTOP)
     try:
