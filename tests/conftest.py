@@ -6,6 +6,7 @@ Everything is built locally; nothing is downloaded.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,28 @@ def untrained_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Pat
     return path
 
 
+@pytest.fixture(scope="session")
+def _migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty SQLite store that MLflow created and migrated to its current schema, once: each
+    new store copies it instead of replaying every migration (about 1 s per store)."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_registered_models()
+    return db
+
+
+def new_store(template: Path, folder: Path) -> str:
+    """A fresh MLflow SQLite store at `folder/mlflow.db` (a copy of the migrated template)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
 @pytest.fixture()
-def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_store: Path) -> str:
     """A real MLflow store: SQLite in this test's tmp dir, artifacts beside it."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(_migrated_store, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("POLYTASK_HOME", str(tmp_path / "home"))
     return uri

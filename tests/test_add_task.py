@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import connect_ray
+from conftest import connect_ray, new_store
 from polytask.cli import app
 from polytask.model.bundle import read_manifest
 from polytask.model.inference import Predictor
@@ -77,12 +77,12 @@ def _mood_experiment(demo_data: Path, path: Path, task: str = "mood") -> Path:
 
 
 @pytest.fixture(scope="module")
-def store(ray_cluster, tmp_path_factory):
+def store(ray_cluster, tmp_path_factory, _migrated_store):
     """One MLflow store for the module, seen by this process and by every Ray worker/replica."""
     import ray
 
     root = tmp_path_factory.mktemp("addtask_store")
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "POLYTASK_HOME": str(root / "home")}
+    env = {"MLFLOW_TRACKING_URI": new_store(_migrated_store, root), "POLYTASK_HOME": str(root / "home")}
     was_connected = ray.is_initialized()
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():

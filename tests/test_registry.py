@@ -7,6 +7,7 @@ import os
 import pandas as pd
 import pytest
 
+from conftest import new_store
 from polytask.model.inference import Predictor
 from polytask.tracking.registry import (
     artifact_location,
@@ -24,11 +25,11 @@ TEXTS = ["bob moved to lima", "the hotel was awful"]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, _migrated_store):
     """One SQLite store for the module (a new MLflow db costs seconds); names differ per test."""
     root = tmp_path_factory.mktemp("registry_store")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("MLFLOW_TRACKING_URI", new_store(_migrated_store, root))
         mp.setenv("POLYTASK_HOME", str(root / "home"))
         yield root
 

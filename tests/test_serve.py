@@ -606,12 +606,15 @@ def v2(v1, serving, all_kinds_bundle):
         d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in app_cfg.deployments
     }
     options["Ingress"]["ray_actor_options"]["runtime_env"] = {"env_vars": {API_KEY_ENV: API_KEY}}
+    for option in options.values():  # the new replicas' teardown waits 0.1 s, not 2 s, to stop
+        option["graceful_shutdown_wait_loop_s"] = 0.1
     args = {
         **app_cfg.args,
         "model": str(all_kinds_bundle),
         "api_key_env": API_KEY_ENV,
         "overflow": "truncate",
         "max_chars_per_input": 40,
+        "head_options": {**app_cfg.args.get("head_options", {}), "graceful_shutdown_wait_loop_s": 0.1},
     }
     threads = [threading.Thread(target=traffic) for _ in range(2)]
     for t in threads:

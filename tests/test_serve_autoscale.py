@@ -53,20 +53,11 @@ def test_load_on_one_task_scales_encoder_and_its_head_up_and_back_down(
         assert running() == MINIMUM
         with Load(url, "sentiment", clients=8) as load:
             up = _poll(lambda c: all(c[d] == 2 for d in SCALED), 40, history)
-        stopped = time.monotonic()
+        stopped = load.stop_sent  # demand starts to fall here, as the clients finish their last
         down = _poll(lambda c: all(c[d] == 1 for d in SCALED), 20, history)
     finally:
         serve.shutdown()
     timeline = [(round(t - load.started, 1), c) for t, c in history]
-    assert up, f"Encoder and head_sentiment did not both reach 2 replicas under load: {timeline}"
-    assert down, f"they did not return to 1 replica after the load: {timeline}"
-    assert set(load.statuses) == {200}, load.statuses
-    # The idle head and the Ingress (min = max = 1 in local.yaml) never moved.
-    assert all(c["head_ner"] == 1 and c["Ingress"] == 1 for _, c in history), timeline
-    for name in SCALED:
-        back = next(t for t, c in history if t > stopped and c[name] == 1)
-        # Not before its downscale delay: Serve waits that long after demand first drops.
-        assert back - stopped >= SCENARIO["downscale_delay_s"], (name, back - stopped, timeline)
     steps = {
         name: [
             (t, c[name])
@@ -75,4 +66,15 @@ def test_load_on_one_task_scales_encoder_and_its_head_up_and_back_down(
         ]
         for name in MINIMUM
     }
+    stop_s = round(stopped - load.started, 1)
+    assert up, f"Encoder and head_sentiment did not both reach 2 replicas under load: {steps}"
+    assert down, f"they did not return to 1 replica after the load: {steps}"
+    assert set(load.statuses) == {200}, load.statuses
+    # The idle head and the Ingress (min = max = 1 in local.yaml) never moved.
+    assert all(c["head_ner"] == 1 and c["Ingress"] == 1 for _, c in history), steps
+    for name in SCALED:
+        back = next(t for t, c in history if t > stopped and c[name] == 1)
+        # Not before its downscale delay: Serve waits that long after demand first drops (the
+        # clients were told to stop at `stopped`; each finishes the request it has in flight).
+        assert back - stopped >= SCENARIO["downscale_delay_s"], (name, back - stopped, stop_s, steps)
     print(f"autoscale: load {load.statuses} stopped at {stopped - load.started:.1f} s; {steps}")

@@ -52,9 +52,12 @@ def _deploy(bundle: Path, **extra_args: Any) -> None:
         "read_timeout_s": READ_TIMEOUT_S,
         **extra_args,
     }
-    one = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}
+    # A replacing or stopping replica checks for drained requests after 0.1 s, not Serve's 2 s:
+    # these tests' redeploys and teardown come after their load has ended.
+    quick = {"num_replicas": 1, "graceful_shutdown_wait_loop_s": 0.1}
+    one = {**quick, "ray_actor_options": {"num_cpus": 0.1}}
     options = {name: one for name in ("Ingress", "head_sentiment", "head_ner")}
-    options["Encoder"] = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
+    options["Encoder"] = {**quick, "ray_actor_options": {"num_cpus": 0.5}}
     serve.run(compose(args, options), name="polytask", route_prefix="/")
 
 

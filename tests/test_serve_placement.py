@@ -35,15 +35,18 @@ def test_encoder_lands_on_gpu_node_and_heads_on_cpu_pool(
         serve.shutdown()  # a fresh Serve whose one proxy is on the head
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        pinned = {"ray_actor_options": {"num_cpus": 0.1, "resources": {"cpu_pool": 0.01}}}
+        quick = {"graceful_shutdown_wait_loop_s": 0.1}  # nothing to drain at teardown
+        pinned = {"ray_actor_options": {"num_cpus": 0.1, "resources": {"cpu_pool": 0.01}}, **quick}
         args = {
             "model": str(bundle),
             "device": "cpu",
             "head_options": {**pinned, "num_replicas": 1},
         }
         options = {
-            "Encoder": {"ray_actor_options": {"num_cpus": 0.1, "num_gpus": 1}, "num_replicas": 1},
-            "Ingress": {"ray_actor_options": {"num_cpus": 0.1}, "num_replicas": 1},
+            "Encoder": {
+                "ray_actor_options": {"num_cpus": 0.1, "num_gpus": 1}, "num_replicas": 1, **quick
+            },
+            "Ingress": {"ray_actor_options": {"num_cpus": 0.1}, "num_replicas": 1, **quick},
         }
         serve.run(compose(args, options), name="polytask", route_prefix="/")
 

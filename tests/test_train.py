@@ -19,6 +19,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from conftest import new_store
 from polytask.config import config_from_dict
 from polytask.demo import demo_experiment, write_demo_data
 from polytask.tracking.tags import RUN_NAME_TAG
@@ -74,10 +75,10 @@ def test_label_outside_label_set_fails_before_ray(no_ray, demo_data, tiny_encode
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, _migrated_store):
     """One MLflow store + polytask home for the Ray runs of this module."""
     root = tmp_path_factory.mktemp("train_store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_store(_migrated_store, root)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("POLYTASK_HOME", str(root / "home"))

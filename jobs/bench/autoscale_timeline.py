@@ -116,6 +116,7 @@ class Load:
         return self
 
     def __exit__(self, *_: object) -> None:
+        self.stop_sent = time.monotonic()  # no client sends a new request after this
         self.stop.set()
         for t in self.threads:
             t.join()

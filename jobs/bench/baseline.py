@@ -8,7 +8,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from common import pick_tasks, quiet_transformers
+from common import FAST_TEARDOWN, pick_tasks, quiet_transformers
 from ray import serve
 
 
@@ -126,6 +126,7 @@ def baseline_targets(exported: dict[str, dict[str, Any]], settings: Any) -> list
                 num_replicas=1,
                 max_ongoing_requests=settings.max_ongoing_requests,
                 ray_actor_options={"num_cpus": settings.baseline_threads},
+                **FAST_TEARDOWN,
             ).bind(
                 info["path"],
                 info["pipeline"],

@@ -31,6 +31,7 @@ import loadgen
 from common import (
     DEFAULT_ENCODER,
     DEFAULT_TEXTS,
+    FAST_TEARDOWN,
     BenchError,
     CpuWatch,
     build_demo_bundle,
@@ -97,14 +98,15 @@ def polytask_options(settings: Settings) -> tuple[dict[str, Any], dict[str, dict
         "device": "cpu",
         "max_batch_size": settings.max_batch_size,
         "max_inputs_per_request": max(64, max(settings.inputs_per_request)),
-        "head_options": {"num_replicas": 1},
+        "head_options": {"num_replicas": 1, **FAST_TEARDOWN},
     }
     options = {
         "Encoder": {
             "num_replicas": settings.encoder_replicas,
             "ray_actor_options": {"num_cpus": settings.encoder_threads, "num_gpus": 0},
+            **FAST_TEARDOWN,
         },
-        "Ingress": {"num_replicas": 1},
+        "Ingress": {"num_replicas": 1, **FAST_TEARDOWN},
     }
     args.update(settings.polytask_args)
     for name, extra in settings.polytask_options.items():
@@ -228,7 +230,7 @@ def bench_noop(port, tasks, texts, settings, log) -> list[dict[str, Any]]:
 
     from polytask.serve.app import DEFAULT_LOGGING
 
-    common = {"logging_config": DEFAULT_LOGGING, "max_ongoing_requests": 256}
+    common = {"logging_config": DEFAULT_LOGGING, "max_ongoing_requests": 256, **FAST_TEARDOWN}
     cpus = {"Encoder": settings.encoder_threads, "Ingress": 0.5, "head": 0.25}  # as polytask's
     options = {
         name: {

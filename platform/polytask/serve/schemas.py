@@ -40,6 +40,7 @@ class HeadOptions(BaseModel):
     max_queued_requests: int | None = Field(None, ge=-1)
     num_replicas: int | None = Field(None, ge=1, description="Fixed count (no autoscaling).")
     graceful_shutdown_timeout_s: float | None = Field(None, ge=0)
+    graceful_shutdown_wait_loop_s: float | None = Field(None, gt=0)
 
     @field_validator("ray_actor_options")
     @classmethod
