@@ -240,8 +240,13 @@ def main() -> None:
     md = [
         "# Batch inference benchmark",
         "",
-        f"{len(texts)} SST-2 rows (the limit on {len(limit_texts)} of them, spread over the file), "
-        f"MiniLM-L6 + sentiment + NER heads, {os.cpu_count()} cores; "
+        f"{len(texts)} SST-2 rows"
+        + (
+            f" (the limit on {len(limit_texts)} of them, spread over the file)"
+            if len(limit_texts) < len(texts)
+            else ""
+        )
+        + f", MiniLM-L6 + sentiment + NER heads, {os.cpu_count()} cores; "
         f"load average (1 min) {', '.join(f'{k} {v:.2f}' for k, v in load.items())}"
         + (" — **machine was busy: do not quote**" if busy else "")
         + ".",
