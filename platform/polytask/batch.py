@@ -440,7 +440,10 @@ def run_batch(
             "output_format": out_fmt,
             "threads": max(1, int(spec.cpus_per_worker)),
         },
-        batch_size=spec.batch_size,
+        # Blocks were cut to at most one batch when the row count is known: one block is then one
+        # task and one batch. An int here would make Ray Data merge two 250-row blocks into each
+        # task (it bundles inputs up to batch_size rows), doubling the last round's imbalance.
+        batch_size=None if total else spec.batch_size,
         batch_format="numpy",
         num_cpus=spec.cpus_per_worker,
         compute=ray.data.ActorPoolStrategy(size=spec.workers),
