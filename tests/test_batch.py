@@ -119,6 +119,7 @@ def test_csv_pairs_and_parquet_output_with_task_subset(
             tasks=["sentiment"],
             text_field="review",
             batch_size=16,
+            workers=1,  # parallel scoring is the JSONL test's; one scorer starts faster
         )
     )
     assert (summary.scored, summary.failed) == (40, 1)

@@ -35,7 +35,7 @@ def quickstart_experiment(workdir: Path, *, fast: bool = False) -> dict[str, Any
     return demo_experiment(
         data_dir,
         encoder,
-        epochs=2 if fast else 3,
+        epochs=2,
         num_workers=2,
         optim={"lr": 1e-3 if fast else 1e-4, "batch_size": 16, "eval_batch_size": 64},
         sampling={"steps_per_epoch": 12} if fast else {},
