@@ -55,7 +55,7 @@ def run_sweep(cfg: ExperimentConfig, console: Console | None = None) -> SweepRes
     storage = ray_run.storage_path(cfg)
     if not ray.is_initialized():
         ray.init()
-    trainable = partial(  # object refs ride along as-is; every trial shares one tokenized copy
+    trainable = partial(  # every trial streams the same (lazy) train datasets
         _trial,
         base=cfg.model_dump(mode="json"),
         specs=[s.to_dict() for s in features.specs],
@@ -63,7 +63,9 @@ def run_sweep(cfg: ExperimentConfig, console: Console | None = None) -> SweepRes
         uri=uri,
         sweep=name,
         storage=storage,
-        refs=[ray.put(features.train), ray.put(features.validation)],
+        train_rows=features.train_rows,
+        eval_ref=ray.put(features.validation),
+        datasets=features.train_datasets(cfg),
     )
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
     path = os.path.join(storage, name)
@@ -115,7 +117,8 @@ def _tune_config(cfg: ExperimentConfig) -> Any:
 
 
 def _trial(params: dict[str, Any], *, base: dict[str, Any], specs: list[dict[str, Any]],
-           parent_run_id: str, uri: str, sweep: str, storage: str, refs: list[Any]) -> None:
+           parent_run_id: str, uri: str, sweep: str, storage: str, train_rows: dict[str, int],
+           eval_ref: Any, datasets: dict[str, Any]) -> None:
     """One trial = one TorchTrainer run with its own config, scaling and nested MLflow run."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -130,10 +133,15 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], specs: list[dict[str
     for key, value in params.items():
         c.set_tag(run_id, f"{TRIAL_PARAM_PREFIX}{key}", str(value))
     loop_config = ray_run.make_loop_config(
-        cfg, [TaskSpec.from_dict(s) for s in specs], refs[0], refs[1], run_id, uri, run_name
+        cfg, [TaskSpec.from_dict(s) for s in specs], train_rows, eval_ref, run_id, uri, run_name
     )
     trainer = ray_run.make_trainer(
-        cfg, f"{sweep}-trials/{trial_id}", loop_config, storage, callbacks=[TuneReportCallback()]
+        cfg,
+        f"{sweep}-trials/{trial_id}",
+        loop_config,
+        storage,
+        datasets,
+        callbacks=[TuneReportCallback()],
     )
     try:
         trainer.fit()
