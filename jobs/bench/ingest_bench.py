@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             child += ["--sst2", args.sst2]
             child += ["--steps", str(args.steps), "--epochs", str(args.epochs)]
             child += ["--batch-size", str(args.batch_size), "--workers", str(args.workers)]
-            done = subprocess.run(child, check=True, capture_output=True, text=True)
+            done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True)
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(json.dumps(runs[-1]))
     base, big = runs[0], runs[-1]

@@ -119,7 +119,7 @@ def _load_table(fmt: str, path: Path) -> Any:
 
 # Formats read with pyarrow's streaming readers, on the driver (checks) and by Ray Data (training)
 STREAMED = ("csv", "tsv", "jsonl", "parquet")
-_CHUNK_BYTES = 8 << 20
+_CHUNK_BYTES = 1 << 20
 
 
 def csv_parse_options(fmt: str) -> Any:
