@@ -106,7 +106,9 @@ def run_scale(args: argparse.Namespace) -> dict[str, Any]:
             "tracking": {"experiment": "polytask-bench-ingest", "registered_model": None},
         }
     )
-    ray.init(num_cpus=max(2, args.workers + 1), include_dashboard=False, log_to_driver=False)
+    ray.init(  # a new local Ray of its own, never one another process left running
+        address="local", num_cpus=max(2, args.workers + 1), include_dashboard=False, log_to_driver=False
+    )
     began = time.perf_counter()
     with PeakRss() as rss:
         features = tokenize_experiment(cfg)
