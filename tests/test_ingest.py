@@ -59,6 +59,17 @@ def test_bad_label_in_a_streamed_split_names_the_row(corpus, tmp_path: Path) -> 
         load_task_data(cfg, stream_train=True)
 
 
+def test_a_malformed_streamed_split_is_a_data_error(corpus, tmp_path: Path) -> None:
+    from polytask.training.data import DataError, load_task_data
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nfine,positive\ntoo,many,columns\n")
+    cfg = corpus.model_copy(deep=True)
+    cfg.tasks[0].data.train = str(bad)
+    with pytest.raises(DataError, match=r"tasks\.sentiment: .*bad\.csv .*Expected 2 columns, got 3"):
+        load_task_data(cfg, stream_train=True)
+
+
 def _record_batches(config: dict) -> None:
     """A Train worker: two epochs of the sampler's steps over its shards, then epoch 1 again
     from fresh streams (what a resumed run does); every batch's rows go to a file per rank."""

@@ -162,9 +162,21 @@ def class_names(fmt: str, path: Path, task: TaskConfig) -> list[str] | None:
 
 
 def _table_records(task: TaskConfig, fmt: str, path: Path) -> Iterator[Record]:
+    import pyarrow as pa
+
     names = class_names(fmt, path, task)
     start = 0
-    for batch in table_batches(fmt, path):
+    batches = table_batches(fmt, path)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except pa.ArrowException as exc:  # malformed rows, a column whose type changes midway
+            raise DataError(
+                f"tasks.{task.name}: {path} after row {start}: cannot read it as {fmt}: {exc}; "
+                "fix the file (or set data.format)"
+            ) from exc
         yield from batch_records(task, batch.to_pydict(), names, str(path), start)
         start += batch.num_rows
 
