@@ -62,11 +62,11 @@ def test_bad_label_in_a_streamed_split_names_the_row(corpus, tmp_path: Path) -> 
 def test_a_malformed_streamed_split_is_a_data_error(corpus, tmp_path: Path) -> None:
     from polytask.training.data import DataError, load_task_data
 
-    bad = tmp_path / "bad.csv"
-    bad.write_text("text,label\nfine,positive\ntoo,many,columns\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine", "label": "positive"}\n{"text": broken\n')
     cfg = corpus.model_copy(deep=True)
     cfg.tasks[0].data.train = str(bad)
-    with pytest.raises(DataError, match=r"tasks\.sentiment: .*bad\.csv .*Expected 2 columns, got 3"):
+    with pytest.raises(DataError, match=r"tasks\.sentiment: .*bad\.jsonl .*cannot read it as jsonl"):
         load_task_data(cfg, stream_train=True)
 
 
