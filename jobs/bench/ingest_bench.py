@@ -74,16 +74,13 @@ def run_scale(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
     from polytask.config import config_from_dict
-    from polytask.demo import write_tiny_encoder
     from polytask.tracking.registry import client, ensure_experiment, tracking_uri
     from polytask.training.ray_run import fit_on_ray, storage_path, tokenize_experiment
 
     work = Path(args.work)
     os.environ["POLYTASK_HOME"] = str(work / f"home-{args.scale}")
     train = write_corpus(args.sst2, work, args.scale)
-    encoder = work / "tiny-bert"
-    if not encoder.is_dir():
-        write_tiny_encoder(encoder, vocab_size=150)
+    encoder = work / "tiny-bert"  # written by the parent, so no scale pays for building it
     cfg = config_from_dict(
         {
             "encoder": {"name_or_path": str(encoder), "max_length": 64},
@@ -159,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
 
     scales = [int(s) for s in args.scales.split(",")]
     runs = []
+    from polytask.demo import write_tiny_encoder
+
     with tempfile.TemporaryDirectory(prefix="polytask-ingest-") as work:
+        write_tiny_encoder(Path(work) / "tiny-bert", vocab_size=150)
         for scale in scales:
             child = [sys.executable, __file__, "--scale", str(scale), "--work", work]
             child += ["--sst2", args.sst2]
