@@ -23,7 +23,9 @@ from polytask.training.data import (
 )
 
 TOKENIZE_BATCH_ROWS = 512
-TOKENIZE_CPUS = 0.25  # a fraction: Train's workers may hold every whole CPU of a small cluster
+# Reading and tokenizing reserve no CPU: Train's workers (and a sweep's concurrent trials) may
+# hold every CPU of a small cluster, and a data task waiting for one would stall training forever
+DATA_TASK_CPUS = 0
 
 
 class Tokenize:
@@ -52,13 +54,14 @@ def read_source(source: TrainSource) -> Any:
     """The Ray Dataset of a train file, read by Ray Data's workers with the driver's parser."""
     import ray.data
 
+    cpus = {"num_cpus": DATA_TASK_CPUS}
     if source.fmt == "parquet":
-        ds = ray.data.read_parquet(source.path)
+        ds = ray.data.read_parquet(source.path, **cpus)
     elif source.fmt == "jsonl":
-        ds = ray.data.read_json(source.path, lines=True)
+        ds = ray.data.read_json(source.path, lines=True, **cpus)
     else:
-        kwargs = {"parse_options": csv_parse_options(source.fmt)} if source.fmt == "tsv" else {}
-        ds = ray.data.read_csv(source.path, **kwargs)
+        options = {"parse_options": csv_parse_options(source.fmt)} if source.fmt == "tsv" else {}
+        ds = ray.data.read_csv(source.path, **options, **cpus)
     return ds.limit(source.limit) if source.limit else ds
 
 
@@ -81,7 +84,7 @@ def train_datasets(
             Tokenize(task, td.spec, tokenizer, cfg.encoder.max_length, names, where),
             batch_format="pyarrow",
             batch_size=TOKENIZE_BATCH_ROWS,
-            num_cpus=TOKENIZE_CPUS,
+            num_cpus=DATA_TASK_CPUS,
         )
     return out
 
