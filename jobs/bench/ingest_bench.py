@@ -6,8 +6,9 @@
 Each scale is `polytask train`'s driver path (tokenize_experiment: scan + count, then fit_on_ray:
 Ray Data reads and tokenizes on the workers) in a fresh process with its own local Ray, so its
 peak RSS (ru_maxrss, plus /proc samples every 50 ms) is that scale's alone. The train file is
-SST-2's train.tsv (../shared/data, or --sst2) written `scale` times into one TSV. Steps per epoch are fixed,
-so samples/s compares the same work at both scales.
+SST-2's train.tsv (../shared/data, or --sst2) written `scale` times into one TSV, streamed at
+both scales (`data.streaming: true`). Steps per epoch are fixed, so samples/s compares the same
+work at both scales.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def run_scale(args: argparse.Namespace) -> dict[str, Any]:
     ray.init(  # a new local Ray of its own, never one another process left running
         address="local", num_cpus=max(2, args.workers + 1), include_dashboard=False, log_to_driver=False
     )
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     began = time.perf_counter()
     with PeakRss() as rss:
         features = tokenize_experiment(cfg)
@@ -129,6 +131,7 @@ def run_scale(args: argparse.Namespace) -> dict[str, Any]:
         "samples_per_s_per_epoch": [round(row["samples_per_s"], 2) for row in history],
         "scan_s": round(scanned, 2),
         "wall_s": round(wall, 2),
+        "load_average_at_start": load_at_start,
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
     }
 
