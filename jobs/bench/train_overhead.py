@@ -74,15 +74,13 @@ def run_plain(cfg: ExperimentConfig, features: Any, threads: int) -> dict:
     """The Ray-free baseline: the same `fit` and per-epoch checkpoint as a Ray Train rank 0."""
     import torch
 
-    from polytask.training.data import load_task_data
-    from polytask.training.loop import build_features, fit, save_checkpoint, setup
+    from polytask.training.loop import fit, save_checkpoint, setup
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        train, _ = build_features(cfg, load_task_data(cfg), features.tokenizer)
         began = time.perf_counter()
-        tr = setup(cfg, features.specs, train, features.validation)
+        tr = setup(cfg, features.specs, features.train, features.validation)
         with tempfile.TemporaryDirectory() as tmp:
             history = fit(tr, on_epoch=lambda state, record: save_checkpoint(state, tmp))
         wall = time.perf_counter() - began
@@ -93,7 +91,7 @@ def run_plain(cfg: ExperimentConfig, features: Any, threads: int) -> dict:
 
 
 def run_ray(cfg: ExperimentConfig, workers: int, features: Any) -> dict:
-    """run_training's Ray Train path (TorchTrainer.fit), train splits streamed by Ray Data."""
+    """run_training's Ray Train path (TorchTrainer.fit) on pre-tokenized features."""
     from polytask.tracking.registry import client, ensure_experiment, tracking_uri
     from polytask.training.ray_run import fit_on_ray, storage_path
 

@@ -1,7 +1,8 @@
 """Train splits as Ray Datasets: read (`read_csv` / `read_json` / `read_parquet`, or `from_items`
 for what the driver had to parse itself) and tokenized by `map_batches` on Ray's workers, then
 split across the Train workers by Ray Train's DataConfig. The driver never holds a streamed
-split's rows nor any tokenized train features.
+table file's rows nor any streamed split's tokenized features. Only tasks whose train split
+streams (`data.streams`) get a dataset: small data never starts Ray Data.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from polytask.training.data import (
 TOKENIZE_BATCH_ROWS = 512
 # Reading and tokenizing reserve no CPU: Train's workers (and a sweep's concurrent trials) may
 # hold every CPU of a small cluster, and a data task waiting for one would stall training forever.
-# Their number is capped instead, else Ray Data starts dozens of them on the trainers' cores: read
-# and tokenize fuse into one task (equal caps), at most DATA_TASKS of them per task's dataset.
+# Their number is capped instead, else Ray Data starts dozens of them on the trainers' cores: at
+# most DATA_TASKS read tasks and DATA_TASKS tokenize tasks at a time per task's dataset.
 DATA_TASK_CPUS = 0
 DATA_TASKS = 1
-# Small blocks: a task's first batch waits for its first block (Ray's 128 MiB default would hold
-# back training for seconds at every epoch's start on a large split)
+# Small blocks: each pass's first batch waits for the first block to be tokenized whole (Ray's
+# default target is 128 MiB); read-ahead is capped too (see data_config)
 BLOCK_BYTES = 1 << 20
 READ_AHEAD_BYTES = 32 << 20
 

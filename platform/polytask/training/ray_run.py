@@ -1,6 +1,6 @@
-"""The Ray Train plumbing `train` and `tune` share: data checked once on the driver (train splits
-then streamed to the workers by Ray Data, see `ingest`), the MLflow run a run name maps to, the
-TorchTrainer, and the per-worker loop (which calls `loop.fit`).
+"""The Ray Train plumbing `train` and `tune` share: features made once on the driver (train splits
+that stream, `data.streaming`, are left to Ray Data: see `ingest`), the MLflow run a run name
+maps to, the TorchTrainer, and the per-worker loop (which calls `loop.fit`).
 
 `train` runs one TorchTrainer per run; `tune` runs one per trial. Both use only what this module
 exports: `tokenize_experiment`, `storage_path`, `find_run`, `find_or_create_run`,
