@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_results/ingest/results.json", help="JSON file")
     parser.add_argument("--scales", default="1,20", help="corpus multiples, the first is the base")
     parser.add_argument("--steps", type=int, default=40, help="steps per epoch")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs (the first is not timed)")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs (the first is not timed)")
     parser.add_argument("--batch-size", type=int, default=32, help="examples per step per worker")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     parser.add_argument("--sst2", help="folder with SST-2 train.tsv and dev.tsv (default: "
