@@ -140,8 +140,8 @@ def validate(
     if data:
         from polytask.training.data import load_task_data
 
-        for name, td in load_task_data(cfg).items():
-            console.print(f"  {name}: {len(td.splits['train'])} train rows, labels {td.spec.labels}")
+        for name, td in load_task_data(cfg, streaming=True).items():
+            console.print(f"  {name}: {td.train_rows} train rows, labels {td.spec.labels}")
     if cfg.tune is not None:
         from polytask.training.searchspace import parse_search_space
 

@@ -75,6 +75,12 @@ class DataConfig(_Section):
     label_separator: str = Field("|", description="Splits multilabel strings like 'a|b'.")
     max_samples: int | None = Field(None, ge=1, description="Keep only the first N train rows.")
     max_eval_samples: int | None = Field(None, ge=1, description="Keep the first N eval rows.")
+    streaming: Literal["auto", True, False] = Field(
+        "auto",
+        description="Train split through Ray Data (read and tokenized on Ray's workers, streamed "
+        "to each Train worker) instead of tokenized on the driver; auto: only a csv/tsv/jsonl/"
+        "parquet train file over 64 MiB.",
+    )
 
 
 class HeadConfig(_Section):

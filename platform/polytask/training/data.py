@@ -6,8 +6,9 @@ object store, a DataLoader, or a unit test without conversion.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +71,13 @@ def data_format(data: DataConfig) -> str:
 
 def load_split(cfg: ExperimentConfig, task: TaskConfig, split: str) -> list[Record] | None:
     """Records of one split of one task (None when the split is not configured)."""
+    records = iter_split(cfg, task, split)
+    return None if records is None else list(records)
+
+
+def iter_split(cfg: ExperimentConfig, task: TaskConfig, split: str) -> Iterator[Record] | None:
+    """One split's records, read a chunk at a time where the format allows (see STREAMED), so
+    scanning a large train split holds one chunk, not the file; None when not configured."""
     data = task.data
     source = getattr(data, split)
     if source is None:
@@ -77,16 +85,19 @@ def load_split(cfg: ExperimentConfig, task: TaskConfig, split: str) -> list[Reco
     fmt = data_format(data)
     limit = data.max_samples if split == "train" else data.max_eval_samples
     if fmt == "conll":
-        records = read_conll(_existing(cfg, task, split, source))
+        records: Iterator[Record] = iter(read_conll(_existing(cfg, task, split, source)))
     elif fmt == "hub":
         import datasets
 
         ds = datasets.load_dataset(data.hub, data.hub_config, split=source)
-        records = _rows_to_records(task, ds, f"{data.hub}[{source}]")
+        records = iter(_rows_to_records(task, ds, f"{data.hub}[{source}]"))
+    elif fmt in STREAMED:
+        path = _existing(cfg, task, split, source)
+        records = _table_records(task, fmt, path)
     else:
         path = _existing(cfg, task, split, source)
-        records = _rows_to_records(task, _load_table(fmt, path), str(path))
-    return records[:limit] if limit else records
+        records = iter(_rows_to_records(task, _load_table(fmt, path), str(path)))
+    return itertools.islice(records, limit) if limit else records
 
 
 def _existing(cfg: ExperimentConfig, task: TaskConfig, split: str, source: str) -> Path:
@@ -100,17 +111,77 @@ def _existing(cfg: ExperimentConfig, task: TaskConfig, split: str, source: str) 
 
 
 def _load_table(fmt: str, path: Path) -> Any:
-    """A local table through `datasets`, so Arrow caching and typed columns come for free."""
+    """A JSON file (an array or lines) through `datasets`, which reads both layouts."""
     import datasets
 
-    builder = {"csv": "csv", "tsv": "csv", "jsonl": "json", "json": "json", "parquet": "parquet"}
-    kwargs: dict[str, Any] = {}
-    if fmt == "tsv":
-        kwargs = {"delimiter": "\t", "quoting": 3}  # QUOTE_NONE: GLUE-style TSV quotes freely
-    return datasets.load_dataset(builder[fmt], data_files=str(path), split="train", **kwargs)
+    return datasets.load_dataset("json", data_files=str(path), split="train")
 
 
-def _rows_to_records(task: TaskConfig, ds: Any, where: str) -> list[Record]:
+# Formats read with pyarrow's streaming readers, on the driver (checks) and by Ray Data (training)
+STREAMED = ("csv", "tsv", "jsonl", "parquet")
+_CHUNK_BYTES = 1 << 20
+
+
+def csv_parse_options(fmt: str) -> Any:
+    """TSV is read without quoting (GLUE-style TSV quotes freely); CSV with pyarrow's defaults."""
+    import pyarrow.csv as pacsv
+
+    return pacsv.ParseOptions(delimiter="\t", quote_char=False) if fmt == "tsv" else None
+
+
+def table_batches(fmt: str, path: Path) -> Iterator[Any]:
+    """pyarrow record batches of a local table, one chunk at a time (memory: one chunk)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    if fmt == "parquet":
+        yield from pq.ParquetFile(path).iter_batches(batch_size=8192)
+        return
+    if fmt == "jsonl":
+        reader = pajson.open_json(path, read_options=pajson.ReadOptions(block_size=_CHUNK_BYTES))
+    else:
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(block_size=_CHUNK_BYTES),
+            parse_options=csv_parse_options(fmt),
+        )
+    yield from reader
+
+
+def class_names(fmt: str, path: Path, task: TaskConfig) -> list[str] | None:
+    """Label names stored with a parquet file written by `datasets` (a ClassLabel column)."""
+    if fmt != "parquet":
+        return None
+    import datasets
+    import pyarrow.parquet as pq
+
+    features = datasets.Features.from_arrow_schema(pq.read_schema(path))
+    level = KINDS[task.kind].level
+    return _class_names(features.get(task.data.tags_field if level == "token" else task.data.label_field))
+
+
+def _table_records(task: TaskConfig, fmt: str, path: Path) -> Iterator[Record]:
+    import pyarrow as pa
+
+    names = class_names(fmt, path, task)
+    start = 0
+    batches = table_batches(fmt, path)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except pa.ArrowException as exc:  # malformed rows, a column whose type changes midway
+            raise DataError(
+                f"tasks.{task.name}: {path} after row {start}: cannot read it as {fmt}: {exc}; "
+                "fix the file (or set data.format)"
+            ) from exc
+        yield from batch_records(task, batch.to_pydict(), names, str(path), start)
+        start += batch.num_rows
+
+
+def _required_fields(task: TaskConfig) -> list[str]:
     kind = KINDS[task.kind]
     d = task.data
     fields = [d.tokens_field, d.tags_field] if kind.level == "token" else [d.text_field]
@@ -118,30 +189,52 @@ def _rows_to_records(task: TaskConfig, ds: Any, where: str) -> list[Record]:
         fields.append(d.text_pair_field)
     if kind.level == "sentence":
         fields.append(d.label_field)
-    missing = [f for f in fields if f not in ds.column_names]
+    return fields
+
+
+def _check_columns(task: TaskConfig, columns: list[str], where: str) -> None:
+    missing = [f for f in _required_fields(task) if f not in columns]
     if missing:
         raise DataError(
             f"tasks.{task.name}: {where} has no column(s) {missing}; columns are "
-            f"{ds.column_names}; set data.text_field / text_pair_field / label_field / "
+            f"{columns}; set data.text_field / text_pair_field / label_field / "
             "tokens_field to match"
         )
+
+
+def batch_records(
+    task: TaskConfig, columns: dict[str, list], names: list[str] | None, where: str, start: int = 0
+) -> list[Record]:
+    """Records of a table chunk given as columns (row numbers count from `start`): the one
+    row → Record rule for the driver's checks and the Ray Data workers' tokenization."""
+    _check_columns(task, list(columns), where)
+    kind = KINDS[task.kind]
+    d = task.data
     label_col = d.tags_field if kind.level == "token" else d.label_field
-    names = _class_names(ds.features.get(label_col))
+    labels = columns.get(label_col, [])
     out = []
-    for i, row in enumerate(ds):
-        label = row[label_col]
+    for i, label in enumerate(labels):
         if names is not None:
             label = [names[v] for v in label] if isinstance(label, list) else names[label]
         if task.kind == "multilabel" and isinstance(label, str):
             label = [x for x in label.split(d.label_separator) if x]
-        rec = Record(label=label, where=f"{where} row {i + 1}")
+        rec = Record(label=label, where=f"{where} row {start + i + 1}")
         if kind.level == "token":
-            rec.tokens = [str(t) for t in row[d.tokens_field]]
+            rec.tokens = [str(t) for t in columns[d.tokens_field][i]]
         else:
-            rec.text = row[d.text_field]
-            rec.text_pair = row[d.text_pair_field] if task.pair else None
+            rec.text = columns[d.text_field][i]
+            rec.text_pair = columns[d.text_pair_field][i] if task.pair else None
         out.append(rec)
     return out
+
+
+def _rows_to_records(task: TaskConfig, ds: Any, where: str) -> list[Record]:
+    """Records of a `datasets` table (hub, JSON): its ClassLabel names turn ids into words."""
+    _check_columns(task, ds.column_names, where)
+    kind = KINDS[task.kind]
+    label_col = task.data.tags_field if kind.level == "token" else task.data.label_field
+    names = _class_names(ds.features.get(label_col))
+    return batch_records(task, ds.to_dict(), names, where)
 
 
 def _class_names(feature: Any) -> list[str] | None:
@@ -181,28 +274,26 @@ def _labels_of(rec: Record, kind: str) -> list[str]:
     return [str(rec.label)]
 
 
-def resolve_spec(task: TaskConfig, splits: dict[str, list[Record] | None]) -> TaskSpec:
-    """The task's label set (given, or inferred from train) checked against every split."""
-    if task.kind == "regression":
-        labels = ["value"]
-    elif task.labels is not None:
-        labels = list(task.labels)
-    else:
-        seen = {lab for rec in splits["train"] or [] for lab in _labels_of(rec, task.kind)}
-        labels = _order_labels(seen, task.kind)
+def resolve_spec(
+    task: TaskConfig,
+    splits: dict[str, list[Record] | None],
+    train: Iterable[Record] | None = None,
+) -> tuple[TaskSpec, int]:
+    """The task's label set (given, or inferred from train) checked against every split, and the
+    number of train rows. `train` (default: splits['train']) is read once, so a streamed split
+    is checked without being held."""
+    given = ["value"] if task.kind == "regression" else task.labels
+    seen, rows = _scan(task, "train", splits["train"] if train is None else train, given)
+    if not rows:
+        raise DataError(f"tasks.{task.name}.data.train: no examples were read; check the file")
+    labels = list(given) if given is not None else _order_labels(seen, task.kind)
     if task.kind != "regression":
-        allowed = set(labels)
         for split, records in splits.items():
-            for rec in records or []:
-                bad = [lab for lab in _labels_of(rec, task.kind) if lab not in allowed]
-                if bad:
-                    raise DataError(
-                        f"tasks.{task.name} ({split}): {rec.where}: label '{bad[0]}' is not in the "
-                        f"label set {labels}; fix the row or add it to tasks.{task.name}.labels"
-                    )
+            if split != "train":
+                _scan(task, split, records or [], labels)
     if len(labels) < (1 if task.kind == "regression" else 2):
         raise DataError(f"tasks.{task.name}: train data has labels {labels}; need at least two")
-    return TaskSpec(
+    spec = TaskSpec(
         name=task.name,
         kind=task.kind,
         labels=labels,
@@ -212,6 +303,30 @@ def resolve_spec(task: TaskConfig, splits: dict[str, list[Record] | None]) -> Ta
         metric=task.metric,
         pair=task.pair,
     )
+    return spec, rows
+
+
+def _scan(
+    task: TaskConfig, split: str, records: Iterable[Record], allowed: list[str] | None
+) -> tuple[set[str], int]:
+    """Labels seen and rows counted in one pass; with `allowed`, the first row outside it fails."""
+    check = task.kind != "regression" and allowed is not None
+    allowed_set = set(allowed or ())
+    seen: set[str] = set()
+    rows = 0
+    for rec in records:
+        rows += 1
+        if task.kind == "regression":
+            continue
+        labels = _labels_of(rec, task.kind)
+        bad = [lab for lab in labels if lab not in allowed_set] if check else []
+        if bad:
+            raise DataError(
+                f"tasks.{task.name} ({split}): {rec.where}: label '{bad[0]}' is not in the "
+                f"label set {allowed}; fix the row or add it to tasks.{task.name}.labels"
+            )
+        seen.update(labels)
+    return seen, rows
 
 
 def _order_labels(seen: set[str], kind: str) -> list[str]:
@@ -222,21 +337,64 @@ def _order_labels(seen: set[str], kind: str) -> list[str]:
 
 
 @dataclass
+class TrainSource:
+    """A train split that Ray Data reads and tokenizes on the workers (never the driver's rows)."""
+
+    fmt: str
+    path: str
+    limit: int | None
+    names: list[str] | None  # ClassLabel names stored with the file, if any
+
+
+@dataclass
 class TaskData:
-    """One task's resolved spec and raw records per split."""
+    """One task's resolved spec and raw records per split. `streamed`: Ray Data tokenizes the
+    train split (see `streams`); with a `source` too, that split is left in its file
+    (splits['train'] is None) and only its row count is known."""
 
     spec: TaskSpec
     splits: dict[str, list[Record] | None]
+    train_rows: int = 0
+    source: TrainSource | None = None
+    streamed: bool = False
 
 
-def load_task_data(cfg: ExperimentConfig) -> dict[str, TaskData]:
-    """Load and check every task before any training starts, so bad data fails fast."""
+STREAM_AUTO_BYTES = 64 << 20  # data.streaming: auto streams a train file larger than this
+
+
+def streams(cfg: ExperimentConfig, task: TaskConfig) -> bool:
+    """data.streaming resolved: true/false as set; auto streams only a large local table file,
+    so small data keeps the in-memory path (and never starts Ray Data)."""
+    setting = task.data.streaming
+    if setting != "auto":
+        return bool(setting)
+    if data_format(task.data) not in STREAMED:
+        return False
+    path = cfg.resolve_path(task.data.train)
+    return path.is_file() and path.stat().st_size > STREAM_AUTO_BYTES
+
+
+def load_task_data(cfg: ExperimentConfig, streaming: bool = False) -> dict[str, TaskData]:
+    """Load and check every task before any training starts, so bad data fails fast.
+
+    With `streaming`, a task whose train split streams (`streams`) is marked for Ray Data, and
+    if its format is STREAMED the split is only scanned (labels checked, rows counted) a chunk
+    at a time and kept as a TrainSource for Ray Data to read."""
     out = {}
     for task in cfg.tasks:
-        splits = {split: load_split(cfg, task, split) for split in SPLITS}
-        if not splits["train"]:
-            raise DataError(f"tasks.{task.name}.data.train: no examples were read; check the file")
-        out[task.name] = TaskData(resolve_spec(task, splits), splits)
+        streamed = streaming and streams(cfg, task)
+        scanned = streamed and data_format(task.data) in STREAMED
+        splits = {
+            split: None if scanned and split == "train" else load_split(cfg, task, split)
+            for split in SPLITS
+        }
+        train = iter_split(cfg, task, "train") if scanned else None
+        spec, rows = resolve_spec(task, splits, train)
+        source = None
+        if scanned:
+            fmt, path = data_format(task.data), cfg.resolve_path(task.data.train)
+            source = TrainSource(fmt, str(path), task.data.max_samples, class_names(fmt, path, task))
+        out[task.name] = TaskData(spec, splits, rows, source, streamed)
     return out
 
 
@@ -417,6 +575,72 @@ class TaskBatches:
         idx = next(self._streams[task])
         feats = [self.features[task][i] for i in idx]
         return collate(feats, self.pad_token_id, token_labels=task in self.token_tasks)
+
+
+SHUFFLE_BUFFER_ROWS = 4096  # a streamed shard is shuffled within a window of this many rows
+
+
+class StreamBatches:
+    """TaskBatches over Ray Data: one dataset shard iterator per task (`ray.train.get_dataset_shard`),
+    read pass after pass. Every pass is shuffled within a SHUFFLE_BUFFER_ROWS window seeded by
+    (seed, epoch, pass), and the shards arrive in a fixed order (DataConfig preserve_order), so
+    a resumed epoch sees the same batches as the first try.
+
+    Ray Data's split gives every rank as many rows, so in lockstep all ranks finish a pass at
+    the same step: a new pass starts the split's next epoch, a barrier over all ranks."""
+
+    def __init__(
+        self,
+        shards: dict[str, Any],
+        token_tasks: set[str],
+        batch_size: int,
+        seed: int,
+        pad_token_id: int,
+    ) -> None:
+        self.shards = shards
+        self.token_tasks = token_tasks
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_token_id = pad_token_id
+        self._streams: dict[str, Iterator[list[dict[str, Any]]]] = {}
+
+    def start_epoch(self, epoch: int) -> None:
+        for stream in self._streams.values():
+            stream.close()  # type: ignore[attr-defined]  # ends the pass early: Ray stops reading
+        self._streams = {t: self._stream(t, epoch) for t in self.shards}
+
+    def _stream(self, task: str, epoch: int) -> Iterator[list[dict[str, Any]]]:
+        for rnd in itertools.count():
+            seed = int(np.random.SeedSequence([self.seed, epoch, rnd]).generate_state(1)[0])
+            empty = True
+            for table in self.shards[task].iter_batches(
+                batch_size=self.batch_size,
+                batch_format="pyarrow",
+                local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
+                local_shuffle_seed=seed,
+            ):
+                empty = False
+                yield table.to_pylist()
+            if empty:
+                raise DataError(f"tasks.{task}: this worker's shard of the train split is empty")
+
+    def next(self, task: str) -> dict[str, torch.Tensor]:
+        return collate(next(self._streams[task]), self.pad_token_id, task in self.token_tasks)
+
+
+class JointBatches:
+    """In-memory and streamed tasks in one run: each task's batches come from its own source."""
+
+    def __init__(self, memory: TaskBatches, streamed: StreamBatches) -> None:
+        self.parts = (memory, streamed)
+        self.source = {t: memory for t in memory.features} | {t: streamed for t in streamed.shards}
+
+    def start_epoch(self, epoch: int) -> None:
+        for part in self.parts:
+            part.start_epoch(epoch)
+
+    def next(self, task: str) -> dict[str, torch.Tensor]:
+        return self.source[task].next(task)
 
 
 def eval_batches(

@@ -29,7 +29,14 @@ from polytask.model.bundle import save_bundle
 from polytask.model.network import MultiTaskModel, build_model, encoder_fingerprint, load_encoder
 from polytask.tasks import LOWER_IS_BETTER, TaskSpec
 from polytask.training.base import base_bundle, load_base_parts
-from polytask.training.data import TaskBatches, TaskSampler, eval_batches, tokenize_records
+from polytask.training.data import (
+    JointBatches,
+    StreamBatches,
+    TaskBatches,
+    TaskSampler,
+    eval_batches,
+    tokenize_records,
+)
 
 STATE_DIR, BUNDLE_DIR = "state", "bundle"  # a checkpoint: training state + a servable bundle
 _NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
@@ -77,7 +84,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sampler: TaskSampler
-    batches: TaskBatches
+    batches: TaskBatches | StreamBatches | JointBatches
     eval_features: dict[str, list[dict[str, Any]]]
     device: torch.device
     autocast_dtype: torch.dtype | None = None
@@ -120,8 +127,14 @@ def setup(
     world_size: int = 1,
     device: torch.device | None = None,
     wrap: Any = None,
+    train_shards: dict[str, Any] | None = None,
+    train_rows: dict[str, int] | None = None,
 ) -> TrainState:
-    """Build model, optimizer, schedule and data streams; `wrap` (e.g. prepare_model) adds DDP."""
+    """Build model, optimizer, schedule and data streams; `wrap` (e.g. prepare_model) adds DDP.
+
+    A task's train data is in memory (`train_features`, sharded here) or streamed: a Ray Data
+    shard iterator (`train_shards`) with the task's total row count (`train_rows`), from which
+    the task schedule is computed exactly as for in-memory data."""
     torch.manual_seed(cfg.optim.seed)
     device = device or torch.device("cpu")
     base_path = base_bundle(cfg)
@@ -145,7 +158,9 @@ def setup(
     sharded = wrap is not None and cfg.scaling.parallel_strategy == "fsdp"
     shadow = copy.deepcopy(core) if sharded and rank == 0 else None
     model = wrap(core) if wrap else core.to(device)
-    sizes = {name: max(1, math.ceil(len(f) / world_size)) for name, f in train_features.items()}
+    counts = {t: len(f) for t, f in train_features.items()} | (train_rows or {})
+    rows = {s.name: counts[s.name] for s in specs if s.name in counts}  # the config's task order
+    sizes = {name: max(1, math.ceil(n / world_size)) for name, n in rows.items()}
     sampler = TaskSampler(
         sizes,
         cfg.sampling.strategy,
@@ -159,7 +174,8 @@ def setup(
     total = math.ceil(sampler.steps_per_epoch / cfg.optim.grad_accum_steps) * cfg.optim.epochs
     scheduler = make_scheduler(optimizer, total, cfg.optim.warmup_ratio)
     token_tasks = {s.name for s in specs if s.task_kind.level == "token"}
-    batches = TaskBatches(
+    batches: TaskBatches | StreamBatches | JointBatches
+    memory = TaskBatches(
         train_features,
         token_tasks,
         cfg.optim.batch_size,
@@ -168,6 +184,12 @@ def setup(
         cfg.optim.seed,
         tokenizer.pad_token_id,
     )
+    batches = memory
+    if train_shards:
+        streamed = StreamBatches(
+            train_shards, token_tasks, cfg.optim.batch_size, cfg.optim.seed, tokenizer.pad_token_id
+        )
+        batches = JointBatches(memory, streamed) if train_features else streamed
     dtype = _autocast_dtype(cfg.scaling.mixed_precision, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     return TrainState(

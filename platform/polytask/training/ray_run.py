@@ -1,5 +1,6 @@
-"""The Ray Train plumbing `train` and `tune` share: features made once on the driver, the MLflow
-run a run name maps to, the TorchTrainer, and the per-worker loop (which calls `loop.fit`).
+"""The Ray Train plumbing `train` and `tune` share: features made once on the driver (train splits
+that stream, `data.streaming`, are left to Ray Data: see `ingest`), the MLflow run a run name
+maps to, the TorchTrainer, and the per-worker loop (which calls `loop.fit`).
 
 `train` runs one TorchTrainer per run; `tune` runs one per trial. Both use only what this module
 exports: `tokenize_experiment`, `storage_path`, `find_run`, `find_or_create_run`,
@@ -22,8 +23,9 @@ from polytask.config import ExperimentConfig, default_home
 from polytask.tasks import TaskSpec
 from polytask.tracking.registry import client, ensure_experiment
 from polytask.tracking.tags import RUN_NAME_TAG
-from polytask.training.data import load_task_data, tokenize_records
-from polytask.training.loop import BUNDLE_DIR, STATE_DIR, build_features
+from polytask.training.data import DataError, TaskData, load_task_data, tokenize_records
+from polytask.training.ingest import data_config, train_datasets
+from polytask.training.loop import BUNDLE_DIR, STATE_DIR
 from polytask.training.progress import (
     Progress,
     ProgressPrinter,
@@ -35,25 +37,55 @@ from polytask.training.progress import (
 
 @dataclass
 class Features:
-    """Each task's tokenized splits, made once on the driver (bad data fails before Ray starts)."""
+    """Every task checked on the driver (bad data fails before Ray starts) and tokenized there,
+    except the train splits that stream (`data.streaming`): Ray Data reads and tokenizes those
+    (`train_datasets`)."""
 
     specs: list[TaskSpec]
-    train: dict[str, list[dict[str, Any]]]
+    task_data: dict[str, TaskData]
+    tokenizer: Any
+    train: dict[str, list[dict[str, Any]]]  # the in-memory tasks' train features
     validation: dict[str, list[dict[str, Any]]]
     test: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
+    @property
+    def train_rows(self) -> dict[str, int]:
+        return {name: td.train_rows for name, td in self.task_data.items()}
+
+    @property
+    def streamed_rows(self) -> dict[str, int]:
+        """Row counts of the streamed train splits (the worker's task schedule needs them)."""
+        return {name: td.train_rows for name, td in self.task_data.items() if td.streamed}
+
+    def train_datasets(self, cfg: ExperimentConfig) -> dict[str, Any]:
+        """One lazy, tokenizing Ray Dataset per streamed task (call once Ray is up); {} when
+        every task is in memory, so Ray Data never starts."""
+        streamed = {name: td for name, td in self.task_data.items() if td.streamed}
+        return train_datasets(cfg, streamed, self.tokenizer) if streamed else {}
+
 
 def tokenize_experiment(cfg: ExperimentConfig) -> Features:
-    """Load, check and tokenize every task's splits (test only where `data.test` is given)."""
-    task_data = load_task_data(cfg)  # DataError propagates unchanged, before any Ray worker
+    """Check every task's data and tokenize it, test only where `data.test` is given; a train
+    split that streams is left to Ray Data (scanned, not kept, where its format allows)."""
+    task_data = load_task_data(cfg, streaming=True)  # DataError: before any Ray worker
     tokenizer = load_tokenizer(cfg)
-    train, validation = build_features(cfg, task_data, tokenizer)
-    test = {
-        name: tokenize_records(td.splits["test"], td.spec, tokenizer, cfg.encoder.max_length)
-        for name, td in task_data.items()
-        if td.splits.get("test")
-    }
-    return Features([td.spec for td in task_data.values()], train, validation, test)
+
+    def tokenized(split: str, streamed: bool = False) -> dict[str, list[dict[str, Any]]]:
+        return {
+            name: tokenize_records(td.splits[split], td.spec, tokenizer, cfg.encoder.max_length)
+            for name, td in task_data.items()
+            if td.splits.get(split) and not (streamed and td.streamed)
+        }
+
+    specs = [td.spec for td in task_data.values()]
+    return Features(
+        specs,
+        task_data,
+        tokenizer,
+        tokenized("train", streamed=True),
+        tokenized("validation"),
+        tokenized("test"),
+    )
 
 
 def load_tokenizer(cfg: ExperimentConfig) -> Any:
@@ -154,9 +186,10 @@ def fit_on_ray(
     features: Features,
     console: Console | None = None,
 ) -> Any:
-    """TorchTrainer.fit over pre-tokenized features (object store refs); returns Ray's Result.
-    The same name + storage path resumes from that run's latest checkpoint. With a `console`,
-    rank 0's progress lines are printed there while the workers run."""
+    """TorchTrainer.fit over the driver's features (object store refs) and, for tasks that
+    stream, Ray Datasets split across the workers; returns Ray's Result. The same name + storage
+    path resumes from that run's latest checkpoint. With a `console`, rank 0's progress lines
+    are printed there while the workers run."""
     import ray
 
     if not ray.is_initialized():
@@ -169,14 +202,16 @@ def fit_on_ray(
         run_id,
         uri,
         name,
+        streamed_rows=features.streamed_rows,
     )
     if cfg.run.hold_at_epoch is not None and "://" not in storage:
         loop_config["pid_file"] = str(Path(storage) / name / "rank0.pid")
+    datasets = features.train_datasets(cfg)
     if console is None:
-        return make_trainer(cfg, name, loop_config, storage).fit()
+        return make_trainer(cfg, name, loop_config, storage, datasets=datasets).fit()
     with ProgressPrinter(console, mlflow_progress(uri, run_id)) as printer:
         loop_config["progress"] = printer.queue
-        return make_trainer(cfg, name, loop_config, storage).fit()
+        return make_trainer(cfg, name, loop_config, storage, datasets=datasets).fit()
 
 
 def make_loop_config(
@@ -187,13 +222,23 @@ def make_loop_config(
     run_id: str,
     uri: str,
     run_name: str,
+    streamed_rows: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """What `train_loop_per_worker` reads: plain data plus object refs to the features."""
+    """What `train_loop_per_worker` reads: plain data, object refs to the features, and each
+    streamed task's train row count (the task schedule's input)."""
+    small = {t: n for t, n in (streamed_rows or {}).items() if n < cfg.scaling.num_workers}
+    if small:
+        raise DataError(
+            f"streamed train splits {small} have fewer rows than scaling.num_workers="
+            f"{cfg.scaling.num_workers}; every worker needs rows of every task: add data, "
+            "lower scaling.num_workers or set data.streaming: false"
+        )
     return {
         "cfg": cfg.model_dump(mode="json"),
         "specs": [s.to_dict() for s in specs],
         "train_ref": train_ref,
         "eval_ref": eval_ref,
+        "streamed_rows": dict(streamed_rows or {}),
         "run_id": run_id,
         "tracking_uri": uri,
         "run_name": run_name,
@@ -206,14 +251,18 @@ def make_trainer(
     loop_config: dict[str, Any],
     storage: str,
     callbacks: list[Any] | None = None,
+    datasets: dict[str, Any] | None = None,
 ) -> Any:
-    """The TorchTrainer for one run: scaling, checkpoints kept by objective, restarts."""
+    """The TorchTrainer for one run: scaling, the streamed tasks' train datasets (split per
+    worker), checkpoints kept by objective, restarts."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        datasets=datasets or None,
+        dataset_config=data_config() if datasets else None,
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -267,18 +316,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None
     specs = [TaskSpec.from_dict(d) for d in config["specs"]]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    train_features = ray.get(config["train_ref"])
     sharded = cfg.scaling.parallel_strategy == "fsdp"  # every rank takes part in FSDP's eval
     eval_features = ray.get(config["eval_ref"]) if rank == 0 or sharded else {}
+    streamed = config["streamed_rows"]
     state = setup(
         cfg,
         specs,
-        train_features,
+        ray.get(config["train_ref"]),
         eval_features,
         rank=rank,
         world_size=world,
         device=ray.train.torch.get_device(),
         wrap=_wrapper(cfg),
+        train_shards={task: ray.train.get_dataset_shard(task) for task in streamed},
+        train_rows=streamed,
     )
     resumed = ray.train.get_checkpoint()
     if resumed is not None:

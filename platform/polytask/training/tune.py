@@ -64,6 +64,8 @@ def run_sweep(cfg: ExperimentConfig, console: Console | None = None) -> SweepRes
         sweep=name,
         storage=storage,
         refs=[ray.put(features.train), ray.put(features.validation)],
+        streamed_rows=features.streamed_rows,
+        datasets=features.train_datasets(cfg),  # lazy; each trial's TorchTrainer streams its own
     )
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
     path = os.path.join(storage, name)
@@ -115,7 +117,8 @@ def _tune_config(cfg: ExperimentConfig) -> Any:
 
 
 def _trial(params: dict[str, Any], *, base: dict[str, Any], specs: list[dict[str, Any]],
-           parent_run_id: str, uri: str, sweep: str, storage: str, refs: list[Any]) -> None:
+           parent_run_id: str, uri: str, sweep: str, storage: str, refs: list[Any],
+           streamed_rows: dict[str, int], datasets: dict[str, Any]) -> None:
     """One trial = one TorchTrainer run with its own config, scaling and nested MLflow run."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -130,10 +133,12 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], specs: list[dict[str
     for key, value in params.items():
         c.set_tag(run_id, f"{TRIAL_PARAM_PREFIX}{key}", str(value))
     loop_config = ray_run.make_loop_config(
-        cfg, [TaskSpec.from_dict(s) for s in specs], refs[0], refs[1], run_id, uri, run_name
+        cfg, [TaskSpec.from_dict(s) for s in specs], refs[0], refs[1], run_id, uri, run_name,
+        streamed_rows=streamed_rows,
     )
     trainer = ray_run.make_trainer(
-        cfg, f"{sweep}-trials/{trial_id}", loop_config, storage, callbacks=[TuneReportCallback()]
+        cfg, f"{sweep}-trials/{trial_id}", loop_config, storage, callbacks=[TuneReportCallback()],
+        datasets=datasets,
     )
     try:
         trainer.fit()
