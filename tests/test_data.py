@@ -11,14 +11,12 @@ import pytest
 
 from polytask.model.network import load_encoder
 from polytask.tasks import IGNORE_INDEX
+from polytask.training.batches import TaskSampler, collate, shard_indices
 from polytask.training.data import (
     DataError,
-    TaskSampler,
     align_labels,
-    collate,
     load_task_data,
     read_conll,
-    shard_indices,
     tokenize_records,
 )
 

@@ -106,7 +106,7 @@ def _record_batches(config: dict) -> None:
     import ray.train
 
     from polytask.tasks import TaskSpec
-    from polytask.training.data import StreamBatches, TaskSampler
+    from polytask.training.batches import StreamBatches, TaskSampler
 
     rank = ray.train.get_context().get_world_rank()
     shards = {t: ray.train.get_dataset_shard(t) for t in config["rows"]}

@@ -184,7 +184,7 @@ def _importance_losses(
 ) -> Iterator[Callable[[], torch.Tensor]]:
     """Loss closures over up to `batches` train batches per task (train, not validation, so the
     evaluation afterwards is not scored on data that chose what to prune)."""
-    from polytask.training.data import eval_batches
+    from polytask.training.batches import eval_batches
 
     model.eval()  # no dropout: importance should reflect the deterministic network
     for task, feats in features.items():
@@ -203,7 +203,7 @@ def _recover(
     """A short recovery fine-tune of the pruned model (encoder and heads): one `fit` epoch of
     `steps` steps with the plain loop's own optimizer, schedule, sampler and step."""
     from polytask.model.network import LossWeighting
-    from polytask.training.data import TaskBatches, TaskSampler
+    from polytask.training.batches import TaskBatches, TaskSampler
     from polytask.training.loop import TrainState, fit, make_optimizer, make_scheduler
 
     model.weighting = LossWeighting(
@@ -322,7 +322,7 @@ def _throughput_batches(
     features: dict[str, list[dict[str, Any]]], pad_id: int, batch_size: int
 ) -> list[dict[str, torch.Tensor]]:
     """Every validation input of every task, length-sorted and padded per batch."""
-    from polytask.training.data import collate
+    from polytask.training.batches import collate
 
     keys = ("input_ids", "attention_mask", "token_type_ids")
     feats = [{k: v for k, v in f.items() if k in keys} for fs in features.values() for f in fs]

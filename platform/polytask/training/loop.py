@@ -29,14 +29,14 @@ from polytask.model.bundle import save_bundle
 from polytask.model.network import MultiTaskModel, build_model, encoder_fingerprint, load_encoder
 from polytask.tasks import LOWER_IS_BETTER, TaskSpec
 from polytask.training.base import base_bundle, load_base_parts
-from polytask.training.data import (
+from polytask.training.batches import (
     JointBatches,
     StreamBatches,
     TaskBatches,
     TaskSampler,
     eval_batches,
-    tokenize_records,
 )
+from polytask.training.data import tokenize_records
 
 STATE_DIR, BUNDLE_DIR = "state", "bundle"  # a checkpoint: training state + a servable bundle
 _NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
