@@ -9,7 +9,6 @@ SQLite, Serve over HTTP, the tiny encoder. Tests run in file order and share one
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import connect_ray, new_store
+from conftest import connect_ray, free_port, new_store
 from polytask.cli import app
 from polytask.model.bundle import read_manifest
 from polytask.model.inference import Predictor
@@ -42,12 +41,6 @@ TEXTS = [
     "alice flew to paris last week with bob smith from acme",
     "honestly the hotel in oslo felt dreadful to me",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(*argv: str) -> Any:
@@ -187,7 +180,7 @@ def test_serve_update_adds_only_the_new_head_under_load(added, store):
     from polytask.serve.update import replica_actors, update_app
 
     _, _, v2 = added
-    url = run_server(f"models:/{NAME}/1", config_path=LOCAL_CONFIG, port=_free_port(), blocking=False)
+    url = run_server(f"models:/{NAME}/1", config_path=LOCAL_CONFIG, port=free_port(), blocking=False)
     seen: list[tuple[int, str]] = []
     stop = threading.Event()
 

@@ -3,19 +3,13 @@ its real model's answers to its own example sentences."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 from mlflow import MlflowClient
 
+from conftest import free_port
 from polytask import demo
 from polytask.quickstart import EXAMPLES, MODEL_NAME, quickstart_experiment, run_quickstart
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_quickstart_fast_mode_answers_over_http(
@@ -23,7 +17,7 @@ def test_quickstart_fast_mode_answers_over_http(
 ) -> None:
     ray = ray_with_store
 
-    answers = run_quickstart(tmp_path / "qs", fast=True, port=_free_port())
+    answers = run_quickstart(tmp_path / "qs", fast=True, port=free_port())
     assert len(answers) == len(EXAMPLES)
     for answer in answers:
         assert answer["sentiment"]["label"] in ("positive", "negative")

@@ -7,7 +7,6 @@ then `v2` redeploys the same app with an all-kinds bundle under continuous traff
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_CONFIG = ROOT / "serve_configs" / "local.yaml"
@@ -31,12 +32,6 @@ PAIRS = [
     {"text": "dana works for initech near lima", "text_pair": "dana has a job"},
     {"text": "what a boring game", "text_pair": "the game was exciting and fun to watch"},
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def assert_same_answers(got: Any, want: Any, where: str = "") -> None:
@@ -71,7 +66,7 @@ def _replicas(client: httpx.Client, deployments: list[str]) -> dict[str, str]:
 def serving(ray_local):
     from ray import serve
 
-    yield _free_port()
+    yield free_port()
     serve.shutdown()
 
 
@@ -540,7 +535,7 @@ def test_metrics_port_of_a_joined_cluster_is_the_clusters(ray_local):
     from polytask.serve.app import start_ray
 
     said: list[str] = []
-    start_ray(_free_port(), said.append)
+    start_ray(free_port(), said.append)
     (line,) = said
     url = line.rsplit(" ", 1)[1]
     assert line.startswith("joined a running Ray cluster") and url.endswith("/metrics")

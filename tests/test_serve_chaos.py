@@ -21,6 +21,8 @@ from typing import Any, Self
 import httpx
 import pytest
 
+from conftest import free_port
+
 GOOD = {"inputs": ["alice flew to paris", "the movie was great"], "tasks": ["sentiment", "ner"]}
 READ_TIMEOUT_S = 2.0
 BODY_LIMIT = 64 * 1024
@@ -31,7 +33,7 @@ JSON = {"content-type": "application/json"}
 def app(ray_local, untrained_bundle) -> Iterator[str]:
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     _deploy(untrained_bundle)
     yield f"http://127.0.0.1:{port}"
@@ -59,12 +61,6 @@ def _deploy(bundle: Path, **extra_args: Any) -> None:
     options = {name: one for name in ("Ingress", "head_sentiment", "head_ner")}
     options["Encoder"] = {**quick, "ray_actor_options": {"num_cpus": 0.5}}
     serve.run(compose(args, options), name="polytask", route_prefix="/")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stats(deployment: str) -> dict[str, Any]:

@@ -6,16 +6,11 @@ and leave after it.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import httpx
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port
 
 
 def test_encoder_lands_on_gpu_node_and_heads_on_cpu_pool(
@@ -33,7 +28,7 @@ def test_encoder_lands_on_gpu_node_and_heads_on_cpu_pool(
     ray = ray_local
     try:
         serve.shutdown()  # a fresh Serve whose one proxy is on the head
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         quick = {"graceful_shutdown_wait_loop_s": 0.1}  # nothing to drain at teardown
         pinned = {"ray_actor_options": {"num_cpus": 0.1, "resources": {"cpu_pool": 0.01}}, **quick}

@@ -80,30 +80,48 @@ def throughput(
     return {"inputs_per_s": done / elapsed, "padded_tokens_per_input": tokens / done}
 
 
-def _worker(bundle, texts, tasks, batch_size, seconds, barrier, results) -> None:
-    parts = _load(bundle)
-    throughput(parts, texts, tasks, batch_size, seconds / 4)
-    barrier.wait()
-    results.put(throughput(parts, texts, tasks, batch_size, seconds))
+class ParallelLimit:
+    """One single-threaded process per core, spawned once, each holding the bundle: they measure
+    together (behind a barrier) whenever asked. The bench measures its limit before and after the
+    served systems; spawning once halves the cost of the processes' torch and model start-up."""
 
+    def __init__(self, bundle: str, processes: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.barrier = ctx.Barrier(processes)  # kept: a child unpickles it after start() returns
+        self.conns: list[Any] = []
+        self.procs: list[Any] = []
+        for _ in range(processes):
+            here, there = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(bundle, self.barrier, there), daemon=True)
+            proc.start()
+            self.conns.append(here)
+            self.procs.append(proc)
 
-def _parallel(bundle, texts, tasks, batch_size, seconds, processes) -> float:
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(processes), ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=_worker, args=(bundle, texts, tasks, batch_size, seconds, barrier, results)
-        )
-        for _ in range(processes)
-    ]
-    for proc in procs:
-        proc.start()
-    try:
-        outs = [results.get(timeout=600) for _ in procs]
-    finally:
-        for proc in procs:
+    def throughput(self, texts: list[str], tasks: list[str], batch_size: int, seconds: float) -> float:
+        """Inputs/s of all the processes together, each running `throughput` over `texts`."""
+        for conn in self.conns:
+            conn.send((texts, tasks, batch_size, seconds))
+        total = 0.0
+        for conn in self.conns:
+            if not conn.poll(600):
+                raise TimeoutError("a limit process gave no result in 600 s")
+            total += conn.recv()["inputs_per_s"]
+        return total
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.send(None)
+        for proc in self.procs:
             proc.join(timeout=60)
-    return sum(o["inputs_per_s"] for o in outs)
+
+
+def _worker(bundle: str, barrier: Any, conn: Any) -> None:
+    parts = _load(bundle)
+    while (job := conn.recv()) is not None:
+        texts, tasks, batch_size, seconds = job
+        throughput(parts, texts, tasks, batch_size, seconds / 4)
+        barrier.wait()
+        conn.send(throughput(parts, texts, tasks, batch_size, seconds))
 
 
 def measure_limit(
@@ -112,10 +130,11 @@ def measure_limit(
     tasks: list[str],
     batch_size: int,
     seconds: float,
-    processes: int,
+    parallel: ParallelLimit | None = None,
 ) -> dict[str, Any]:
-    """The limit (best configuration) and, on the same texts, dynamic padding in arrival order
-    against padding to max_length (encoder only): how much a server loses to padding."""
+    """The limit (best configuration: one process, or `parallel`'s processes together) and, on the
+    same texts, dynamic padding in arrival order against padding to max_length (encoder only): how
+    much a server loses to padding."""
     import torch
 
     previous = torch.get_num_threads()
@@ -128,9 +147,9 @@ def measure_limit(
                 parts, ordered, tasks, batch_size, seconds
             )["inputs_per_s"]
         }
-        if processes > 1:
-            by_config[f"{processes} processes x 1 thread, batch {batch_size}"] = _parallel(
-                str(bundle), ordered, tasks, batch_size, seconds, processes
+        if parallel is not None:
+            by_config[f"{len(parallel.procs)} processes x 1 thread, batch {batch_size}"] = (
+                parallel.throughput(ordered, tasks, batch_size, seconds)
             )
         best = max(by_config, key=by_config.__getitem__)
         sorted_enc = throughput(parts, ordered, tasks, batch_size, seconds, heads=False)

@@ -295,7 +295,7 @@ def run_serve_bench(
     """Limit, loadgen ceiling, then every system on one local Ray; writes and returns results."""
     import ray
     from baseline import export_hf_models
-    from limit import measure_limit
+    from limit import ParallelLimit, measure_limit
     from ray import serve
     from report import best_of_rounds, compute, write_results
 
@@ -337,12 +337,13 @@ def run_serve_bench(
         tasks = list(pick_tasks(bundle))
         exported = export_hf_models(bundle, tmp_path / "hf")
         limit_texts = texts[: settings.limit_texts] if settings.limit_texts else texts
+        parallel = ParallelLimit(str(bundle), cores) if cores > 1 else None
 
         def limit_once() -> dict[str, Any]:
             log(f"in-process limit on {len(limit_texts)} texts (1 and {cores} processes)")
             watch = CpuWatch()
             found = measure_limit(
-                bundle, limit_texts, tasks, settings.max_batch_size, settings.limit_seconds, cores
+                bundle, limit_texts, tasks, settings.max_batch_size, settings.limit_seconds, parallel
             )
             found.update(watch.stop())
             found["busy"] = is_busy(found, cores)
@@ -391,6 +392,8 @@ def run_serve_bench(
             else:
                 serve.shutdown()
         limits.append(limit_once())
+        if parallel is not None:
+            parallel.close()
     limit = max(limits, key=lambda m: m["inputs_per_s"])
     limit["measurements"] = [m["inputs_per_s"] for m in limits]
     args, options = polytask_options(settings)

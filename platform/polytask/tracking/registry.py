@@ -474,8 +474,6 @@ def _download(uri: str, store: str) -> Path:
     all (atomic rename)."""
     import fcntl
 
-    import mlflow
-
     from polytask.model.manifest import MANIFEST
 
     uri = _concrete(uri, store)
@@ -486,6 +484,8 @@ def _download(uri: str, store: str) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
         if _verified(dst, uri, store):
             return dst
+        import mlflow  # only to download: a replica that finds the cache warm never imports it
+
         tmp = root / f"{dst.name}.{uuid.uuid4().hex[:8]}.partial"
         tmp.mkdir()
         try:
@@ -540,9 +540,12 @@ def _verified(entry: Path, uri: str, store: str) -> bool:
 
 
 def _concrete(uri: str, store: str) -> str:
-    """`models:/NAME@ALIAS` → `models:/NAME/VERSION`; `runs:/ID/NAME` → `models:/<model id>`."""
-    c = client(store)
+    """`models:/NAME@ALIAS` → `models:/NAME/VERSION`; `runs:/ID/NAME` → `models:/<model id>`.
+    Anything else is concrete already and needs no client (a pinned replica skips MLflow)."""
     ref = parse_model_uri(uri)
+    if ref.kind not in ("alias", "run"):
+        return uri
+    c = client(store)
     if ref.kind == "alias":
         try:
             return pin_model_uri(uri, lambda: c)
