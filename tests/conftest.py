@@ -5,9 +5,11 @@ Everything is built locally; nothing is downloaded.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,21 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # used (measured: 8 idle workers, 12 s of CPU over the suite), and every test's actors and tasks
 # start their own anyway.
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+# Python collects garbage every 700 allocations, and every Ray worker, replica and subprocess of
+# the suite starts by importing torch, transformers and Ray's libraries (millions of objects):
+# at 10,000 those imports take 11% less CPU (measured: 6.0 -> 5.3 s), and the whole suite 10%
+# (843 -> 761 s of CPU). A `sitecustomize` on PYTHONPATH sets it in each process this one
+# starts; this process sets it here. Only how often garbage is collected changes.
+GC_THRESHOLD = (10_000, 10, 10)
+_SITE = Path(tempfile.gettempdir()) / "polytask-tests-site"
+_SITE.mkdir(exist_ok=True)
+_partial = _SITE / f"sitecustomize.py.{os.getpid()}"
+_partial.write_text(f"import gc\n\ngc.set_threshold{GC_THRESHOLD}\n")
+_partial.replace(_SITE / "sitecustomize.py")  # atomic: xdist workers write it at once
+_paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+if str(_SITE) not in _paths:
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(_SITE), *_paths])
+gc.set_threshold(*GC_THRESHOLD)
 
 
 # The suite runs in two xdist workers, one module at a time each (`-n 2 --dist loadfile` in
