@@ -14,6 +14,7 @@ import json
 import re
 import types
 import typing
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -45,11 +46,13 @@ def on_config(config: MkDocsConfig) -> MkDocsConfig:
 
 
 def on_files(files: Files, config: MkDocsConfig) -> Files:
-    pages = {
-        "reference/configuration.md": configuration_page(),
-        "reference/cli.md": cli_page(),
-        "reference/http-api.md": http_page(),
-    }
+    with warnings.catch_warnings():  # Ray's own pydantic deprecations, raised on import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pages = {
+            "reference/configuration.md": configuration_page(),
+            "reference/cli.md": cli_page(),
+            "reference/http-api.md": http_page(),
+        }
     for path, text in pages.items():
         files.append(File.generated(config, path, content=text))
     for plot in PLOTS:
