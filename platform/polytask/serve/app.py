@@ -62,7 +62,9 @@ def compose(
     last, the way a config's `deployments:` list overrides options set in code.
     `logging_config` goes on every deployment (None: left to the application's)."""
     from polytask.model.manifest import BundleError, read_manifest
-    from polytask.serve.deployments import Encoder, Head, Ingress
+    from polytask.serve.encoder import Encoder
+    from polytask.serve.head import Head
+    from polytask.serve.ingress import Ingress
     from polytask.serve.refs import local_bundle, served_ref
     from polytask.serve.versions import encoder_version, head_version
 
