@@ -1,8 +1,8 @@
 """The HTTP API of the Ingress: routes, request guards and JSON error bodies.
 
 Bad input never reaches the model and never returns 500: auth, content type, body size, read
-deadline and UTF-8 are checked before the body is parsed, each text before it joins a batch;
-every rejection is `{"error": {"code", "message"}}`.
+deadline and UTF-8 are checked before the body is parsed, each text before it joins a batch
+(`serve.validation`); every rejection is `{"error": {"code", "message"}}`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from polytask.serve.schemas import (
     PairInput,
     PredictRequest,
     PredictResponse,
+    ServeArgs,
     TaskPredictRequest,
     TaskPredictResponse,
     TasksResponse,
@@ -43,7 +44,7 @@ class IngressBackend(Protocol):
     `serve.ingress`, which imports it)."""
 
     specs: dict[str, TaskSpec]
-    settings: Any
+    args: ServeArgs
     api_key: str | None
     encoder: Any
     metrics: Any  # polytask.serve.metrics.ServeMetrics
@@ -344,16 +345,16 @@ def create_api(ingress: IngressBackend) -> FastAPI:
     )
     app.add_middleware(
         RequestGuard,
-        max_body_bytes=ingress.settings.max_body_bytes,
+        max_body_bytes=ingress.args.body_limit,
         api_key=ingress.api_key,
-        read_timeout_s=ingress.settings.read_timeout_s,
+        read_timeout_s=ingress.args.read_timeout_s,
         on_request=on_request,
     )
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(APIError, _answer)
 
-    deadline_s = ingress.settings.request_timeout_s
+    deadline_s = ingress.args.request_timeout_s
 
     async def within_deadline(work: Any) -> Any:
         try:
@@ -370,7 +371,7 @@ def create_api(ingress: IngressBackend) -> FastAPI:
         record = _record_of(request)
         if record is not None:
             record.tasks, record.inputs = tasks, len(items)
-        inputs = prepare_inputs(ingress.specs, ingress.settings, items, tasks)
+        inputs = prepare_inputs(ingress.specs, ingress.args, items, tasks)
         try:
             return await within_deadline(ingress.run(inputs, tasks))
         except BackPressureError:

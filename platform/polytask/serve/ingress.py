@@ -15,33 +15,15 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from polytask.model.manifest import Manifest
 from polytask.serve.batching import MicroBatcher
 from polytask.serve.metrics import ServeMetrics
 from polytask.serve.refs import local_bundle, model_from_config, pin_model_uri
 from polytask.serve.replica import replica_identity
+from polytask.serve.schemas import ServeArgs
 
 # Pauses before resending a request whose replica died (the last attempt's error is the answer).
 RETRY_PAUSES_S = (0.0, 0.5, 2.0)
-
-
-@dataclass
-class IngressSettings:
-    """What the Ingress needs from the args; plain data so it travels as a constructor argument."""
-
-    model_uri: str
-    model_ref: str
-    variant: str
-    tasks: list[dict[str, Any]]
-    max_inputs_per_request: int
-    max_chars_per_input: int
-    overflow: str
-    max_body_bytes: int
-    api_key_env: str | None = None
-    batch_max_inputs: int = 256
-    batches_in_flight: int = 2
-    batch_wait_s: float = 0.005
-    request_timeout_s: float = 30.0
-    read_timeout_s: float = 10.0
 
 
 @dataclass
@@ -62,35 +44,29 @@ class Ingress:
         self,
         encoder: DeploymentHandle,
         heads: dict[str, DeploymentHandle],
-        settings: dict[str, Any],
+        args: ServeArgs,
+        ref: str,
+        manifest: Manifest,
     ) -> None:
-        from polytask.tasks import TaskSpec
+        """`args` as the application was given them; `ref` the pinned model reference and
+        `manifest` its bundle's, read once by the builder (a new replica reads no bundle)."""
+        from ray.serve.exceptions import BackPressureError
 
         self.encoder = encoder
         self.heads = heads
-        self.settings = IngressSettings(**settings)
-        self.specs = {
-            s["name"]: TaskSpec.from_dict(s) for s in self.settings.tasks if s["name"] in heads
-        }
-        self.api_key: str | None = None
-        if self.settings.api_key_env:
-            self.api_key = os.environ.get(self.settings.api_key_env) or None
-            if self.api_key is None:
-                raise RuntimeError(
-                    f"api_key_env: environment variable {self.settings.api_key_env} is empty or not "
-                    "set on the Ingress replica; set it (runtime_env env_vars, a Kubernetes secret) "
-                    "or remove api_key_env"
-                )
-        from ray.serve.exceptions import BackPressureError
-
-        self.metrics = ServeMetrics(self.settings.model_ref)
+        self.args = args
+        self.ref = ref
+        self.variant = manifest.variant
+        self.specs = {s.name: s for s in manifest.tasks if s.name in heads}
+        self.api_key = _api_key(args.api_key_env)
+        self.metrics = ServeMetrics(ref)
         self.batcher: MicroBatcher[_Job, tuple[list[dict[str, Any]], dict[str, Any]]]
         self.batcher = MicroBatcher(
             self._run_batch,
             size=lambda job: len(job.inputs),
-            max_size=self.settings.batch_max_inputs,
-            max_in_flight=self.settings.batches_in_flight,
-            wait_s=self.settings.batch_wait_s,
+            max_size=args.ingress_batch_inputs,
+            max_in_flight=args.ingress_batches_in_flight,
+            wait_s=args.batch_wait_timeout_s,
             never_split=(BackPressureError,),
             on_batch=lambda size, waits: self.metrics.batch_formed("ingress", size, waits),
         )
@@ -103,11 +79,11 @@ class Ingress:
         if model is None:
             return
         ref = pin_model_uri(model)
-        if ref == self.settings.model_ref:
+        if ref == self.ref:
             return
         manifest = read_manifest(local_bundle(ref))
         self.specs = {s.name: s for s in manifest.tasks if s.name in self.heads}
-        self.settings.model_ref = ref
+        self.ref = ref
         self.metrics.set_model(ref)
 
     def __serve_build_asgi_app__(self):
@@ -117,9 +93,9 @@ class Ingress:
 
     def model_info(self, fingerprint: str | None = None) -> dict[str, Any]:
         return {
-            "uri": self.settings.model_uri,
-            "ref": self.settings.model_ref,
-            "variant": self.settings.variant,
+            "uri": self.args.model,
+            "ref": self.ref,
+            "variant": self.variant,
             "fingerprint": fingerprint,
         }
 
@@ -204,3 +180,17 @@ class Ingress:
             ([{t: r[t] for t in job.tasks} for r in results[j]], models[j] or self.model_info())
             for j, job in enumerate(jobs)
         ]
+
+
+def _api_key(env: str | None) -> str | None:
+    """The API key from the replica's environment (None: no auth); a named but empty variable
+    fails the replica rather than serving without the auth the operator asked for."""
+    if not env:
+        return None
+    key = os.environ.get(env) or None
+    if key is None:
+        raise RuntimeError(
+            f"api_key_env: environment variable {env} is empty or not set on the Ingress replica; "
+            "set it (runtime_env env_vars, a Kubernetes secret) or remove api_key_env"
+        )
+    return key

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Any
 
 from polytask.model.inputs import split_input
-from polytask.serve.schemas import PairInput
+from polytask.serve.schemas import PairInput, ServeArgs
 from polytask.tasks import TaskSpec
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -83,9 +82,10 @@ def default_tasks(specs: dict[str, TaskSpec], items: list[str | PairInput]) -> l
 
 
 def prepare_inputs(
-    specs: dict[str, TaskSpec], settings: Any, items: list[str | PairInput], tasks: list[str]
+    specs: dict[str, TaskSpec], args: ServeArgs, items: list[str | PairInput], tasks: list[str]
 ) -> list[tuple[str, str | None]]:
-    """Check tasks and limits against the served model; cut over-long texts under `truncate`."""
+    """Check tasks and `args`' limits against the served model; cut over-long texts under
+    `overflow: truncate`."""
     unknown = [t for t in tasks if t not in specs]
     if unknown:
         raise APIError(
@@ -94,11 +94,11 @@ def prepare_inputs(
             f"unknown task(s) {', '.join(repr(t) for t in unknown)}; this model serves: "
             f"{', '.join(specs)}",
         )
-    if len(items) > settings.max_inputs_per_request:
+    if len(items) > args.max_inputs_per_request:
         raise APIError(
             413,
             "too_many_inputs",
-            f"{len(items)} inputs in one request; the limit is {settings.max_inputs_per_request}: "
+            f"{len(items)} inputs in one request; the limit is {args.max_inputs_per_request}: "
             "split them over several requests",
         )
     pair_tasks = [t for t in tasks if specs[t].pair]
@@ -112,21 +112,21 @@ def prepare_inputs(
                 f"inputs[{i}] has no text_pair, but task(s) {', '.join(pair_tasks)} compare two "
                 'texts: send {"text": "...", "text_pair": "..."}',
             )
-        fitted_pair = None if pair is None else _fit(pair, f"inputs[{i}].text_pair", settings)
-        out.append((_fit(text, f"inputs[{i}]", settings), fitted_pair))
+        fitted_pair = None if pair is None else _fit(pair, f"inputs[{i}].text_pair", args)
+        out.append((_fit(text, f"inputs[{i}]", args), fitted_pair))
     return out
 
 
-def _fit(text: str, where: str, settings: Any) -> str:
+def _fit(text: str, where: str, args: ServeArgs) -> str:
     """A checked text (`clean_text`), cut or refused when over the length limit."""
     try:
         text = clean_text(text, where)
     except TextError as exc:
         raise APIError(422, exc.code, str(exc)) from None
-    limit = settings.max_chars_per_input
+    limit = args.max_chars_per_input
     if len(text) <= limit:
         return text
-    if settings.overflow == "truncate":
+    if args.overflow == "truncate":
         return text[:limit]
     raise APIError(
         413,
