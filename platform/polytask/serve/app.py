@@ -16,6 +16,7 @@ from ray import serve
 from ray.serve import Application
 
 from polytask.model.manifest import Manifest
+from polytask.serve.levers import DEFAULT_LEVERS, LeverError, apply_levers, require_levers
 from polytask.serve.refs import local_bundle, served_ref
 from polytask.serve.schemas import ServeArgs, ServeArgsError, parse_args
 from polytask.serve.versions import encoder_version, head_version
@@ -67,9 +68,11 @@ def compose(
     `logging_config` goes on every deployment (None: left to the application's)."""
     served = _served(parse_args(args), logging_config)
     tasks = _served_tasks(served)
-    overrides = _overrides(deployment_options, tasks)
-    encoder = _encoder(served, overrides["Encoder"])
-    heads = {task: _head(served, task, overrides[f"head_{task}"]) for task in tasks}
+    separate, colocated = _placements(served, tasks)
+    overrides = _overrides(deployment_options, separate, colocated)
+    encoder = _encoder(served, overrides["Encoder"], colocated)
+    heads: dict[str, Application | None] = dict.fromkeys(tasks)
+    heads.update({task: _head(served, task, overrides[f"head_{task}"]) for task in separate})
     return _ingress(served, encoder, heads, overrides["Ingress"])
 
 
@@ -88,6 +91,11 @@ class _Served:
 def _served(args: ServeArgs, logging_config: dict[str, Any] | None) -> _Served:
     from polytask.model.manifest import BundleError, read_manifest
 
+    if args.levers:
+        try:
+            require_levers(args.levers, "the process building the app")
+        except LeverError as exc:
+            raise ServeArgsError(str(exc)) from None
     ref = served_ref(args)
     try:
         bundle = local_bundle(ref)
@@ -112,13 +120,32 @@ def _served_tasks(served: _Served) -> list[str]:
     return tasks
 
 
+def _placements(served: _Served, tasks: list[str]) -> tuple[list[str], tuple[str, ...]]:
+    """(tasks with their own head deployment, tasks whose head runs in the Encoder)."""
+    unknown = sorted(set(served.args.head_placement) - set(tasks))
+    if unknown:
+        raise ServeArgsError(
+            f"head_placement: {', '.join(unknown)} not served; served tasks: {', '.join(tasks)}"
+        )
+    separate = [t for t in tasks if served.args.placement(t) == "separate"]
+    return separate, tuple(t for t in tasks if t not in separate)
+
+
 def _overrides(
-    deployment_options: dict[str, dict[str, Any]] | None, tasks: list[str]
+    deployment_options: dict[str, dict[str, Any]] | None,
+    tasks: list[str],
+    colocated: tuple[str, ...] = (),
 ) -> dict[str, dict[str, Any]]:
     """Options per deployment name (`Ingress`, `Encoder`, `head_<task>`); an unknown name is
     refused, since Serve would silently ignore it."""
     given = deployment_options or {}
     names = ["Ingress", "Encoder", *(f"head_{t}" for t in tasks)]
+    inside = sorted(set(given) & {f"head_{t}" for t in colocated})
+    if inside:
+        raise ServeArgsError(
+            f"deployments: {', '.join(inside)} runs inside the Encoder (placement with_encoder), "
+            "so it has no deployment options; remove the entry, or place the task separate"
+        )
     extra = sorted(set(given) - set(names))
     if extra:
         raise ServeArgsError(
@@ -128,9 +155,12 @@ def _overrides(
     return {name: dict(given.get(name, {})) for name in names}
 
 
-def _encoder(served: _Served, override: dict[str, Any]) -> Application:
+def _encoder(
+    served: _Served, override: dict[str, Any], colocated: tuple[str, ...] = ()
+) -> Application:
     """The Encoder, versioned by its weights and settings, not the model version: redeploying a
-    model that only gained heads reconfigures the running replicas instead of restarting them."""
+    model that only gained heads reconfigures the running replicas instead of restarting them.
+    `colocated` heads run inside it (their weights follow the model in `reconfigure`)."""
     from polytask.serve.encoder import Encoder
 
     args = served.args
@@ -141,11 +171,11 @@ def _encoder(served: _Served, override: dict[str, Any]) -> Application:
         **HEALTH_CHECK,
     }
     settings = (args.device, args.max_batch_size, args.batch_wait_timeout_s)
-    version = encoder_version(served.manifest, *settings)
+    version = encoder_version(served.manifest, *settings, heads=colocated)
     return (
         Encoder.options(**_merge(defaults, override))
         .options(version=version, _internal=True)
-        .bind(served.ref, *settings)
+        .bind(served.ref, *settings, heads=colocated)
     )
 
 
@@ -170,7 +200,10 @@ def _head(served: _Served, task: str, override: dict[str, Any]) -> Application:
 
 
 def _ingress(
-    served: _Served, encoder: Application, heads: dict[str, Application], override: dict[str, Any]
+    served: _Served,
+    encoder: Application,
+    heads: dict[str, Application | None],
+    override: dict[str, Any],
 ) -> Application:
     """The Ingress gets the args as validated and the manifest as read: no copies to keep in step."""
     from polytask.serve.ingress import Ingress
@@ -298,6 +331,7 @@ def run_server(
     args, options, name, prefix, runtime_env, logging = app_from_config(config_path, cpu_variant)
     logging = logging_options(logging, log_format, access_log)
     parsed = parse_args({**args, "model": model})
+    _set_levers(parsed.levers, say)
     app = compose(parsed, options, logging)
     start_ray(metrics_port, say, runtime_env=runtime_env)
     serve.start(http_options={"host": host, "port": port}, logging_config=logging)
@@ -325,6 +359,17 @@ def run_server(
         finally:
             serve.shutdown()
     return url
+
+
+def _set_levers(levers: list[str] | None, say: Any) -> None:
+    """The levers' env in this process before Ray starts (a Ray started here passes it to every
+    Serve process); unset `levers` means polytask's defaults."""
+    try:
+        env = apply_levers(DEFAULT_LEVERS if levers is None else levers)
+    except LeverError as exc:
+        raise ServeArgsError(str(exc)) from None
+    if env:
+        say("Serve levers: " + " ".join(f"{k}={v}" for k, v in env.items()))
 
 
 def _stop_on_sigterm() -> None:
