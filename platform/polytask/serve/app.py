@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve import Application
 
@@ -39,8 +40,14 @@ HEALTH_CHECK = {"health_check_period_s": 2.0, "health_check_timeout_s": 10.0}
 def build_app(args: dict[str, Any]) -> Application:
     """`serve run polytask.serve:build_app model=...` and `import_path` of serve configs. The
     deployments get no logging_config in code, so the config's application-level
-    `logging_config` (Serve applies it to deployments that set none) decides."""
-    return compose(parse_args(args), logging_config=None)
+    `logging_config` (Serve applies it to deployments that set none) decides. Runs on the
+    cluster, so a lever the args name but the cluster's env lacks is refused here."""
+    parsed = parse_args(args)
+    try:
+        require_levers(parsed.levers or (), "the Ray cluster (the process building the app)")
+    except LeverError as exc:
+        raise ServeArgsError(str(exc)) from None
+    return compose(parsed, logging_config=None)
 
 
 def logging_options(
@@ -91,11 +98,6 @@ class _Served:
 def _served(args: ServeArgs, logging_config: dict[str, Any] | None) -> _Served:
     from polytask.model.manifest import BundleError, read_manifest
 
-    if args.levers:
-        try:
-            require_levers(args.levers, "the process building the app")
-        except LeverError as exc:
-            raise ServeArgsError(str(exc)) from None
     ref = served_ref(args)
     try:
         bundle = local_bundle(ref)
@@ -331,7 +333,8 @@ def run_server(
     args, options, name, prefix, runtime_env, logging = app_from_config(config_path, cpu_variant)
     logging = logging_options(logging, log_format, access_log)
     parsed = parse_args({**args, "model": model})
-    _set_levers(parsed.levers, say)
+    if not ray.is_initialized():
+        _set_levers(parsed.levers, say)
     app = compose(parsed, options, logging)
     start_ray(metrics_port, say, runtime_env=runtime_env)
     serve.start(http_options={"host": host, "port": port}, logging_config=logging)
@@ -362,8 +365,9 @@ def run_server(
 
 
 def _set_levers(levers: list[str] | None, say: Any) -> None:
-    """The levers' env in this process before Ray starts (a Ray started here passes it to every
-    Serve process); unset `levers` means polytask's defaults."""
+    """The levers' env in this process before it starts or joins Ray (a Ray started here passes
+    it to every Serve process; a joined cluster keeps its own, and an Ingress replica refuses to
+    start without the levers `levers` names); unset `levers` means polytask's defaults."""
     try:
         env = apply_levers(DEFAULT_LEVERS if levers is None else levers)
     except LeverError as exc:

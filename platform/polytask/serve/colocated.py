@@ -9,6 +9,7 @@ head's, and never counts against the encoder or the other heads.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -16,21 +17,41 @@ from typing import Any, Literal
 from polytask.serve.health import Health
 
 Placement = Literal["separate", "with_encoder"]
-PLACEMENTS: tuple[str, ...] = ("separate", "with_encoder")
 
 
 @dataclass
 class ColocatedHeads:
-    """The co-located heads of one encoder version: {task: (head module, TaskSpec)}."""
+    """The co-located heads of one encoder version, read from `bundle` and checked against the
+    encoder's `fingerprint`: those named at start-up at once, any other on first use (a replica
+    started before a placement change, or a model switched in by `reconfigure`)."""
 
+    bundle: Any
+    fingerprint: str
     heads: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def load(cls, bundle: Any, tasks: tuple[str, ...], fingerprint: str) -> ColocatedHeads:
-        """Each task's head from `bundle`, checked against the encoder's `fingerprint`."""
+        """`tasks`' heads that `bundle` has, loaded now."""
+        from polytask.model.manifest import read_manifest
+
+        heads = cls(bundle, fingerprint)
+        known = {s.name for s in read_manifest(bundle).tasks}
+        for task in tasks:
+            if task in known:
+                heads.get(task)
+        return heads
+
+    def get(self, task: str) -> tuple[Any, Any]:
+        """(head module, TaskSpec) of `task`, loaded on first use."""
         from polytask.model.bundle import load_head
 
-        return cls({task: load_head(bundle, task, fingerprint) for task in tasks})
+        found = self.heads.get(task)
+        if found is None:
+            with self.lock:
+                found = self.heads.get(task) or load_head(self.bundle, task, self.fingerprint)
+                self.heads[task] = found
+        return found
 
 
 @dataclass
@@ -43,7 +64,7 @@ class HeadWatch:
     calls: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.health = {t: Health(f"head_{t} (with_encoder)") for t in self.tasks}
+        self.health = {t: _health(t) for t in self.tasks}
         self.calls = dict.fromkeys(self.tasks, 0)
 
     def run(
@@ -60,12 +81,13 @@ class HeadWatch:
 
         out: dict[str, Any] = {}
         for task, indices in wanted.items():
-            head, spec = heads.heads[task]
             began = time.perf_counter()
-            self.calls[task] += 1
+            health = self.health.setdefault(task, _health(task))
+            self.calls[task] = self.calls.get(task, 0) + 1
             mine = items if indices is None else [items[i] for i in indices]
             try:
-                with self.health[task].watch(not_ours=(BundleError,)):
+                with health.watch(not_ours=(BundleError,)):
+                    head, spec = heads.get(task)
                     out[task] = run_head(
                         head, spec, mine, texts if indices is None else [texts[i] for i in indices]
                     )
@@ -77,6 +99,10 @@ class HeadWatch:
     def check(self) -> None:
         for health in self.health.values():
             health.check()
+
+
+def _health(task: str) -> Health:
+    return Health(f"head_{task} (with_encoder)")
 
 
 async def colocated_answer(encoded: Any, task: str) -> dict[str, Any]:
