@@ -596,7 +596,7 @@ def v2(v1, serving, all_kinds_bundle):
                     json={"inputs": TEXTS, "tasks": ["sentiment", "ner"]},
                     headers=headers,
                 )
-                seen.append((r.status_code, r.json().get("model", {}).get("ref", r.text)))
+                seen.append((r.status_code, r.json().get("model", {}).get("ref", r.text) if r.headers.get("content-type") == "application/json" else r.text))
 
     app_cfg = load_serve_config(LOCAL_CONFIG).applications[0]
     options = {

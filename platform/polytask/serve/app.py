@@ -32,6 +32,9 @@ CPU_SURGE = {"max_surge_percent": 100}
 # --access-log`) replaces these keys; see `logging_options`.
 DEFAULT_LOGGING = {"enable_access_log": False}
 MAX_ONGOING = {"Ingress": 256, "Encoder": 64, "head": 64}
+# With `max_queued_requests` set on the Ingress, what the proxy answers a request it sheds: 503
+# with a Retry-After, so a client backs off instead of timing out (docs/serving.md, Overload).
+SHED = {"status_code": 503, "retry_after_s": 1}
 # Serve's defaults (probe every 10 s, 30 s to answer) leave a broken replica in service for up to
 # 40 s; `check_health` is cheap (no model call), so probe more often and give it less time.
 HEALTH_CHECK = {"health_check_period_s": 2.0, "health_check_timeout_s": 10.0}
@@ -214,6 +217,7 @@ def _ingress(
         **served.common,
         "ray_actor_options": {"num_cpus": 0.5},
         "max_ongoing_requests": MAX_ONGOING["Ingress"],
+        "backpressure_config": SHED,
         **CPU_SURGE,
     }
     return Ingress.options(**_merge(defaults, override)).bind(
