@@ -27,7 +27,6 @@ TEXTS = [
     "honestly the hotel in oslo felt dreadful to me",
     "i saw grace at the globex office",
 ]
-COLOCATED = ("sentiment", "topics", "nli")  # v2's heads placed with_encoder
 PAIRS = [
     {"text": "the meal was lovely", "text_pair": "we enjoyed the food"},
     {"text": "dana works for initech near lima", "text_pair": "dana has a job"},
@@ -575,9 +574,8 @@ def test_head_reconfigure_keeps_answering_both_versions(trained_bundle, all_kind
 
 @pytest.fixture(scope="module")
 def v2(v1, serving, all_kinds_bundle):
-    """Redeploy the running app (same name) with another bundle, three of its heads placed
-    with_encoder, while two clients keep sending requests; returns what they saw, then the
-    client and a Predictor of the new bundle."""
+    """Redeploy the running app (same name) with another bundle while two clients keep sending
+    requests; returns what they saw, then the client and a Predictor of the new bundle."""
     from ray import serve
 
     from polytask.model.inference import Predictor
@@ -596,7 +594,7 @@ def v2(v1, serving, all_kinds_bundle):
                     json={"inputs": TEXTS, "tasks": ["sentiment", "ner"]},
                     headers=headers,
                 )
-                seen.append((r.status_code, r.json().get("model", {}).get("ref", r.text) if r.headers.get("content-type") == "application/json" else r.text))
+                seen.append((r.status_code, r.json().get("model", {}).get("ref", r.text)))
 
     app_cfg = load_serve_config(LOCAL_CONFIG).applications[0]
     options = {
@@ -612,8 +610,6 @@ def v2(v1, serving, all_kinds_bundle):
         "overflow": "truncate",
         "max_chars_per_input": 40,
         "head_options": {**app_cfg.args.get("head_options", {}), "graceful_shutdown_wait_loop_s": 0.1},
-        # mixed placement: these heads run inside the Encoder, ner and score keep deployments
-        "head_placement": dict.fromkeys(COLOCATED, "with_encoder"),
     }
     threads = [threading.Thread(target=traffic) for _ in range(2)]
     for t in threads:
@@ -637,20 +633,6 @@ def test_redeploy_under_traffic_fails_no_request(v2, trained_bundle, all_kinds_b
     refs = [ref for _, ref in seen]
     assert str(trained_bundle.resolve()) in refs, "no request was answered before the switch"
     assert refs[-1] == str(all_kinds_bundle.resolve()), "the new version never answered"
-
-
-def test_colocated_heads_have_no_deployment_and_answer_inside_the_encoder(v2):
-    from ray import serve
-
-    _, client, _ = v2
-    deployments = set(serve.status().applications["polytask"].deployments)
-    assert deployments == {"Ingress", "Encoder", "head_ner", "head_score"}
-    before = _stats("Encoder")["colocated_calls"]
-    response = client.post(
-        "/v1/predict", json={"inputs": TEXTS[:2], "tasks": ["sentiment"]}, headers={"x-api-key": API_KEY}
-    )
-    assert response.status_code == 200, response.text
-    assert _stats("Encoder")["colocated_calls"]["sentiment"] > before.get("sentiment", 0)
 
 
 def test_every_task_kind_equals_in_process_predictor(v2):

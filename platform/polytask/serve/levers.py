@@ -100,7 +100,7 @@ LEVERS: dict[str, Lever] = {
 
 # The fastest set that passes the whole suite on a 2-core machine (docs/serving.md,
 # "Throughput levers"): what `polytask serve` and the test session's Ray start with.
-DEFAULT_LEVERS: tuple[str, ...] = ()
+DEFAULT_LEVERS: tuple[str, ...] = ("same_loop",)
 
 
 def lever_env(levers: Iterable[str]) -> dict[str, str]:
