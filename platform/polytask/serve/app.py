@@ -322,9 +322,11 @@ def run_server(
     metrics_port: int | None = None,
     log_format: str | None = None,
     access_log: bool | None = None,
+    levers: list[str] | None = None,
 ) -> str:
     """Start Serve on host:port and deploy MODEL with the config's args and deployment options;
-    a given `cpu_variant` replaces the config's, `log_format`/`access_log` its logging_config.
+    a given `cpu_variant` replaces the config's, `log_format`/`access_log` its logging_config,
+    `levers` its `args.levers`.
 
     Returns the base URL; with `blocking`, serves until Ctrl-C and then shuts Serve down.
     """
@@ -336,6 +338,8 @@ def run_server(
 
     args, options, name, prefix, runtime_env, logging = app_from_config(config_path, cpu_variant)
     logging = logging_options(logging, log_format, access_log)
+    if levers is not None:
+        args["levers"] = [x.strip() for x in levers]
     parsed = parse_args({**args, "model": model})
     if not ray.is_initialized():
         _set_levers(parsed.levers, say)
