@@ -93,7 +93,7 @@ def test_load_generator_counts_errors_and_respects_bounds():
         if batch[0] == "bad":
             raise RuntimeError("HTTP 500: boom")
         if batch[0] == "shed":
-            raise Shed("HTTP 503 retry-after=1")
+            raise Shed("HTTP 503 retry-after=0.05")  # the worker waits that long
 
     texts = ["a", "b", "bad", "shed", "c"]
     result = asyncio.run(

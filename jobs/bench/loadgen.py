@@ -125,7 +125,8 @@ async def run_load(
     warmup_requests: int = 0,
 ) -> dict[str, Any]:
     """`concurrency` workers each send one request at a time until `duration_s` has passed or
-    `max_requests` were issued. `send` raises on any failure; failures are counted."""
+    `max_requests` were issued. `send` raises on any failure; failures are counted, a shed 503
+    apart (its worker waits the Retry-After it was given, as a polite client does)."""
     stream = itertools.cycle(range(len(texts)))
 
     def next_batch() -> list[str]:
@@ -150,6 +151,7 @@ async def run_load(
             elif failure.startswith(Shed.__name__):
                 counts["shed"] += 1
                 counts["shed_retry_after"] += "retry-after" in failure
+                await asyncio.sleep(min(_retry_after_s(failure), max(0.0, deadline - t0)))
             else:
                 errors.append(failure)
 
@@ -170,6 +172,15 @@ async def run_load(
         "requests_per_s": len(latencies) / elapsed if elapsed > 0 else 0.0,
         "latency_ms": percentiles(latencies),
     }
+
+
+def _retry_after_s(failure: str) -> float:
+    """The Retry-After a shed answer asked for (a polite client waits that long), else 0."""
+    _, found, value = failure.partition("retry-after=")
+    try:
+        return float(value.split()[0]) if found else 0.0
+    except (ValueError, IndexError):
+        return 0.0
 
 
 async def _safe(send: Callable[[list[str]], Awaitable[None]], batch: list[str]) -> str | None:

@@ -88,7 +88,7 @@ class Settings:
     lever_levels: list[tuple[int, int]] = field(default_factory=lambda: [(1, 1), (1, 64), (16, 64)])
     lever_duration_s: float = 5.0
     overload_concurrency: list[int] = field(default_factory=lambda: [256, 1024])
-    overload_max_ongoing: int = 128
+    overload_max_ongoing: int = 64
     overload_max_queued: int = 64
     overload_duration_s: float = 6.0
 
