@@ -3,7 +3,7 @@ same topology (the floor Serve allows a per-request pipeline) and the in-process
 then every Serve lever set and head placement beside the no-op floor under the same levers, and
 overload levels that must be shed (503 + Retry-After) rather than queued.
 
-    python jobs/bench/serve_bench.py --out bench_results/serve   # MiniLM-L6, SST-2 dev, ~14 min
+    python jobs/bench/serve_bench.py --out bench_results/serve   # MiniLM-L6, SST-2 dev, ~13 min
     python jobs/bench/serve_bench.py --tiny --out /tmp/b          # smoke test, tiny random encoder
     python jobs/bench/serve_bench.py --model models:/polytask-demo@champion --texts my.txt
     python jobs/bench/serve_bench.py --lever-sets default,haproxy --placements with_encoder
@@ -86,7 +86,7 @@ class Settings:
     placements: list[str] = field(default_factory=lambda: list(PLACEMENTS))
     # (inputs/request, concurrency) levels of the lever × placement comparison
     lever_levels: list[tuple[int, int]] = field(default_factory=lambda: [(1, 1), (1, 64), (16, 64)])
-    lever_duration_s: float = 5.0
+    lever_duration_s: float = 4.0
     overload_concurrency: list[int] = field(default_factory=lambda: [256, 1024])
     overload_max_ongoing: int = 64
     overload_max_queued: int = 64
