@@ -92,8 +92,8 @@ LEVERS: dict[str, Lever] = {
     ),
     "throughput_optimized": Lever(
         {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-        "Ray's bundle: direct_ingress, grpc, same_loop and buffered_logs together, GC frozen at "
-        "replica start-up.",
+        "Ray's bundle: direct_ingress, grpc, same_loop and buffered_logs together (GC frozen "
+        "after replica start-up is Ray's default anyway).",
         "what each of those needs.",
     ),
 }
