@@ -404,6 +404,63 @@ def test_cache_is_keyed_verified_and_safe_for_concurrent_replicas(
     assert [p.name for p in store_dir.iterdir() if p.is_dir()] == entries
 
 
+def test_downloads_killed_halfway_leave_no_partial_behind(trained_bundle, run_id):
+    """A replica killed mid-download leaves `<entry>.<random>.partial`; the next download of any
+    version deletes every such directory whose entry nobody is downloading, and only those."""
+    import fcntl
+    import hashlib
+
+    from polytask.config import default_home
+
+    register_bundle(trained_bundle, "reg-partial", run_id, objective=0.5)
+    resolve_bundle("models:/reg-partial/1")
+    root = default_home() / "models" / hashlib.sha256(tracking_uri().encode()).hexdigest()[:16]
+    dead = [root / "models__reg-partial_1.0badf00d.partial", root / "models__gone_3.1234abcd.stale"]
+    busy = root / "models__busy_2.cafebabe.partial"
+    for folder in (*dead, busy):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half a file")
+    with open(root / "models__busy_2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another replica is downloading that one right now
+        resolve_bundle("models:/reg-partial/1")
+        assert [d for d in dead if d.exists()] == [] and busy.is_dir()
+    resolve_bundle("models:/reg-partial/1")
+    assert not busy.exists()
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+def test_a_bundle_path_leading_out_of_the_model_is_refused(tmp_path, trained_bundle, how):
+    """An MLmodel (or a link in the download) must not make a replica load files from outside
+    the verified cache entry."""
+    import shutil
+
+    import yaml
+
+    from polytask.tracking.registry import _bundle_in
+
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(trained_bundle, outside)
+    model = tmp_path / "entry"
+    model.mkdir()
+    rel = {"dotdot": "../elsewhere", "absolute": str(outside), "symlink": "artifacts/bundle"}[how]
+    if how == "symlink":
+        (model / "artifacts").mkdir()
+        (model / "artifacts" / "bundle").symlink_to(outside)
+    flavor = {"python_function": {"artifacts": {"bundle": {"path": rel}}}}
+    (model / "MLmodel").write_text(yaml.safe_dump({"flavors": flavor}))
+    with pytest.raises(ValueError, match="outside the model's directory"):
+        _bundle_in(model)
+    shutil.copytree(trained_bundle, model / "inside")  # the same bundle within the entry loads
+    (model / "MLmodel").write_text(
+        yaml.safe_dump(
+            {"flavors": {"python_function": {"artifacts": {"bundle": {"path": "inside"}}}}}
+        )
+    )
+    if how == "symlink":
+        (model / "artifacts" / "bundle").unlink()
+    assert _bundle_in(model) == (model / "inside").resolve()
+
+
 def test_a_pinned_version_in_the_cache_loads_without_importing_mlflow(trained_bundle, run_id):
     """What every replica after a node's first does with the version the builder pinned: finds it
     in the cache without MLflow (about 1.5 s of imports per replica start). An alias still asks

@@ -587,6 +587,7 @@ def _download(uri: str, store: str) -> Path:
     dst = root / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in uri)
     with open(root / f"{dst.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
+        _sweep_leftovers(root, dst.name)
         if _verified(dst, uri, store):
             return dst
         import mlflow  # only to download: a replica that finds the cache warm never imports it
@@ -612,6 +613,26 @@ def _download(uri: str, store: str) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return dst
+
+
+def _sweep_leftovers(root: Path, held: str) -> None:
+    """Delete the `.partial`/`.stale` directories that killed downloads left in the cache. Each
+    belongs to the entry named before its random suffix and is dead when nobody holds that
+    entry's lock: `held`, whose lock the caller holds, and any other whose lock is free (a live
+    download holds its entry's lock until it renames or deletes its directory)."""
+    import fcntl
+
+    for leftover in [*root.glob("*.partial"), *root.glob("*.stale")]:
+        entry = leftover.name.rsplit(".", 2)[0]
+        with open(root / f"{entry}.lock", "a") as lock:
+            if entry != held:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a download of that entry is running
+            if leftover.exists():
+                log.warning("deleting %s, left by a download that did not finish", leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _digest(folder: Path) -> str:
@@ -673,19 +694,28 @@ def _concrete(uri: str, store: str) -> str:
 
 
 def _bundle_in(local: Path) -> Path | None:
-    """The bundle inside a downloaded MLflow model (its `bundle` artifact), or the dir itself."""
+    """The bundle inside a downloaded MLflow model (its `bundle` artifact), or the dir itself;
+    never a directory outside `local` (an absolute or `..` path in MLmodel, or a link out)."""
     import yaml
 
     from polytask.model.manifest import MANIFEST
 
+    candidates = ["artifacts/bundle", "bundle", "."]
     mlmodel = local / "MLmodel"
     if mlmodel.is_file():
         flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {})
         artifacts = flavor.get("python_function", {}).get("artifacts", {}) or {}
         rel = (artifacts.get("bundle") or {}).get("path")
-        if rel and (local / rel / MANIFEST).is_file():
-            return local / rel
-    for candidate in (local / "artifacts" / "bundle", local / "bundle", local):
-        if (candidate / MANIFEST).is_file():
-            return candidate
+        if rel:
+            candidates.insert(0, str(rel))
+    for rel in candidates:
+        resolved = (local / rel).resolve()
+        if not resolved.is_relative_to(local.resolve()):
+            raise ValueError(
+                f"model at {local}: bundle path '{rel}' leads outside "
+                "the model's directory; refusing to load it (a bundle path must be relative, "
+                "with no '..' and no link out of the model)"
+            )
+        if (resolved / MANIFEST).is_file():
+            return resolved
     return None
