@@ -91,6 +91,34 @@ def test_health_counts_only_the_replicas_own_failures():
     hung.check()
 
 
+def test_a_hung_call_stays_visible_while_other_calls_come_and_go():
+    """A head's calls run side by side in a thread pool: one stuck call must fail the check even
+    though later calls start and finish (a single shared start time lost it)."""
+    import threading
+    import time
+
+    health = Health("head_ner", stuck_after_s=0.2)
+    release = threading.Event()
+
+    def stuck() -> None:
+        with health.watch():
+            release.wait(10)
+
+    thread = threading.Thread(target=stuck)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        for _ in range(3):
+            with health.watch():
+                pass  # quick calls that start after the stuck one and end before it
+        with pytest.raises(RuntimeError, match=r"over 0.2 s .*1 running"):
+            health.check()
+    finally:
+        release.set()
+        thread.join()
+    health.check()  # all calls done
+
+
 def test_encoder_blames_the_input_the_tokenizer_refuses_and_stays_healthy(untrained_bundle):
     """A pass that fails on one input raises InputRejected with that input's index (the Ingress
     answers it as `inputs[i]`); a pass that fails with every input fine counts against the
