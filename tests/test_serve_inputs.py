@@ -152,3 +152,31 @@ def test_encoder_blames_the_input_the_tokenizer_refuses_and_stays_healthy(untrai
             encode(["a fine text"])
     with pytest.raises(RuntimeError, match="Encoder: 3 calls in a row failed"):
         encoder.check_health()
+
+
+def test_ingress_health_fails_while_a_batch_holds_a_slot_past_twice_the_deadline(
+    untrained_bundle,
+):
+    """The Ingress's own probe: its batches are cancelled at the request deadline, so one still
+    running at twice the deadline holds a batch slot for good (every later request would wait
+    for a slot and time out while every model replica looks healthy)."""
+    import time
+
+    from polytask.model.manifest import read_manifest
+    from polytask.serve.ingress import Ingress
+    from polytask.serve.schemas import parse_args
+
+    args = parse_args({"model": str(untrained_bundle), "request_timeout_s": 0.05})
+    replica = Ingress.func_or_class  # Serve's ASGI wrapper around the class: async __init__
+    ingress = replica.__new__(replica)
+    asyncio.run(
+        replica.__init__(
+            ingress, None, {}, args, str(untrained_bundle), read_manifest(untrained_bundle)
+        )
+    )
+    ingress.check_health()
+    with ingress.health.timed():  # a batch whose downstream calls never came back
+        time.sleep(0.15)
+        with pytest.raises(RuntimeError, match=r"Ingress: a call has run for over 0.1 s"):
+            ingress.check_health()
+    ingress.check_health()
