@@ -294,14 +294,14 @@ class SlowRegistry:
 
 
 def test_two_writers_on_a_slow_registry_hold_the_lock_one_at_a_time(store, monkeypatch):
-    """Each holder works for three leases; its renewed lease keeps the other waiting (a lock
+    """Each holder works for 1.6 leases; its renewed lease keeps the other waiting (a lock
     judged stale by its age alone was broken under a live holder)."""
     import threading
     import time
 
     from polytask.tracking import registry
 
-    monkeypatch.setattr(registry, "LOCK_LEASE_S", 0.4)
+    monkeypatch.setattr(registry, "LOCK_LEASE_S", 1.0)
     name, holding, most, held_by = "reg-lease", [0], [0], []
     guard = threading.Lock()
 
@@ -311,7 +311,7 @@ def test_two_writers_on_a_slow_registry_hold_the_lock_one_at_a_time(store, monke
                 holding[0] += 1
                 most[0] = max(most[0], holding[0])
             held_by.append(i)
-            time.sleep(1.2)
+            time.sleep(1.6)
             with guard:
                 holding[0] -= 1
 

@@ -44,7 +44,7 @@ LOCK_SUFFIX = ".promotion-lock"  # a registered model that exists only while a w
 CACHE_DIGEST_FILE = ".polytask-digest.json"  # in each downloaded model: uri, store, sha256
 # The promotion lock's lease: its holder renews it every third of this; a lock whose lease has run
 # out was left by a writer that died and is broken. A waiter gives up after LOCK_WAIT_S.
-LOCK_LEASE_S = 30.0
+LOCK_LEASE_S = 60.0
 LOCK_WAIT_S = 120.0
 FULL_PRECISION = "fp32"
 VARIANT_OF_METHOD = {"int8": "int8", "prune": "pruned"}  # a variant is these joined by '+'
