@@ -40,7 +40,7 @@ def _layer(module: str) -> int:
             inside = module == p or (p != "polytask" and module.startswith(p + "."))
             if inside and len(p) > best:
                 best, rank = len(p), i
-    assert rank is not None, f"{module} is in no layer; add it to LAYERS (and ARCHITECTURE.md)"
+    assert rank is not None, f"{module} is in no layer; add it to LAYERS (and docs/architecture.md)"
     return rank
 
 

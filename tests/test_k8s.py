@@ -38,6 +38,7 @@ import kustomize_lite
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 VENDORED_CRDS = K8S / "crds"
+K8S_DOC = REPO / "docs" / "kubernetes.md"  # the Kubernetes guide (k8s/README.md points there)
 SHARED_CRDS = REPO.parent / "shared" / "kuberay-crds"
 CRD_FILES = ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml", "ray.io_rayservices.yaml")
 K8S_VERSION = "1.30"  # kubernetes-validate ships this schema set; the oldest we support
@@ -1016,7 +1017,7 @@ API_KEY_SECRET, API_KEY_ENV = "polytask-serve-api-key", "POLYTASK_API_KEY"
 def test_serve_api_requires_a_key_from_a_generated_secret(path):
     """cluster.yaml names the env var; every RayService pod fills it from the Secret (so a pod
     without the Secret never starts, and the Ingress refuses an empty key); the Secret itself is
-    never shipped: k8s/README.md generates it at deploy time."""
+    never shipped: docs/kubernetes.md generates it at deploy time."""
     for app in _serve_config(path)["applications"]:
         assert app["args"]["api_key_env"] == API_KEY_ENV
     rs = one(path, "RayService", "polytask")
@@ -1026,7 +1027,7 @@ def test_serve_api_requires_a_key_from_a_generated_secret(path):
         assert ref == {"name": API_KEY_SECRET, "key": "api-key"}, where
         assert "value" not in env[API_KEY_ENV] and not ref.get("optional"), where
     assert not [o for o in rendered(path) if o["metadata"]["name"] == API_KEY_SECRET]
-    readme = (K8S / "README.md").read_text()
+    readme = K8S_DOC.read_text()
     assert f"kubectl -n {NAMESPACE} create secret generic {API_KEY_SECRET}" in readme
     assert "--from-literal=api-key=$(openssl rand -hex 32)" in readme
     assert "Authorization: Bearer" in readme
@@ -1034,7 +1035,7 @@ def test_serve_api_requires_a_key_from_a_generated_secret(path):
 
 
 def test_shipped_postgres_password_is_an_obvious_placeholder():
-    """A real password must never land in the repo; deployments replace it (k8s/README.md)."""
+    """A real password must never land in the repo; deployments replace it (docs/kubernetes.md)."""
     secret = one("base", "Secret", "polytask-postgres")
     password = base64.b64decode(secret["data"]["POSTGRES_PASSWORD"]).decode()
     assert password.startswith("change-me"), (
@@ -1042,8 +1043,8 @@ def test_shipped_postgres_password_is_an_obvious_placeholder():
     )
 
 
-def test_readme_section_covers_the_workflow():
-    text = (K8S / "README.md").read_text()
+def test_kubernetes_page_covers_the_workflow():
+    text = K8S_DOC.read_text()
     for needle in (
         "helm install kuberay-operator",
         "kubectl apply -k k8s/overlays/gpu",

@@ -205,7 +205,7 @@ def mean_of(values: list[float | None]) -> float | None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from common import machine_info, write_summary
+    from common import machine_info
 
     from polytask.config import load_config
 
@@ -283,8 +283,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "results.md").write_text(markdown(result))
-    if out.parent.name == "bench_results":
-        write_summary(out.parent)
     return result
 
 
