@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     d_wnut = _diff(summary["joint"]["wnut17_test_f1"], summary["ner_only"]["wnut17_test_f1"])
     result = {
         "name": out.name,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - started,
         "machine": machine_info(),
         "settings": {

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -564,7 +564,7 @@ def run_serve_bench(
     args, options = polytask_options(settings, "separate", lever_names(settings.lever_sets[0]))
     result: dict[str, Any] = {
         "name": out.name,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - started,
         "machine": machine_info(),
         "settings": asdict(settings),

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from polytask.serve.health import Health
+from polytask.serve.health import Health, apply_deadline
 
 Placement = Literal["separate", "with_encoder"]
 
@@ -62,10 +62,22 @@ class HeadWatch:
     metrics: Any  # polytask.serve.metrics.ServeMetrics
     health: dict[str, Health] = field(init=False)
     calls: dict[str, int] = field(init=False)
+    config: dict[str, Any] | None = None  # the Encoder's user_config (its request deadline)
 
     def __post_init__(self) -> None:
-        self.health = {t: _health(t) for t in self.tasks}
+        self.health = {t: self._health(t) for t in self.tasks}
         self.calls = dict.fromkeys(self.tasks, 0)
+
+    def reconfigure(self, config: dict[str, Any] | None) -> None:
+        """The app's request deadline sets when a head call counts as stuck, as for the Encoder."""
+        self.config = config
+        for health in self.health.values():
+            apply_deadline(health, config)
+
+    def _health(self, task: str) -> Health:
+        health = Health(f"head_{task} (with_encoder)")
+        apply_deadline(health, self.config)
+        return health
 
     def run(
         self,
@@ -82,7 +94,7 @@ class HeadWatch:
         out: dict[str, Any] = {}
         for task, indices in wanted.items():
             began = time.perf_counter()
-            health = self.health.setdefault(task, _health(task))
+            health = self.health.get(task) or self.health.setdefault(task, self._health(task))
             self.calls[task] = self.calls.get(task, 0) + 1
             mine = items if indices is None else [items[i] for i in indices]
             try:
@@ -99,10 +111,6 @@ class HeadWatch:
     def check(self) -> None:
         for health in self.health.values():
             health.check()
-
-
-def _health(task: str) -> Health:
-    return Health(f"head_{task} (with_encoder)")
 
 
 async def colocated_answer(encoded: Any, task: str) -> dict[str, Any]:
