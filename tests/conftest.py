@@ -177,6 +177,11 @@ def ray_cluster():
     from ray._common.utils import reset_ray_address
     from ray.cluster_utils import Cluster
 
+    from polytask.serve.levers import DEFAULT_LEVERS, lever_env
+
+    # The suite runs under polytask's default Serve levers, as `polytask serve` does: Serve reads
+    # them at import in each of its processes, which inherit this environment.
+    os.environ.update(lever_env(DEFAULT_LEVERS))
     cluster = Cluster(
         initialize_head=True,
         head_node_args={

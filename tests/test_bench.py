@@ -22,7 +22,7 @@ BENCH = ROOT / "jobs" / "bench"
 sys.path.insert(0, str(BENCH))  # the scripts import each other by name, as when run directly
 
 from common import BenchError, read_texts
-from loadgen import ceiling, run_load
+from loadgen import Shed, ceiling, run_load
 from report import compute
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -92,8 +92,10 @@ def test_load_generator_counts_errors_and_respects_bounds():
         await asyncio.sleep(0.001)
         if batch[0] == "bad":
             raise RuntimeError("HTTP 500: boom")
+        if batch[0] == "shed":
+            raise Shed("HTTP 503 retry-after=0.05")  # the worker waits that long
 
-    texts = ["a", "b", "bad", "c"]
+    texts = ["a", "b", "bad", "shed", "c"]
     result = asyncio.run(
         run_load(
             send,
@@ -106,7 +108,9 @@ def test_load_generator_counts_errors_and_respects_bounds():
         )
     )
     assert result["requests"] == 20 and len(calls) == 22  # 2 warm-up requests are not counted
-    assert result["errors"] == result["requests"] - result["ok_requests"] >= 4
+    assert result["shed"] == result["shed_with_retry_after"] >= 3  # a shed 503 is no error
+    assert result["errors"] + result["shed"] == result["requests"] - result["ok_requests"]
+    assert result["errors"] >= 3
     assert result["inputs"] == result["ok_requests"]
     assert result["error_examples"] == ["RuntimeError: HTTP 500: boom"]
     assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
@@ -151,17 +155,25 @@ def test_ratios_and_targets_read_one_run():
             runs.append(_run("polytask", ipr, c, 40.0 * ipr ** 0.5 * c ** 0.3, p50=50))
             runs.append(_run("baseline", ipr, c, 10.0 * ipr ** 0.5, p50=60))
             runs.append(_run("noop", ipr, c, 50.0 * ipr))
-    runs[-3]["throughput_inputs_per_s"] = 100.0  # polytask, 16 inputs/request, c=64: 50%
+    runs[-3]["throughput_inputs_per_s"] = 160.0  # polytask, 16 inputs/request, c=64: 80%
+    for c, shed, p99 in ((256, 40, 900.0), (1024, 0, 35_000.0)):
+        runs.append(
+            {**_run("polytask[overload]", 1, c, 50.0, p50=p99 / 2), "shed": shed,
+             "shed_with_retry_after": shed}
+        )
     result = {"settings": settings, "runs": runs, "limit": {"inputs_per_s": 200.0}}
     out = compute(result)
     assert out["ratios"]["1@64"]["over_limit"] == pytest.approx(40 * 64**0.3 / 200)
     assert out["ratios"]["16@1"]["over_baseline"] == pytest.approx(4.0)
     targets = {t["name"]: t for t in out["targets"]}
-    assert len(targets) == 7 and all(t["usable"] for t in targets.values())
-    assert targets["1 input/request, c=64: polytask ≥ 35% of the in-process limit"]["met"]
+    assert len(targets) == 9 and all(t["usable"] for t in targets.values())
+    shed = "sheds with 503 + Retry-After, admitted p99 under the request deadline"
+    assert targets[f"overload, c=256: {shed}"]["met"]
+    assert not targets[f"overload, c=1024: {shed}"]["met"]  # nothing shed, p99 past 30 s
+    assert targets["1 input/request, c=64: polytask ≥ 60% of the in-process limit"]["met"]
     assert targets["1 input/request, c=64: polytask ≥ 3× the two-pipeline baseline"]["met"]
     assert targets["1 input/request, c=64: polytask above the no-op per-request floor"]["met"]
-    assert not targets["16 inputs/request, c=64: polytask ≥ 75% of the in-process limit"]["met"]
+    assert not targets["16 inputs/request, c=64: polytask ≥ 85% of the in-process limit"]["met"]
     assert targets["1 input(s)/request, c=1: polytask p50 no worse than the baseline's"]["met"]
     assert targets["0 errors at every level"]["met"]
 
@@ -208,11 +220,13 @@ def test_serve_bench_tiny_end_to_end(tmp_path):
     assert result["settings"]["concurrency"] == [1, 4]
     levels = {(r["system"], r["inputs_per_request"], r["concurrency"]) for r in result["runs"]}
     systems = ("polytask", "noop", "baseline")
-    assert levels == {(s, i, c) for s in systems for i in (1, 16) for c in (1, 4)}
+    assert levels == {(s, i, c) for s in systems for i in (1, 16) for c in (1, 4)} | {
+        ("polytask[default, with_encoder]", 1, 4),  # the lever comparison, heads in the Encoder
+    }
     for r in result["runs"]:
         assert r["errors"] == 0, r["error_examples"]
         assert 0 < r["requests"] <= result["settings"]["max_requests"]
-        assert r["inputs"] == r["requests"] * r["inputs_per_request"]
+        assert r["inputs"] == r["requests"] * r["inputs_per_request"] and r["shed"] == 0
         assert r["throughput_inputs_per_s"] > 0
         lat = r["latency_ms"]
         assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
@@ -244,6 +258,7 @@ def test_serve_bench_tiny_end_to_end(tmp_path):
     table = (out / "results.md").read_text()
     assert "| polytask | 16 | 4 |" in table and "| noop | 1 | 1 |" in table
     assert "| baseline | 1 | 1 |" in table and "## Targets" in table
+    assert "| default | polytask | with_encoder | 1 | 4 |" in table
     for png in ("throughput.png", "latency.png"):
         assert (out / png).read_bytes()[:8] == PNG
 

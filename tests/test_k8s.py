@@ -1061,6 +1061,20 @@ def test_kubernetes_page_covers_the_workflow():
         assert needle in text, needle
 
 
+@pytest.mark.parametrize("path", PLATFORM)
+def test_every_ray_container_sets_the_serve_levers_the_config_names(path):
+    """Serve reads its levers when each of its processes starts, so the env every Ray container
+    starts with must hold what `args.levers` names (the builder refuses to deploy otherwise)."""
+    from polytask.serve.levers import lever_env
+
+    (app,) = _serve_config(path)["applications"]
+    want = lever_env(app["args"]["levers"])
+    assert want, "cluster.yaml names its levers"
+    for where, _, pod in pod_specs(one(path, "RayService", "polytask")):
+        env = {e["name"]: e.get("value") for e in pod["containers"][0].get("env") or []}
+        assert {k: env.get(k) for k in want} == want, where
+
+
 # ------------------------------------------------------------------ fault tolerance
 def _secret_ref(env: dict[str, Any], name: str) -> tuple[str, str] | None:
     ref = ((env.get(name) or {}).get("valueFrom") or {}).get("secretKeyRef")

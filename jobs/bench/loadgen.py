@@ -26,6 +26,10 @@ class HTTPError(RuntimeError):
     """A non-200 answer or a malformed body; counted as an error, never raised out of a level."""
 
 
+class Shed(HTTPError):
+    """A 503 the server answered at once to shed load; counted apart from errors."""
+
+
 class Connection:
     """One keep-alive HTTP/1.1 connection; requests on it are sequential."""
 
@@ -33,6 +37,7 @@ class Connection:
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.retry_after: str | None = None  # the last answer's Retry-After header
 
     async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
         if self.writer is None or self.writer.is_closing():
@@ -48,6 +53,7 @@ class Connection:
                 raise HTTPError("connection closed by the server")
             status = int(status_line.split()[1])
             length, close, chunked = 0, False, False
+            self.retry_after = None
             while True:
                 line = await self.reader.readline()
                 if line in (b"\r\n", b"\n", b""):
@@ -61,6 +67,8 @@ class Connection:
                     chunked = True
                 elif name == "connection" and value == "close":
                     close = True
+                elif name == "retry-after":
+                    self.retry_after = value
             payload = await (self._chunks() if chunked else self.reader.readexactly(length))
         except BaseException:
             self.close()
@@ -117,7 +125,8 @@ async def run_load(
     warmup_requests: int = 0,
 ) -> dict[str, Any]:
     """`concurrency` workers each send one request at a time until `duration_s` has passed or
-    `max_requests` were issued. `send` raises on any failure; failures are counted."""
+    `max_requests` were issued. `send` raises on any failure; failures are counted, a shed 503
+    apart (its worker waits the Retry-After it was given, as a polite client does)."""
     stream = itertools.cycle(range(len(texts)))
 
     def next_batch() -> list[str]:
@@ -126,7 +135,7 @@ async def run_load(
     await asyncio.gather(*(_safe(send, next_batch()) for _ in range(warmup_requests)))
     latencies: list[float] = []
     errors: list[str] = []
-    counts = {"issued": 0, "inputs": 0}
+    counts = {"issued": 0, "inputs": 0, "shed": 0, "shed_retry_after": 0}
     start = time.perf_counter()
     deadline = start + duration_s
 
@@ -139,6 +148,10 @@ async def run_load(
             if failure is None:
                 latencies.append(time.perf_counter() - t0)
                 counts["inputs"] += len(batch)
+            elif failure.startswith(Shed.__name__):
+                counts["shed"] += 1
+                counts["shed_retry_after"] += "retry-after" in failure
+                await asyncio.sleep(min(_retry_after_s(failure), max(0.0, deadline - t0)))
             else:
                 errors.append(failure)
 
@@ -152,11 +165,22 @@ async def run_load(
         "inputs": counts["inputs"],
         "errors": len(errors),
         "error_examples": sorted(set(errors))[:3],
+        "shed": counts["shed"],
+        "shed_with_retry_after": counts["shed_retry_after"],
         "duration_s": elapsed,
         "throughput_inputs_per_s": counts["inputs"] / elapsed if elapsed > 0 else 0.0,
         "requests_per_s": len(latencies) / elapsed if elapsed > 0 else 0.0,
         "latency_ms": percentiles(latencies),
     }
+
+
+def _retry_after_s(failure: str) -> float:
+    """The Retry-After a shed answer asked for (a polite client waits that long), else 0."""
+    _, found, value = failure.partition("retry-after=")
+    try:
+        return float(value.split()[0]) if found else 0.0
+    except (ValueError, IndexError):
+        return 0.0
 
 
 async def _safe(send: Callable[[list[str]], Awaitable[None]], batch: list[str]) -> str | None:
@@ -182,7 +206,10 @@ def http_sender(
         body = {"inputs": batch} if tasks is None else {"inputs": batch, "tasks": tasks}
         payload = json.dumps(body).encode()
         answers = await asyncio.gather(*(c.post(p, payload) for c, p in zip(conns, paths)))
-        for status, data in answers:
+        for (status, data), conn in zip(answers, conns):
+            if status == 503:
+                hint = f" retry-after={conn.retry_after}" if conn.retry_after else ""
+                raise Shed(f"HTTP 503{hint}")
             if status != 200:
                 raise HTTPError(f"HTTP {status}: {data[:200].decode(errors='replace')}")
             if check:

@@ -291,6 +291,14 @@ def serve(
             help="One log line per request (off by default: it costs CPU on the hot path).",
         ),
     ] = None,
+    levers: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated Ray Serve levers set before Ray starts, e.g. same_loop,haproxy, "
+            "or 'none' (default: the config's args.levers, else polytask's defaults; "
+            "docs/serving.md, Throughput levers)."
+        ),
+    ] = None,
 ) -> None:
     """Serve a model with Ray Serve: encoder and head deployments behind one HTTP API."""
     from polytask.serve import run_server
@@ -321,6 +329,7 @@ def serve(
         metrics_port=metrics_port,
         log_format=fmt,
         access_log=access_log,
+        levers=None if levers is None else [x for x in levers.split(",") if x.strip() not in ("", "none")],
     )
 
 

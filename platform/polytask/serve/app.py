@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve import Application
 
 from polytask.model.manifest import Manifest
+from polytask.serve.levers import DEFAULT_LEVERS, LeverError, apply_levers, require_levers
 from polytask.serve.refs import local_bundle, served_ref
 from polytask.serve.schemas import ServeArgs, ServeArgsError, parse_args
 from polytask.serve.versions import encoder_version, head_version
@@ -30,6 +32,9 @@ CPU_SURGE = {"max_surge_percent": 100}
 # --access-log`) replaces these keys; see `logging_options`.
 DEFAULT_LOGGING = {"enable_access_log": False}
 MAX_ONGOING = {"Ingress": 256, "Encoder": 64, "head": 64}
+# With `max_queued_requests` set on the Ingress, what the proxy answers a request it sheds: 503
+# with a Retry-After, so a client backs off instead of timing out (docs/serving.md, Overload).
+SHED = {"status_code": 503, "retry_after_s": 1}
 # Serve's defaults (probe every 10 s, 30 s to answer) leave a broken replica in service for up to
 # 40 s; `check_health` is cheap (no model call), so probe more often and give it less time.
 HEALTH_CHECK = {"health_check_period_s": 2.0, "health_check_timeout_s": 10.0}
@@ -38,8 +43,14 @@ HEALTH_CHECK = {"health_check_period_s": 2.0, "health_check_timeout_s": 10.0}
 def build_app(args: dict[str, Any]) -> Application:
     """`serve run polytask.serve:build_app model=...` and `import_path` of serve configs. The
     deployments get no logging_config in code, so the config's application-level
-    `logging_config` (Serve applies it to deployments that set none) decides."""
-    return compose(parse_args(args), logging_config=None)
+    `logging_config` (Serve applies it to deployments that set none) decides. Runs on the
+    cluster, so a lever the args name but the cluster's env lacks is refused here."""
+    parsed = parse_args(args)
+    try:
+        require_levers(parsed.levers or (), "the Ray cluster (the process building the app)")
+    except LeverError as exc:
+        raise ServeArgsError(str(exc)) from None
+    return compose(parsed, logging_config=None)
 
 
 def logging_options(
@@ -67,9 +78,11 @@ def compose(
     `logging_config` goes on every deployment (None: left to the application's)."""
     served = _served(parse_args(args), logging_config)
     tasks = _served_tasks(served)
-    overrides = _overrides(deployment_options, tasks)
-    encoder = _encoder(served, overrides["Encoder"])
-    heads = {task: _head(served, task, overrides[f"head_{task}"]) for task in tasks}
+    separate, colocated = _placements(served, tasks)
+    overrides = _overrides(deployment_options, separate, colocated)
+    encoder = _encoder(served, overrides["Encoder"], colocated)
+    heads: dict[str, Application | None] = dict.fromkeys(tasks)
+    heads.update({task: _head(served, task, overrides[f"head_{task}"]) for task in separate})
     return _ingress(served, encoder, heads, overrides["Ingress"])
 
 
@@ -114,13 +127,32 @@ def _served_tasks(served: _Served) -> list[str]:
     return tasks
 
 
+def _placements(served: _Served, tasks: list[str]) -> tuple[list[str], tuple[str, ...]]:
+    """(tasks with their own head deployment, tasks whose head runs in the Encoder)."""
+    unknown = sorted(set(served.args.head_placement) - set(tasks))
+    if unknown:
+        raise ServeArgsError(
+            f"head_placement: {', '.join(unknown)} not served; served tasks: {', '.join(tasks)}"
+        )
+    separate = [t for t in tasks if served.args.placement(t) == "separate"]
+    return separate, tuple(t for t in tasks if t not in separate)
+
+
 def _overrides(
-    deployment_options: dict[str, dict[str, Any]] | None, tasks: list[str]
+    deployment_options: dict[str, dict[str, Any]] | None,
+    tasks: list[str],
+    colocated: tuple[str, ...] = (),
 ) -> dict[str, dict[str, Any]]:
     """Options per deployment name (`Ingress`, `Encoder`, `head_<task>`); an unknown name is
     refused, since Serve would silently ignore it."""
     given = deployment_options or {}
     names = ["Ingress", "Encoder", *(f"head_{t}" for t in tasks)]
+    inside = sorted(set(given) & {f"head_{t}" for t in colocated})
+    if inside:
+        raise ServeArgsError(
+            f"deployments: {', '.join(inside)} runs inside the Encoder (placement with_encoder), "
+            "so it has no deployment options; remove the entry, or place the task separate"
+        )
     extra = sorted(set(given) - set(names))
     if extra:
         raise ServeArgsError(
@@ -130,9 +162,12 @@ def _overrides(
     return {name: dict(given.get(name, {})) for name in names}
 
 
-def _encoder(served: _Served, override: dict[str, Any]) -> Application:
+def _encoder(
+    served: _Served, override: dict[str, Any], colocated: tuple[str, ...] = ()
+) -> Application:
     """The Encoder, versioned by its weights and settings, not the model version: redeploying a
-    model that only gained heads reconfigures the running replicas instead of restarting them."""
+    model that only gained heads reconfigures the running replicas instead of restarting them.
+    `colocated` heads run inside it (their weights follow the model in `reconfigure`)."""
     from polytask.serve.encoder import Encoder
 
     args = served.args
@@ -143,11 +178,11 @@ def _encoder(served: _Served, override: dict[str, Any]) -> Application:
         **HEALTH_CHECK,
     }
     settings = (args.device, args.max_batch_size, args.batch_wait_timeout_s)
-    version = encoder_version(served.manifest, *settings)
+    version = encoder_version(served.manifest, *settings, heads=colocated)
     return (
         Encoder.options(**_merge(defaults, override))
         .options(version=version, _internal=True)
-        .bind(served.ref, *settings)
+        .bind(served.ref, *settings, heads=colocated)
     )
 
 
@@ -172,7 +207,10 @@ def _head(served: _Served, task: str, override: dict[str, Any]) -> Application:
 
 
 def _ingress(
-    served: _Served, encoder: Application, heads: dict[str, Application], override: dict[str, Any]
+    served: _Served,
+    encoder: Application,
+    heads: dict[str, Application | None],
+    override: dict[str, Any],
 ) -> Application:
     """The Ingress gets the args as validated and the manifest as read: no copies to keep in step."""
     from polytask.serve.ingress import Ingress
@@ -181,6 +219,7 @@ def _ingress(
         **served.common,
         "ray_actor_options": {"num_cpus": 0.5},
         "max_ongoing_requests": MAX_ONGOING["Ingress"],
+        "backpressure_config": SHED,
         **HEALTH_CHECK,
         **CPU_SURGE,
     }
@@ -286,9 +325,11 @@ def run_server(
     metrics_port: int | None = None,
     log_format: str | None = None,
     access_log: bool | None = None,
+    levers: list[str] | None = None,
 ) -> str:
     """Start Serve on host:port and deploy MODEL with the config's args and deployment options;
-    a given `cpu_variant` replaces the config's, `log_format`/`access_log` its logging_config.
+    a given `cpu_variant` replaces the config's, `log_format`/`access_log` its logging_config,
+    `levers` its `args.levers`.
 
     Returns the base URL; with `blocking`, serves until Ctrl-C and then shuts Serve down.
     """
@@ -300,7 +341,11 @@ def run_server(
 
     args, options, name, prefix, runtime_env, logging = app_from_config(config_path, cpu_variant)
     logging = logging_options(logging, log_format, access_log)
+    if levers is not None:
+        args["levers"] = [x.strip() for x in levers]
     parsed = parse_args({**args, "model": model})
+    if not ray.is_initialized():
+        _set_levers(parsed.levers, say)
     app = compose(parsed, options, logging)
     start_ray(metrics_port, say, runtime_env=runtime_env)
     serve.start(http_options={"host": host, "port": port}, logging_config=logging)
@@ -328,6 +373,18 @@ def run_server(
         finally:
             serve.shutdown()
     return url
+
+
+def _set_levers(levers: list[str] | None, say: Any) -> None:
+    """The levers' env in this process before it starts or joins Ray (a Ray started here passes
+    it to every Serve process; a joined cluster keeps its own, and an Ingress replica refuses to
+    start without the levers `levers` names); unset `levers` means polytask's defaults."""
+    try:
+        env = apply_levers(DEFAULT_LEVERS if levers is None else levers)
+    except LeverError as exc:
+        raise ServeArgsError(str(exc)) from None
+    if env:
+        say("Serve levers: " + " ".join(f"{k}={v}" for k, v in env.items()))
 
 
 def _stop_on_sigterm() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from ray import serve
 
 from polytask.serve.batching import MicroBatcher
+from polytask.serve.colocated import ColocatedHeads, HeadWatch
 from polytask.serve.health import Health, apply_deadline
 from polytask.serve.metrics import ServeMetrics
 from polytask.serve.refs import local_bundle, model_from_config, pin_model_uri
@@ -32,6 +33,7 @@ class _EncoderState:
     fingerprint: str
     pooling: str
     max_length: int
+    heads: ColocatedHeads  # the heads placed with_encoder, loaded for this encoder
 
 
 @dataclass
@@ -61,7 +63,9 @@ class Encoder:
         device: str = "cpu",
         max_batch_size: int = 32,
         batch_wait_timeout_s: float = 0.005,
+        heads: tuple[str, ...] = (),
     ) -> None:
+        """`heads`: the tasks whose heads run here, on this replica's output (`with_encoder`)."""
         import torch
 
         if device == "cuda" and not torch.cuda.is_available():
@@ -76,7 +80,9 @@ class Encoder:
         self.inputs = 0
         self.passes: list[int] = []
         self.metrics = ServeMetrics(model)
-        self.batcher: MicroBatcher[_EncodeCall, tuple[str, str, list[Any]]] = MicroBatcher(
+        self.colocated = tuple(heads)
+        self.head_watch = HeadWatch(self.colocated, self.metrics)
+        self.batcher: MicroBatcher[_EncodeCall, tuple[_EncoderState, list[Any]]] = MicroBatcher(
             self._encode_calls,
             size=lambda call: len(call.items),
             max_size=max(max_batch_size, 1024),
@@ -99,8 +105,9 @@ class Encoder:
                 f"{ref}: encoder weights have fingerprint {fingerprint} but polytask.json says "
                 f"{manifest.fingerprint}; the bundle was modified or is incomplete"
             )
+        heads = ColocatedHeads.load(path, self.colocated, fingerprint)
         return _EncoderState(
-            ref, encoder, tokenizer, fingerprint, manifest.pooling, manifest.max_length
+            ref, encoder, tokenizer, fingerprint, manifest.pooling, manifest.max_length, heads
         )
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -108,6 +115,7 @@ class Encoder:
         version with the same encoder (e.g. one that only added heads) swaps the reference
         without reloading the weights."""
         apply_deadline(self.health, config)
+        self.head_watch.reconfigure(config)
         model = model_from_config(config)
         if model is not None:
             ref = pin_model_uri(model)
@@ -117,18 +125,23 @@ class Encoder:
 
     def _same_encoder(self, ref: str) -> _EncoderState | None:
         """The loaded encoder under the new reference when `ref`'s bundle has the same weights
-        and settings (fingerprint, pooling, max_length), else None."""
+        and settings (fingerprint, pooling, max_length), else None; co-located heads are read
+        from `ref`'s bundle either way."""
         from dataclasses import replace
 
         from polytask.model.manifest import read_manifest
 
-        manifest = read_manifest(local_bundle(ref))
+        path = local_bundle(ref)
+        manifest = read_manifest(path)
         same = (manifest.fingerprint, manifest.pooling, manifest.max_length) == (
             self.state.fingerprint,
             self.state.pooling,
             self.state.max_length,
         )
-        return replace(self.state, ref=ref) if same else None
+        if not same:
+            return None
+        heads = ColocatedHeads.load(path, self.colocated, manifest.fingerprint)
+        return replace(self.state, ref=ref, heads=heads)
 
     def fingerprint(self) -> str:
         return self.state.fingerprint
@@ -138,6 +151,7 @@ class Encoder:
         input to blame, or one hung forward, fail the replica and Serve starts a new one."""
         self.metrics.failures.set(self.health.failures)
         self.health.check()
+        self.head_watch.check()
 
     def stats(self) -> dict[str, Any]:
         """`calls`: encode calls; `batches`/`batch_sizes`: inputs per gathered batch of calls."""
@@ -154,6 +168,7 @@ class Encoder:
             "failures_in_a_row": self.health.failures,
             "pid": os.getpid(),
             "loads": self.loads,
+            "colocated_calls": dict(self.head_watch.calls),
             **replica_identity(),
         }
 
@@ -163,9 +178,13 @@ class Encoder:
         pairs: list[str] | None,
         need_pooled: bool | list[bool],
         need_tokens: bool | list[bool],
+        heads: dict[str, list[int] | None] | None = None,
+        keep_items: bool = True,
     ) -> dict[str, Any]:
-        """Inputs → {fingerprint, model, items}; item i holds only what input i's heads need
-        (`need_*` per input, or one flag for all)."""
+        """Inputs → {fingerprint, model, items, answers}; item i holds only what input i's heads
+        need (`need_*` per input, or one flag for all). `heads` runs co-located heads on the
+        inputs each wants (None: all): `answers` is {task: answers, or the head's exception};
+        `keep_items=False` returns no items (no separate head needs them)."""
         n = len(texts)
         pooled = need_pooled if isinstance(need_pooled, list) else [need_pooled] * n
         tokens = need_tokens if isinstance(need_tokens, list) else [need_tokens] * n
@@ -177,10 +196,20 @@ class Encoder:
             _Item(t, pairs[i] if pairs is not None else None, pooled[i], tokens[i])
             for i, t in enumerate(texts)
         ]
-        fingerprint, ref, encoded = await self.batcher.submit(_EncodeCall(items))
-        return {"fingerprint": fingerprint, "model": ref, "items": encoded}
+        state, encoded = await self.batcher.submit(_EncodeCall(items))
+        answers = {}
+        if heads:
+            answers = await asyncio.to_thread(
+                self.head_watch.run, state.heads, heads, encoded, texts
+            )
+        return {
+            "fingerprint": state.fingerprint,
+            "model": state.ref,
+            "items": encoded if keep_items else None,
+            "answers": answers,
+        }
 
-    async def _encode_calls(self, calls: list[_EncodeCall]) -> list[tuple[str, str, list[Any]]]:
+    async def _encode_calls(self, calls: list[_EncodeCall]) -> list[tuple[_EncoderState, list[Any]]]:
         """All calls of a batch with one model version, in one worker thread."""
         state = self.state
         items = [item for call in calls for item in call.items]
@@ -193,7 +222,7 @@ class Encoder:
                 self.metrics.stages(seconds)
         out, start = [], 0
         for call in calls:
-            out.append((state.fingerprint, state.ref, encoded[start : start + len(call.items)]))
+            out.append((state, encoded[start : start + len(call.items)]))
             start += len(call.items)
         return out
 

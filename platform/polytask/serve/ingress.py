@@ -24,7 +24,9 @@ from ray.serve.handle import DeploymentHandle
 
 from polytask.model.manifest import Manifest, read_manifest  # not bundle: no torch here
 from polytask.serve.batching import MicroBatcher
+from polytask.serve.colocated import colocated_answer
 from polytask.serve.health import Health, stuck_after
+from polytask.serve.levers import active_levers, require_levers
 from polytask.serve.metrics import ServeMetrics
 from polytask.serve.refs import local_bundle, model_from_config, pin_model_uri
 from polytask.serve.replica import replica_identity
@@ -85,15 +87,17 @@ class Ingress:
     def __init__(
         self,
         encoder: DeploymentHandle,
-        heads: dict[str, DeploymentHandle],
+        heads: dict[str, DeploymentHandle | None],
         args: ServeArgs,
         ref: str,
         manifest: Manifest,
     ) -> None:
         """`args` as the application was given them; `ref` the pinned model reference and
-        `manifest` its bundle's, read once by the builder (a new replica reads no bundle)."""
+        `manifest` its bundle's, read once by the builder (a new replica reads no bundle).
+        `heads[task]` is None for a head placed `with_encoder` (it runs inside the Encoder)."""
         from ray.serve.exceptions import BackPressureError
 
+        require_levers(args.levers or (), "the Ingress replica")
         self.encoder = encoder
         self.heads = heads
         self.args = args
@@ -144,10 +148,12 @@ class Ingress:
 
     def stats(self) -> dict[str, Any]:
         """Requests (`jobs`) and inputs per batch sent down the pipeline; `calls`: batch calls
-        made downstream (each: an Encoder call per view and a call per requested head)."""
+        made downstream (each: an Encoder call per view and a call per requested head);
+        `levers`: the Serve levers in this replica's environment."""
         return {
             **self.batcher.stats.as_dict(),
             "retried": self.retried,
+            "levers": active_levers(),
             "pid": os.getpid(),
             **replica_identity(),
         }
@@ -191,7 +197,8 @@ class Ingress:
     ) -> list[tuple[list[dict[str, Any]], dict[str, Any]]]:
         """Encoder once per view (single texts, text pairs) over every input of the batch whose
         request asked for a task of that view, then each requested head once, concurrently, on
-        the inputs of the requests that asked for it.
+        the inputs of the requests that asked for it; heads placed `with_encoder` run in the
+        Encoder call itself, which then returns items only when a separate head needs them.
 
         The encoder's response is handed to the heads unresolved, so its arrays go from the encoder
         to the heads through the object store without passing through this replica. Every call
@@ -223,22 +230,29 @@ class Ingress:
                 tokens += ["token" in levels] * len(job.inputs)
             if not texts:
                 continue
-            encoded = self.encoder.encode.remote(
-                texts, pairs if pair_view else None, pooled, tokens
-            )
-            sent.append(encoded)
             view_tasks = dict.fromkeys(
                 t for j in spans for t in jobs[j].tasks if self.specs[t].pair == pair_view
             )
+            wanted = {}  # task → (its jobs, its input indices or None for all)
             for task in view_tasks:
                 mine = [(j, *spans[j]) for j in spans if task in jobs[j].tasks]
                 indices = [i for _, start, n in mine for i in range(start, start + n)]
-                every = len(indices) == len(texts)
-                response = self.heads[task].predict.remote(
-                    encoded,
-                    texts if every else [texts[i] for i in indices],
-                    None if every else indices,
-                )
+                wanted[task] = (mine, None if len(indices) == len(texts) else indices)
+            here = {t: wanted[t][1] for t in view_tasks if self.heads[t] is None}
+            encoded = self.encoder.encode.remote(
+                texts, pairs if pair_view else None, pooled, tokens, here, len(here) < len(wanted)
+            )
+            sent.append(encoded)
+            shared = asyncio.ensure_future(encoded) if here else None
+            for task, (mine, indices) in wanted.items():
+                if self.heads[task] is None:
+                    response = asyncio.ensure_future(colocated_answer(shared, task))
+                else:
+                    response = self.heads[task].predict.remote(
+                        encoded,
+                        texts if indices is None else [texts[i] for i in indices],
+                        indices,
+                    )
                 calls.append((task, mine, response))
                 sent.append(response)
         try:

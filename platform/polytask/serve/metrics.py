@@ -26,7 +26,8 @@ METRICS = {
     "polytask_request_latency_s": "end-to-end seconds in the Ingress of answered (200) requests, "
     "by task",
     "polytask_stage_latency_s": "seconds per stage: ingress_queue and encoder_queue (micro-batcher "
-    "wait, per request), tokenize and encoder_forward (per pass), head (per head call)",
+    "wait, per request), tokenize and encoder_forward (per pass), head (per head call; "
+    "head_<task> for a head placed with_encoder)",
     "polytask_batch_inputs": "inputs per micro-batch, by batcher (ingress, encoder)",
     "polytask_encoder_pass_inputs": "inputs per encoder forward pass (after length-sorting and "
     "cutting at max_batch_size)",

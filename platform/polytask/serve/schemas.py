@@ -21,6 +21,8 @@ from pydantic import (
 )
 
 from polytask.errors import describe_errors
+from polytask.serve.colocated import Placement
+from polytask.serve.levers import LeverName
 
 
 class ServeArgsError(ValueError):
@@ -41,6 +43,12 @@ class HeadOptions(BaseModel):
     num_replicas: int | None = Field(None, ge=1, description="Fixed count (no autoscaling).")
     graceful_shutdown_timeout_s: float | None = Field(None, ge=0)
     graceful_shutdown_wait_loop_s: float | None = Field(None, gt=0)
+    placement: Placement = Field(
+        "separate",
+        description="separate: each head its own autoscaled deployment `head_<task>`; "
+        "with_encoder: heads run inside the Encoder replica on its batch (no hop, no deployment). "
+        "`head_placement` overrides it per task.",
+    )
 
     @field_validator("ray_actor_options")
     @classmethod
@@ -53,7 +61,8 @@ class HeadOptions(BaseModel):
         return value
 
     def as_options(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
+        """The Serve deployment options (placement is polytask's, not Serve's)."""
+        return self.model_dump(exclude_none=True, exclude={"placement"})
 
 
 class ServeArgs(BaseModel):
@@ -107,6 +116,17 @@ class ServeArgs(BaseModel):
         description="Time a client has to send its whole body; a slower one gets 408.",
     )
     head_options: HeadOptions = Field(default_factory=HeadOptions)
+    head_placement: dict[str, Placement] = Field(
+        default_factory=dict,
+        description="Per-task placement overriding head_options.placement, e.g. "
+        "{sentiment: with_encoder, summarize: separate}.",
+    )
+    levers: list[LeverName] | None = Field(
+        None,
+        description="Ray Serve env levers this app needs (docs/serving.md, Throughput levers); "
+        "`polytask serve` sets them before it starts Ray, a cluster must have them in its pods' "
+        "env. Unset: polytask's defaults where `polytask serve` starts Ray, none required.",
+    )
     cpu_variant: str | None = Field(
         None,
         description="With device cpu, serve this `polytask compress` variant of `model` (int8, "
@@ -130,6 +150,10 @@ class ServeArgs(BaseModel):
         if isinstance(value, str):
             return [t.strip() for t in value.split(",") if t.strip()]
         return value
+
+    def placement(self, task: str) -> str:
+        """Where `task`'s head runs."""
+        return self.head_placement.get(task, self.head_options.placement)
 
     @property
     def body_limit(self) -> int:

@@ -37,8 +37,15 @@ def _version(kind: str, parts: dict[str, Any]) -> str:
     return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
-def encoder_version(manifest: Any, device: str, max_batch_size: int, batch_wait_s: float) -> str:
-    """Same encoder weights and settings ⇒ same version, whichever model version carries them."""
+def encoder_version(
+    manifest: Any,
+    device: str,
+    max_batch_size: int,
+    batch_wait_s: float,
+    heads: tuple[str, ...] = (),
+) -> str:
+    """Same encoder weights and settings ⇒ same version, whichever model version carries them;
+    `heads` (placed with_encoder) are constructor settings too."""
     return _version(
         "encoder",
         {
@@ -50,6 +57,7 @@ def encoder_version(manifest: Any, device: str, max_batch_size: int, batch_wait_
             "device": device,
             "max_batch_size": max_batch_size,
             "batch_wait_s": batch_wait_s,
+            **({"heads": list(heads)} if heads else {}),
         },
     )
 
