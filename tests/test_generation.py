@@ -1,0 +1,148 @@
+"""Generation tasks in-process: metrics, both decoder heads training, decoding caps and the step
+callback, the bundle round trip and prediction (tiny random BERT and T5, built locally)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from polytask.model.bundle import BundleError, load_bundle, load_head, save_bundle
+from polytask.model.generation import (
+    build_generation_head,
+    generate,
+    generate_text,
+    pad_targets,
+    resolve_decoder,
+)
+from polytask.model.inference import Predictor, encode_batch, pad_states, run_head
+from polytask.model.network import build_model, load_encoder
+from polytask.tasks import KINDS, GenerationSpec, TaskSpec
+
+PAIRS = [  # targets: the entities (the tiny vocabulary has no ';')
+    ("alice flew to paris last week", "alice and paris"),
+    ("the movie was great", "none"),
+    ("bob works for acme near oslo", "bob and acme and oslo"),
+    ("we met dana in lima", "dana and lima"),
+]
+
+
+def _spec(**gen) -> TaskSpec:
+    return TaskSpec("entities", "generation", [], dropout=0.0, generation=GenerationSpec(**gen))
+
+
+def _train(encoder_dir: Path, steps: int, **gen):
+    """A classification + generation model trained jointly on PAIRS for `steps` steps."""
+    torch.manual_seed(0)
+    encoder, tokenizer = load_encoder(str(encoder_dir))
+    spec = resolve_decoder(_spec(**gen), encoder.config)
+    cls = TaskSpec("sentiment", "classification", ["negative", "positive"])
+    head = build_generation_head(spec, tokenizer, encoder, str(encoder_dir))
+    model = build_model(encoder, [cls, spec], pooling="cls", heads={"entities": head})
+    batch = dict(tokenizer([s for s, _ in PAIRS], padding=True, return_tensors="pt"))
+    gen_batch = {**batch, "labels": pad_targets(head.target_ids([t for _, t in PAIRS], 32))}
+    cls_batch = {**batch, "labels": torch.tensor([0, 1, 0, 1])}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        _, loss, weighted = model("entities", gen_batch)
+        _, _, cls_weighted = model("sentiment", cls_batch)
+        opt.zero_grad()
+        (weighted + cls_weighted).backward()
+        opt.step()
+        losses.append(loss.item())
+    return model.eval(), tokenizer, spec, losses
+
+
+@pytest.fixture(scope="module")
+def trained_t5(tiny_seq2seq: Path):
+    return _train(tiny_seq2seq, 40, max_new_tokens=16)
+
+
+def test_metrics_score_text_on_a_0_to_100_scale() -> None:
+    kind = KINDS["generation"]
+    refs = [t for _, t in PAIRS]
+    perfect = kind.metrics(refs, refs, _spec())
+    assert perfect == pytest.approx({"bleu": 100.0, "chrf": 100.0, "rouge_l": 100.0})
+    worse = kind.metrics(["alice and paris", "none", "bob and acme and lima", "dana"], refs, _spec())
+    assert set(worse) == set(kind.metric_names) and all(0 < v < 100 for v in worse.values()), worse
+    assert kind.decode("x y", _spec()) == {"text": "x y"}
+
+
+def test_new_decoder_on_an_encoder_only_checkpoint_learns(tiny_encoder: Path) -> None:
+    model, tokenizer, spec, losses = _train(tiny_encoder, 25, decoder_layers=1, max_new_tokens=16)
+    head = model.heads["entities"]
+    assert spec.generation.decoder == "new" and head.source == "new"
+    assert head.decoder.config.add_cross_attention and head.decoder.config.num_hidden_layers == 1
+    assert head.decoder.config.vocab_size == len(tokenizer)
+    assert (head.start_id, head.eos_id) == (tokenizer.cls_token_id, tokenizer.sep_token_id)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_checkpoint_decoder_learns_and_holds_no_encoder_weights(trained_t5) -> None:
+    model, _, spec, losses = trained_t5
+    assert spec.generation.decoder == "checkpoint"
+    assert losses[-1] < 0.3 * losses[0]
+    head_params = {id(p) for p in model.heads["entities"].parameters()}
+    assert not head_params & {id(p) for p in model.encoder.parameters()}
+    assert not any(".encoder." in n for n, _ in model.heads["entities"].named_parameters())
+
+
+def _states(model, tokenizer, texts):
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        return model.encoder(**enc).last_hidden_state, enc["attention_mask"]
+
+
+def test_generate_caps_rows_beams_and_on_step_stops_early(trained_t5) -> None:
+    model, tokenizer, _, _ = trained_t5
+    head = model.heads["entities"]
+    states, mask = _states(model, tokenizer, [s for s, _ in PAIRS])
+    free = generate(head, states, mask, max_new_tokens=16)
+    assert generate_text(head, states, mask, max_new_tokens=16) == [t for _, t in PAIRS]
+    capped = generate(head, states, mask, max_new_tokens=[1, 16, 2, 16])
+    assert [len(r) for r in capped] == [1, len(free[1]), 2, len(free[3])]
+    assert capped[2] == free[2][:2]
+    beams = generate(head, states, mask, max_new_tokens=[2, 16, 16, 16], num_beams=3)
+    assert len(beams[0]) <= 2 and beams[1:] == free[1:]  # a learnt mapping: beams agree
+    calls = []
+
+    def on_step(step, tokens, finished):
+        calls.append((step, tokens, finished))
+        return step < 1  # stop after the second step
+
+    stopped = generate(head, states, mask, max_new_tokens=16, on_step=on_step)
+    assert [c[0] for c in calls] == [0, 1]
+    assert stopped == [r[:2] for r in free]
+    assert calls[0][1] == [r[0] for r in free] and calls[0][2] == [False] * 4
+    with pytest.raises(ValueError, match="greedy"):
+        generate(head, states, mask, num_beams=2, on_step=on_step)
+    with pytest.raises(ValueError, match="one per row"):
+        generate(head, states, mask, max_new_tokens=[3, 3])
+
+
+def test_bundle_round_trip_predicts_text_and_refuses_other_encoders(trained_t5, tmp_path: Path) -> None:
+    model, tokenizer, _, _ = trained_t5
+    save_bundle(model, tokenizer, tmp_path / "b", max_length=32)
+    head_dir = tmp_path / "b" / "heads" / "entities"
+    assert sorted(p.name for p in head_dir.iterdir()) == ["head.json", "head.safetensors"]
+    meta = json.loads((head_dir / "head.json").read_text())
+    assert meta["decoder"]["source"] == "checkpoint" and meta["spec"]["generation"]["max_new_tokens"] == 16
+    loaded, _, manifest = load_bundle(tmp_path / "b")
+    assert type(loaded.encoder).__name__ == "T5Stack"  # the encoder reloads alone
+    texts = [s for s, _ in PAIRS]
+    answers = Predictor(loaded, tokenizer, 32).predict(texts)
+    assert [a["entities"] for a in answers] == [{"text": t} for _, t in PAIRS]
+    assert set(answers[0]) == {"sentiment", "entities"}
+    items = encode_batch(
+        model.encoder, tokenizer, texts, None, max_length=32, pooling="cls", need_pooled=False, need_tokens=True
+    )
+    assert run_head(model.heads["entities"], manifest.task("entities"), items, texts) == [
+        a["entities"] for a in answers
+    ]
+    states, mask = pad_states(items)
+    assert mask.sum(1).tolist() == [len(i.tokens) for i in items] and states.shape[0] == 4
+    with pytest.raises(BundleError, match="trained against encoder"):
+        load_head(tmp_path / "b", "entities", "0" * 16)
