@@ -145,8 +145,8 @@ def test_freeze_trains_heads_only_with_the_encoder_in_eval_mode(experiment):
     eval mode (no dropout) during training, and the heads did learn."""
     from polytask.model.network import encoder_fingerprint
     from polytask.training.data import load_task_data
+    from polytask.training.features import load_tokenizer
     from polytask.training.loop import build_features, fit, setup
-    from polytask.training.ray_run import load_tokenizer
 
     cfg = experiment(epochs=1, lr=5e-3, num_workers=1)
     cfg = cfg.model_copy(update={"encoder": cfg.encoder.model_copy(update={"freeze": True})})

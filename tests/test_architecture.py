@@ -97,7 +97,7 @@ def test_no_import_cycles() -> None:
 def test_serving_never_imports_training_or_compression() -> None:
     """A Serve replica must not pull in the training stack (datasets, Ray Train) or the tool."""
     graph = _graph()
-    seen, todo = set(), ["polytask.serve.deployments", "polytask.serve.app"]
+    seen, todo = set(), ["polytask.serve.ingress", "polytask.serve.app"]
     while todo:
         mod = todo.pop()
         if mod in seen:
@@ -113,7 +113,7 @@ def test_the_http_front_reads_a_model_without_importing_torch(untrained_bundle: 
     not pay for importing torch, transformers or MLflow on a bundle path."""
     code = (
         "import sys\n"
-        "from polytask.serve.deployments import Ingress\n"
+        "from polytask.serve.ingress import Ingress\n"
         "from polytask.serve.http import create_api\n"
         "from polytask.serve.refs import local_bundle\n"
         "from polytask.model.manifest import read_manifest\n"

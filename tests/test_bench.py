@@ -177,6 +177,21 @@ def test_ratios_and_targets_read_one_run():
 # --- end to end ------------------------------------------------------------------------------------
 
 
+def test_shown_path_keeps_only_the_checkout_and_shared_relative(tmp_path, monkeypatch):
+    """A checkout cloned straight into the temp dir (/tmp/polytask): the temp files of a test run
+    beside it are not the repo's and keep their absolute path."""
+    import common
+
+    checkout = tmp_path / "polytask"
+    monkeypatch.setattr(common, "REPO_ROOT", checkout)
+    texts = tmp_path / "pytest-of-me" / "texts.tsv"
+    assert common.shown_path(texts) == str(texts)
+    assert common.shown_path(tmp_path / "polytask-old" / "a.tsv") == str(tmp_path / "polytask-old" / "a.tsv")
+    assert common.shown_path(checkout / "bench_results" / "a.tsv") == "bench_results/a.tsv"
+    dev = tmp_path / "shared" / "data" / "sst2" / "dev.tsv"
+    assert common.shown_path(dev) == "../shared/data/sst2/dev.tsv"
+
+
 def test_serve_bench_tiny_end_to_end(tmp_path):
     from polytask.demo import demo_corpus
 

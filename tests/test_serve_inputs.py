@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from polytask.serve.health import Health
-from polytask.serve.http import APIError, prepare_inputs
-from polytask.serve.inputs import InputRejected, TextError, clean_text
+from polytask.serve.schemas import ServeArgs
+from polytask.serve.validation import APIError, InputRejected, TextError, clean_text, prepare_inputs
 from polytask.tasks import TaskSpec
 
 
@@ -41,30 +41,27 @@ def test_control_characters_become_spaces_so_offsets_stay_true():
         assert clean_text(kept, "inputs[0]") == kept
 
 
-def _ingress(**settings) -> SimpleNamespace:
-    base = {"max_inputs_per_request": 8, "max_chars_per_input": 50, "overflow": "reject"}
-    specs = {
-        "sentiment": TaskSpec("sentiment", "classification", ["neg", "pos"]),
-        "nli": TaskSpec("nli", "pair_classification", ["yes", "no"]),
-    }
-    return SimpleNamespace(specs=specs, settings=SimpleNamespace(**{**base, **settings}))
+SPECS = {
+    "sentiment": TaskSpec("sentiment", "classification", ["neg", "pos"]),
+    "nli": TaskSpec("nli", "pair_classification", ["yes", "no"]),
+}
+ARGS = ServeArgs(model="m", max_inputs_per_request=8, max_chars_per_input=50, overflow="reject")
 
 
 def test_prepare_inputs_names_the_bad_input_and_cleans_the_rest():
     from polytask.serve.schemas import PairInput
 
-    ingress = _ingress()
-    assert prepare_inputs(ingress, ["fine", "nul\x00here"], ["sentiment"]) == [
+    assert prepare_inputs(SPECS, ARGS, ["fine", "nul\x00here"], ["sentiment"]) == [
         ("fine", None),
         ("nul here", None),
     ]
     with pytest.raises(APIError) as caught:
-        prepare_inputs(ingress, ["fine", "also fine", "\ud83d bad"], ["sentiment"])
+        prepare_inputs(SPECS, ARGS, ["fine", "also fine", "\ud83d bad"], ["sentiment"])
     assert (caught.value.status, caught.value.code) == (422, "invalid_text")
     assert caught.value.message.startswith("inputs[2] holds a lone UTF-16 surrogate")
     pair = PairInput(text="a text", text_pair="\u2060\u200c")
     with pytest.raises(APIError) as caught:
-        prepare_inputs(ingress, [pair], ["nli"])
+        prepare_inputs(SPECS, ARGS, [pair], ["nli"])
     assert caught.value.code == "empty_text" and "inputs[0].text_pair" in caught.value.message
 
 
@@ -98,7 +95,7 @@ def test_encoder_blames_the_input_the_tokenizer_refuses_and_stays_healthy(untrai
     """A pass that fails on one input raises InputRejected with that input's index (the Ingress
     answers it as `inputs[i]`); a pass that fails with every input fine counts against the
     replica, and after three in a row `check_health` fails it."""
-    from polytask.serve.deployments import Encoder
+    from polytask.serve.encoder import Encoder
 
     encoder = Encoder.func_or_class(str(untrained_bundle))
 

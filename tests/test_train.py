@@ -74,6 +74,21 @@ def test_label_outside_label_set_fails_before_ray(no_ray, demo_data, tiny_encode
         run_training(cfg, run_name="bad-label")
 
 
+def test_injected_faults_come_from_the_environment_not_the_config(demo_data, tiny_encoder):
+    """The chaos tests' faults are no experiment setting: `POLYTASK_FAULTS` plans them."""
+    from polytask.config import ConfigError
+    from polytask.training import faults
+
+    with pytest.raises(ConfigError, match="run.fail_at_epoch: is not a known field"):
+        _cfg(demo_data, tiny_encoder, sections={"run": {"fail_at_epoch": 0}})
+    assert faults.from_env({faults.ENV: "fail_at_epoch=1"}) == {"fail_at_epoch": 1}
+    assert faults.from_env({faults.ENV: '{"hold_at_epoch": 0}'}) == {"hold_at_epoch": 0}
+    assert faults.from_env({}) == {}
+    for bad in ("fail_at=1", "fail_at_epoch=-1", "fail_at_epoch", "[1]"):
+        with pytest.raises(ValueError, match="POLYTASK_FAULTS=.*expected fail_at_epoch or hold"):
+            faults.from_env({faults.ENV: bad})
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, _migrated_store):
     """One MLflow store + polytask home for the Ray runs of this module."""
@@ -114,7 +129,7 @@ def killed_run(ray_local, store, demo_data, tiny_encoder):
         epochs=2,
         num_workers=2,
         registered_model=None,
-        sections={"run": {"hold_at_epoch": 1, "max_failures": 1}},
+        sections={"run": {"max_failures": 1}},
     )
     pid_file = store.root / "home" / "ray_results" / "killed" / "rank0.pid"
     killed: dict[str, float] = {}
@@ -131,7 +146,9 @@ def killed_run(ray_local, store, demo_data, tiny_encoder):
 
     killer = threading.Thread(target=kill_when_held, daemon=True)
     killer.start()
-    result = run_training(cfg, run_name="killed")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POLYTASK_FAULTS", "hold_at_epoch=1")
+        result = run_training(cfg, run_name="killed")
     finished = time.monotonic()
     killer.join(timeout=5)
     assert "pid" in killed, "the worker never reached its kill point"
@@ -237,15 +254,15 @@ def test_test_split_is_scored_once_logged_and_printed(store, first_run):
     of that bundle computes them, are in the MLflow run (once) and in the printed summary."""
     from polytask.model.bundle import load_bundle
     from polytask.tracking.registry import resolve_bundle
-    from polytask.training.data import load_task_data, tokenize_records
+    from polytask.training.data import load_task_data
+    from polytask.training.features import tokenize_split
     from polytask.training.loop import evaluate
 
     res, cfg = first_run.result, first_run.cfg
     model, tokenizer, manifest = load_bundle(resolve_bundle(f"models:/train-demo/{res.model_version}"))
-    features = {
-        name: tokenize_records(td.splits["test"], manifest.task(name), tokenizer, manifest.max_length)
-        for name, td in load_task_data(cfg).items()
-    }
+    features = tokenize_split(
+        load_task_data(cfg), "test", tokenizer, manifest.max_length, spec_of=manifest.task
+    )
     assert [len(f) for f in features.values()] == [50, 50]
     expected = evaluate(model, features, cfg.optim.eval_batch_size, tokenizer.pad_token_id)
     assert set(expected) == {"sentiment", "ner"} and res.test_metrics.keys() == expected.keys()
@@ -330,10 +347,12 @@ def test_fsdp_run_resumes_and_matches_ddp(store, first_run, demo_data, tiny_enco
         registered_model=None,
         sections={
             "scaling": {"parallel_strategy": "fsdp"},
-            "run": {"fail_at_epoch": 0, "max_failures": 1},
+            "run": {"max_failures": 1},
         },
     )
-    res = run_training(cfg, run_name="fsdp")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POLYTASK_FAULTS", '{"fail_at_epoch": 0}')
+        res = run_training(cfg, run_name="fsdp")
     assert [(r["epoch"], r["start_epoch"]) for r in res.history] == [(0, 0), (1, 1)]
     for ddp, fsdp in zip(first_run.result.history, res.history, strict=True):
         for key in ("train_loss/sentiment", "train_loss/ner", "objective"):

@@ -51,9 +51,10 @@ def read_texts(path: str | Path) -> list[str]:
 
 def shown_path(path: str | Path) -> str:
     """A path as results files record it: relative to the repo root when it lies in the checkout
-    or beside it (../shared/data), so no machine's layout is committed; else as given."""
+    or in its `../shared` sibling, so no machine's layout is committed; else as given (anything
+    else beside the checkout, e.g. a temp dir holding a checkout cloned into it, is not ours)."""
     resolved = Path(path).resolve()
-    if resolved.is_relative_to(REPO_ROOT.parent):
+    if any(resolved.is_relative_to(ours) for ours in (REPO_ROOT, REPO_ROOT.parent / "shared")):
         return os.path.relpath(resolved, REPO_ROOT)
     return str(path)
 

@@ -76,7 +76,8 @@ def run_scale(args: argparse.Namespace) -> dict[str, Any]:
 
     from polytask.config import config_from_dict
     from polytask.tracking.registry import client, ensure_experiment, tracking_uri
-    from polytask.training.ray_run import fit_on_ray, storage_path, tokenize_experiment
+    from polytask.training.features import tokenize_experiment
+    from polytask.training.ray_run import fit_on_ray, storage_path
 
     work = Path(args.work)
     os.environ["POLYTASK_HOME"] = str(work / f"home-{args.scale}")

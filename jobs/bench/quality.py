@@ -151,17 +151,14 @@ def train_and_evaluate(cfg: Any, device: str) -> dict[str, Any]:
     import torch
 
     from polytask.model.network import load_encoder
-    from polytask.training.data import load_task_data, tokenize_records
+    from polytask.training.data import load_task_data
+    from polytask.training.features import tokenize_split
     from polytask.training.loop import build_features, evaluate, fit, setup
 
     task_data = load_task_data(cfg)
     _, tokenizer = load_encoder(cfg.encoder.name_or_path)
     train_f, val_f = build_features(cfg, task_data, tokenizer)
-    test_f = {
-        name: tokenize_records(td.splits["test"], td.spec, tokenizer, cfg.encoder.max_length)
-        for name, td in task_data.items()
-        if td.splits.get("test")
-    }
+    test_f = tokenize_split(task_data, "test", tokenizer, cfg.encoder.max_length)
     tr = setup(
         cfg, [td.spec for td in task_data.values()], train_f, val_f, device=torch.device(device)
     )

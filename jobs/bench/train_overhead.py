@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from polytask.training.ray_run import tokenize_experiment
+    from polytask.training.features import tokenize_experiment
 
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="polytask-bench-") as tmp:

@@ -242,15 +242,6 @@ class RunConfig(_Section):
         description="`polytask train` prints a progress line this often (and at the end of each "
         "epoch); 0: after every step.",
     )
-    fail_at_epoch: int | None = Field(
-        None, ge=0, description="Testing aid: raise once in rank 0 after this epoch's checkpoint."
-    )
-    hold_at_epoch: int | None = Field(
-        None,
-        ge=0,
-        description="Testing aid (chaos tests): in the first attempt, rank 0 writes its pid to "
-        "<storage>/<run name>/rank0.pid halfway through this epoch and waits to be killed.",
-    )
 
 
 class TrackingConfig(_Section):

@@ -156,7 +156,8 @@ def _features(
 ) -> dict[str, list[dict[str, Any]]]:
     """Tokenized features of one split for the tasks the bundle and the experiment share,
     labelled with the bundle's own label order."""
-    from polytask.training.data import load_task_data, tokenize_records
+    from polytask.training.data import load_task_data
+    from polytask.training.features import tokenize_split
 
     known = {s.name for s in manifest.tasks}
     shared = [t for t in cfg.task_names if t in known]
@@ -166,13 +167,8 @@ def _features(
             f"{sorted(known)}; pass the experiment the model was trained with"
         )
     task_data = load_task_data(cfg)
-    return {
-        name: tokenize_records(
-            task_data[name].splits[split], manifest.task(name), tokenizer, manifest.max_length
-        )
-        for name in shared
-        if task_data[name].splits.get(split)
-    }
+    mine = {name: task_data[name] for name in shared}
+    return tokenize_split(mine, split, tokenizer, manifest.max_length, spec_of=manifest.task)
 
 
 def _importance_losses(

@@ -8,13 +8,17 @@ not a local path, and resolve it on their own node.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
+from polytask.model.manifest import Manifest
+from polytask.serve.refs import local_bundle, served_ref
 from polytask.serve.schemas import ServeArgs, ServeArgsError, parse_args
+from polytask.serve.versions import encoder_version, head_version
 
 APP_NAME = "polytask"
 # Replacement replicas of cheap CPU deployments start before the old ones stop (no gap in a
@@ -61,100 +65,124 @@ def compose(
     """The bound application; `deployment_options` ({deployment name: Serve options}) are applied
     last, the way a config's `deployments:` list overrides options set in code.
     `logging_config` goes on every deployment (None: left to the application's)."""
-    from polytask.model.manifest import BundleError, read_manifest
-    from polytask.serve.deployments import Encoder, Head, Ingress
-    from polytask.serve.refs import local_bundle, served_ref
-    from polytask.serve.versions import encoder_version, head_version
+    served = _served(parse_args(args), logging_config)
+    tasks = _served_tasks(served)
+    overrides = _overrides(deployment_options, tasks)
+    encoder = _encoder(served, overrides["Encoder"])
+    heads = {task: _head(served, task, overrides[f"head_{task}"]) for task in tasks}
+    return _ingress(served, encoder, heads, overrides["Ingress"])
 
-    args = parse_args(args)
+
+@dataclass
+class _Served:
+    """What every builder reads: the args as validated, the pinned model reference, its local
+    bundle and manifest (read once, here), and the options every deployment shares."""
+
+    args: ServeArgs
+    ref: str
+    bundle: Path
+    manifest: Manifest
+    common: dict[str, Any]
+
+
+def _served(args: ServeArgs, logging_config: dict[str, Any] | None) -> _Served:
+    from polytask.model.manifest import BundleError, read_manifest
+
     ref = served_ref(args)
     try:
         bundle = local_bundle(ref)
         manifest = read_manifest(bundle)
     except (FileNotFoundError, BundleError) as exc:
         raise ServeArgsError(f"model: {exc}") from exc
-    known = [s.name for s in manifest.tasks]
-    tasks = list(dict.fromkeys(args.tasks)) if args.tasks else known
+    common: dict[str, Any] = {"user_config": {"model": ref}}
+    if logging_config is not None:
+        common["logging_config"] = dict(logging_config)
+    return _Served(args, ref, bundle, manifest, common)
+
+
+def _served_tasks(served: _Served) -> list[str]:
+    """`args.tasks` (each must be in the model), else every task of the model."""
+    known = [s.name for s in served.manifest.tasks]
+    tasks = list(dict.fromkeys(served.args.tasks)) if served.args.tasks else known
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise ServeArgsError(
-            f"tasks: {', '.join(unknown)} not in model {ref}; it has: {', '.join(known)}"
+            f"tasks: {', '.join(unknown)} not in model {served.ref}; it has: {', '.join(known)}"
         )
+    return tasks
+
+
+def _overrides(
+    deployment_options: dict[str, dict[str, Any]] | None, tasks: list[str]
+) -> dict[str, dict[str, Any]]:
+    """Options per deployment name (`Ingress`, `Encoder`, `head_<task>`); an unknown name is
+    refused, since Serve would silently ignore it."""
+    given = deployment_options or {}
     names = ["Ingress", "Encoder", *(f"head_{t}" for t in tasks)]
-    extra = sorted(set(deployment_options or {}) - set(names))
+    extra = sorted(set(given) - set(names))
     if extra:
         raise ServeArgsError(
             f"deployments: {', '.join(extra)} is not a deployment of this app; names are: "
             f"{', '.join(names)}"
         )
-    opts = {name: dict((deployment_options or {}).get(name, {})) for name in names}
-    user_config = {"model": ref}
-    logging = {} if logging_config is None else {"logging_config": dict(logging_config)}
+    return {name: dict(given.get(name, {})) for name in names}
 
-    encoder = Encoder.options(
-        **_merge(
-            {
-                "user_config": user_config,
-                "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if args.device == "cuda" else 0},
-                "max_ongoing_requests": MAX_ONGOING["Encoder"],
-                **logging,
-                **HEALTH_CHECK,
-            },
-            opts["Encoder"],
-        )
+
+def _encoder(served: _Served, override: dict[str, Any]) -> Application:
+    """The Encoder, versioned by its weights and settings, not the model version: redeploying a
+    model that only gained heads reconfigures the running replicas instead of restarting them."""
+    from polytask.serve.encoder import Encoder
+
+    args = served.args
+    defaults = {
+        **served.common,
+        "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if args.device == "cuda" else 0},
+        "max_ongoing_requests": MAX_ONGOING["Encoder"],
+        **HEALTH_CHECK,
+    }
+    settings = (args.device, args.max_batch_size, args.batch_wait_timeout_s)
+    version = encoder_version(served.manifest, *settings)
+    return (
+        Encoder.options(**_merge(defaults, override))
+        .options(version=version, _internal=True)
+        .bind(served.ref, *settings)
     )
-    # A version that names the weights, not the model version: redeploying a model that only
-    # gained heads reconfigures the running Encoder replicas instead of restarting them.
-    encoder = encoder.options(
-        version=encoder_version(
-            manifest, args.device, args.max_batch_size, args.batch_wait_timeout_s
-        ),
-        _internal=True,
-    ).bind(ref, args.device, args.max_batch_size, args.batch_wait_timeout_s)
-    head_defaults = {
-        "user_config": user_config,
+
+
+def _head(served: _Served, task: str, override: dict[str, Any]) -> Application:
+    """`head_<task>`: code defaults, then `args.head_options` (every head), then its override."""
+    from polytask.serve.head import Head
+
+    defaults = {
+        **served.common,
+        "name": f"head_{task}",
         "ray_actor_options": {"num_cpus": 0.25},
         "max_ongoing_requests": MAX_ONGOING["head"],
-        **logging,
         **HEALTH_CHECK,
         **CPU_SURGE,
     }
-    heads = {
-        task: Head.options(
-            **_merge(
-                _merge({**head_defaults, "name": f"head_{task}"}, args.head_options.as_options()),
-                opts[f"head_{task}"],
-            )
-        )
-        .options(version=head_version(bundle, task), _internal=True)
-        .bind(ref, task)
-        for task in tasks
-    }
-    settings = {
-        "model_uri": args.model,
-        "model_ref": ref,
-        "variant": manifest.variant,
-        "tasks": [s.to_dict() for s in manifest.tasks if s.name in tasks],
-        "max_inputs_per_request": args.max_inputs_per_request,
-        "max_chars_per_input": args.max_chars_per_input,
-        "overflow": args.overflow,
-        "max_body_bytes": args.body_limit,
-        "api_key_env": args.api_key_env,
-        "batch_max_inputs": args.ingress_batch_inputs,
-        "batches_in_flight": args.ingress_batches_in_flight,
-        "batch_wait_s": args.batch_wait_timeout_s,
-        "request_timeout_s": args.request_timeout_s,
-        "read_timeout_s": args.read_timeout_s,
-    }
-    ingress_defaults = {
-        "user_config": user_config,
+    options = _merge(_merge(defaults, served.args.head_options.as_options()), override)
+    return (
+        Head.options(**options)
+        .options(version=head_version(served.bundle, task), _internal=True)
+        .bind(served.ref, task)
+    )
+
+
+def _ingress(
+    served: _Served, encoder: Application, heads: dict[str, Application], override: dict[str, Any]
+) -> Application:
+    """The Ingress gets the args as validated and the manifest as read: no copies to keep in step."""
+    from polytask.serve.ingress import Ingress
+
+    defaults = {
+        **served.common,
         "ray_actor_options": {"num_cpus": 0.5},
         "max_ongoing_requests": MAX_ONGOING["Ingress"],
-        **logging,
         **CPU_SURGE,
     }
-    return Ingress.options(**_merge(ingress_defaults, opts["Ingress"])).bind(
-        encoder, heads, settings
+    return Ingress.options(**_merge(defaults, override)).bind(
+        encoder, heads, served.args, served.ref, served.manifest
     )
 
 

@@ -1,8 +1,8 @@
 """The HTTP API of the Ingress: routes, request guards and JSON error bodies.
 
 Bad input never reaches the model and never returns 500: auth, content type, body size, read
-deadline and UTF-8 are checked before the body is parsed, each text before it joins a batch;
-every rejection is `{"error": {"code", "message"}}`.
+deadline and UTF-8 are checked before the body is parsed, each text before it joins a batch
+(`serve.validation`); every rejection is `{"error": {"code", "message"}}`.
 """
 
 from __future__ import annotations
@@ -24,27 +24,27 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from polytask.errors import describe_errors
-from polytask.model.inputs import split_input
-from polytask.serve.inputs import InputRejected, TextError, clean_text
 from polytask.serve.replica import replica_identity
 from polytask.serve.schemas import (
     ErrorResponse,
     PairInput,
     PredictRequest,
     PredictResponse,
+    ServeArgs,
     TaskPredictRequest,
     TaskPredictResponse,
     TasksResponse,
 )
+from polytask.serve.validation import APIError, InputRejected, default_tasks, prepare_inputs
 from polytask.tasks import TaskSpec
 
 
-class Ingress(Protocol):
+class IngressBackend(Protocol):
     """What the routes need from the Ingress replica (kept abstract so this module does not import
-    the deployments, which import it)."""
+    `serve.ingress`, which imports it)."""
 
     specs: dict[str, TaskSpec]
-    settings: Any
+    args: ServeArgs
     api_key: str | None
     encoder: Any
     metrics: Any  # polytask.serve.metrics.ServeMetrics
@@ -84,7 +84,8 @@ def _answer(request: Request, err: APIError) -> JSONResponse:
     record = _record_of(request)
     if record is not None:
         record.reason = err.code
-    return err.response()
+    body = {"error": {"code": err.code, "message": err.message}}
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
 
 
 def log_request(record: RequestRecord) -> None:
@@ -123,18 +124,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         504: "No answer within request_timeout_s.",
     }.items()
 }
-
-
-class APIError(Exception):
-    """A rejection with its HTTP status, stable code and a message that says what to change."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"code": self.code, "message": self.message}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 # An over-limit body is read and dropped up to this many bytes before the 413 goes out: a server
@@ -335,69 +324,7 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return _answer(request, err)
 
 
-def default_tasks(ingress: Ingress, items: list[str | PairInput]) -> list[str]:
-    """Every served task when none are named; pair tasks only when every input has a text_pair."""
-    paired = all(split_input(item)[1] is not None for item in items)
-    tasks = [name for name, spec in ingress.specs.items() if paired or not spec.pair]
-    return tasks or list(ingress.specs)
-
-
-def prepare_inputs(
-    ingress: Ingress, items: list[str | PairInput], tasks: list[str]
-) -> list[tuple[str, str | None]]:
-    """Check tasks and limits against the served model; cut over-long texts under `truncate`."""
-    s = ingress.settings
-    unknown = [t for t in tasks if t not in ingress.specs]
-    if unknown:
-        raise APIError(
-            404,
-            "unknown_task",
-            f"unknown task(s) {', '.join(repr(t) for t in unknown)}; this model serves: "
-            f"{', '.join(ingress.specs)}",
-        )
-    if len(items) > s.max_inputs_per_request:
-        raise APIError(
-            413,
-            "too_many_inputs",
-            f"{len(items)} inputs in one request; the limit is {s.max_inputs_per_request}: "
-            "split them over several requests",
-        )
-    pair_tasks = [t for t in tasks if ingress.specs[t].pair]
-    out = []
-    for i, item in enumerate(items):
-        text, pair = split_input(item)
-        if pair is None and pair_tasks:
-            raise APIError(
-                422,
-                "missing_text_pair",
-                f"inputs[{i}] has no text_pair, but task(s) {', '.join(pair_tasks)} compare two "
-                'texts: send {"text": "...", "text_pair": "..."}',
-            )
-        fitted_pair = None if pair is None else _fit(pair, f"inputs[{i}].text_pair", s)
-        out.append((_fit(text, f"inputs[{i}]", s), fitted_pair))
-    return out
-
-
-def _fit(text: str, where: str, s: Any) -> str:
-    """A checked text (see polytask.serve.inputs), cut or refused when over the length limit."""
-    try:
-        text = clean_text(text, where)
-    except TextError as exc:
-        raise APIError(422, exc.code, str(exc)) from None
-    limit = s.max_chars_per_input
-    if len(text) <= limit:
-        return text
-    if s.overflow == "truncate":
-        return text[:limit]
-    raise APIError(
-        413,
-        "input_too_long",
-        f"{where} has {len(text)} characters; the limit is {limit}: shorten it, or ask the "
-        "operator for overflow: truncate",
-    )
-
-
-def create_api(ingress: Ingress) -> FastAPI:
+def create_api(ingress: IngressBackend) -> FastAPI:
     """The FastAPI app of one Ingress replica; routes close over the replica's handles and limits."""
     from ray.serve.exceptions import BackPressureError
 
@@ -418,16 +345,16 @@ def create_api(ingress: Ingress) -> FastAPI:
     )
     app.add_middleware(
         RequestGuard,
-        max_body_bytes=ingress.settings.max_body_bytes,
+        max_body_bytes=ingress.args.body_limit,
         api_key=ingress.api_key,
-        read_timeout_s=ingress.settings.read_timeout_s,
+        read_timeout_s=ingress.args.read_timeout_s,
         on_request=on_request,
     )
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(APIError, _answer)
 
-    deadline_s = ingress.settings.request_timeout_s
+    deadline_s = ingress.args.request_timeout_s
 
     async def within_deadline(work: Any) -> Any:
         try:
@@ -444,7 +371,7 @@ def create_api(ingress: Ingress) -> FastAPI:
         record = _record_of(request)
         if record is not None:
             record.tasks, record.inputs = tasks, len(items)
-        inputs = prepare_inputs(ingress, items, tasks)
+        inputs = prepare_inputs(ingress.specs, ingress.args, items, tasks)
         try:
             return await within_deadline(ingress.run(inputs, tasks))
         except BackPressureError:
@@ -475,7 +402,7 @@ def create_api(ingress: Ingress) -> FastAPI:
     async def predict(request: Request, body: PredictRequest) -> JSONResponse:
         """Run the requested tasks (default: all) on every input."""
         tasks = (
-            list(dict.fromkeys(body.tasks)) if body.tasks else default_tasks(ingress, body.inputs)
+            list(dict.fromkeys(body.tasks)) if body.tasks else default_tasks(ingress.specs, body.inputs)
         )
         results, model = await run(request, body.inputs, tasks)
         return JSONResponse({"results": results, "model": model})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from polytask.serve.schemas import ServeArgs, ServeArgsError
 from polytask.tracking.uris import parse_model_uri
@@ -54,3 +55,11 @@ def local_bundle(ref: str) -> Path:
     from polytask.tracking.registry import resolve_bundle
 
     return resolve_bundle(ref)
+
+
+def model_from_config(config: dict[str, Any] | None) -> str | None:
+    """The model reference a deployment's `user_config` (`{model: URI}`) names, or None."""
+    model = (config or {}).get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise ValueError("user_config.model must be a model URI or bundle path string")
+    return model

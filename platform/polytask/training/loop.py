@@ -36,7 +36,7 @@ from polytask.training.batches import (
     TaskSampler,
     eval_batches,
 )
-from polytask.training.data import tokenize_records
+from polytask.training.features import TaskFeatures, tokenize_split
 
 STATE_DIR, BUNDLE_DIR = "state", "bundle"  # a checkpoint: training state + a servable bundle
 _NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
@@ -105,16 +105,13 @@ class TrainState:
 
 def build_features(
     cfg: ExperimentConfig, task_data: dict[str, Any], tokenizer: Any
-) -> tuple[dict[str, list], dict[str, list]]:
+) -> tuple[TaskFeatures, TaskFeatures]:
     """Tokenized train and validation features per task (done once, on the driver)."""
-    train, val = {}, {}
-    for name, td in task_data.items():
-        train[name] = tokenize_records(td.splits["train"], td.spec, tokenizer, cfg.encoder.max_length)
-        if td.splits.get("validation"):
-            val[name] = tokenize_records(
-                td.splits["validation"], td.spec, tokenizer, cfg.encoder.max_length
-            )
-    return train, val
+    max_length = cfg.encoder.max_length
+    return (
+        tokenize_split(task_data, "train", tokenizer, max_length),
+        tokenize_split(task_data, "validation", tokenizer, max_length),
+    )
 
 
 def setup(

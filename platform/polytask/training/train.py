@@ -29,6 +29,7 @@ from polytask.tracking.registry import (
     tracking_uri,
     ui_command,
 )
+from polytask.tracking.runs import find_or_create_run
 from polytask.tracking.tags import (
     ADDED_TASKS_TAG,
     ADDED_TO_VERSION_TAG,
@@ -38,14 +39,8 @@ from polytask.tracking.tags import (
     MODEL_VERSION_TAG,
 )
 from polytask.training.base import BaseModel, resolve_base
-from polytask.training.ray_run import (
-    Features,
-    find_or_create_run,
-    fit_on_ray,
-    local_bundle,
-    storage_path,
-    tokenize_experiment,
-)
+from polytask.training.features import Features, tokenize_experiment
+from polytask.training.ray_run import fit_on_ray, local_bundle, storage_path
 
 TEST_PREFIX = "test/"  # MLflow metric names of the test split: test/<task>/<metric>
 

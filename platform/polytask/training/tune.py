@@ -20,8 +20,10 @@ from rich.table import Table
 from polytask.config import ExperimentConfig, default_home
 from polytask.tasks import LOWER_IS_BETTER, TaskSpec
 from polytask.tracking.registry import client, register_bundle, tracking_uri
+from polytask.tracking.runs import find_or_create_run, find_run
 from polytask.tracking.tags import BEST_TRIAL_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_PARAM_PREFIX
 from polytask.training import ray_run
+from polytask.training.features import tokenize_experiment
 from polytask.training.searchspace import apply_trial, parse_search_space, to_tune
 
 
@@ -47,10 +49,10 @@ def run_sweep(cfg: ExperimentConfig, console: Console | None = None) -> SweepRes
     console = console or Console()
     assert cfg.tune is not None, "run_sweep needs a `tune` section"
     dims = parse_search_space(cfg)  # a bad space fails here, before Ray starts
-    features = ray_run.tokenize_experiment(cfg)
+    features = tokenize_experiment(cfg)
     name = cfg.tune.name or f"{cfg.tracking.experiment}-sweep"
     uri = tracking_uri(cfg)
-    parent = ray_run.find_or_create_run(cfg, name, uri)
+    parent = find_or_create_run(cfg, name, uri)
     client(uri).set_tag(parent, SWEEP_TAG, name)
     storage = ray_run.storage_path(cfg)
     if not ray.is_initialized():
@@ -126,7 +128,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], specs: list[dict[str
     cfg = apply_trial(ExperimentConfig.model_validate(base), params)
     trial_id = tune.get_context().get_trial_id()
     run_name = f"{sweep}-{trial_id}"
-    run_id = ray_run.find_or_create_run(cfg, run_name, uri)
+    run_id = find_or_create_run(cfg, run_name, uri)
     c = client(uri)
     c.set_tag(run_id, PARENT_TAG, parent_run_id)
     c.set_tag(run_id, SWEEP_TAG, sweep)
@@ -204,7 +206,7 @@ def _register_best(cfg: ExperimentConfig, result: SweepResult, uri: str) -> None
     best = result.best
     if best is None or not best["checkpoint"] or not cfg.tracking.registered_model:
         return
-    run = ray_run.find_run(cfg, best["run_name"], uri)
+    run = find_run(cfg, best["run_name"], uri)
     bundle = ray_run.local_bundle(best["checkpoint"], f"sweeps/{result.name}")
     reg = register_bundle(
         str(bundle),

@@ -1,0 +1,196 @@
+"""The Ingress deployment: the HTTP front (routes in `serve.http`) and the batching of requests.
+
+Validated requests that arrive while a batch runs are gathered into the next one, so one Encoder
+call per text view and one call per requested head carry all their inputs. Every replica resolves
+the model reference itself (replicas on other nodes cannot read the driver's files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from polytask.model.manifest import Manifest
+from polytask.serve.batching import MicroBatcher
+from polytask.serve.metrics import ServeMetrics
+from polytask.serve.refs import local_bundle, model_from_config, pin_model_uri
+from polytask.serve.replica import replica_identity
+from polytask.serve.schemas import ServeArgs
+
+# Pauses before resending a request whose replica died (the last attempt's error is the answer).
+RETRY_PAUSES_S = (0.0, 0.5, 2.0)
+
+
+@dataclass
+class _Job:
+    """One validated request waiting in the Ingress batcher."""
+
+    inputs: list[tuple[str, str | None]]
+    tasks: list[str]
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    """HTTP front: validates each request, then batches concurrent ones so that one Encoder call
+    per text view and one call per requested head carry all their inputs."""
+
+    def __init__(
+        self,
+        encoder: DeploymentHandle,
+        heads: dict[str, DeploymentHandle],
+        args: ServeArgs,
+        ref: str,
+        manifest: Manifest,
+    ) -> None:
+        """`args` as the application was given them; `ref` the pinned model reference and
+        `manifest` its bundle's, read once by the builder (a new replica reads no bundle)."""
+        from ray.serve.exceptions import BackPressureError
+
+        self.encoder = encoder
+        self.heads = heads
+        self.args = args
+        self.ref = ref
+        self.variant = manifest.variant
+        self.specs = {s.name: s for s in manifest.tasks if s.name in heads}
+        self.api_key = _api_key(args.api_key_env)
+        self.metrics = ServeMetrics(ref)
+        self.batcher: MicroBatcher[_Job, tuple[list[dict[str, Any]], dict[str, Any]]]
+        self.batcher = MicroBatcher(
+            self._run_batch,
+            size=lambda job: len(job.inputs),
+            max_size=args.ingress_batch_inputs,
+            max_in_flight=args.ingress_batches_in_flight,
+            wait_s=args.batch_wait_timeout_s,
+            never_split=(BackPressureError,),
+            on_batch=lambda size, waits: self.metrics.batch_formed("ingress", size, waits),
+        )
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """A new model reference refreshes the task list (labels) the API reports and validates."""
+        from polytask.model.manifest import read_manifest  # not bundle: the Ingress needs no torch
+
+        model = model_from_config(config)
+        if model is None:
+            return
+        ref = pin_model_uri(model)
+        if ref == self.ref:
+            return
+        manifest = read_manifest(local_bundle(ref))
+        self.specs = {s.name: s for s in manifest.tasks if s.name in self.heads}
+        self.ref = ref
+        self.metrics.set_model(ref)
+
+    def __serve_build_asgi_app__(self):
+        from polytask.serve.http import create_api
+
+        return create_api(self)
+
+    def model_info(self, fingerprint: str | None = None) -> dict[str, Any]:
+        return {
+            "uri": self.args.model,
+            "ref": self.ref,
+            "variant": self.variant,
+            "fingerprint": fingerprint,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Requests (`jobs`) and inputs per batch sent down the pipeline."""
+        return {**self.batcher.stats.as_dict(), "pid": os.getpid(), **replica_identity()}
+
+    async def run(
+        self, inputs: list[tuple[str, str | None]], tasks: list[str]
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """One validated request → (one {task: answer} per input, model info), answered from
+        a batch shared with the requests that arrived while the previous batch ran.
+
+        Predictions have no side effects, so a request whose Encoder or head replica died under
+        it is sent again (Serve routes it to a live or replacement replica), a few times with a
+        pause while Serve learns of the death; the HTTP deadline bounds the whole."""
+        from ray.exceptions import ObjectLostError, RayActorError
+
+        for pause_s in RETRY_PAUSES_S:
+            try:
+                return await self.batcher.submit(_Job(inputs, tasks))
+            except (RayActorError, ObjectLostError):
+                await asyncio.sleep(pause_s)
+        return await self.batcher.submit(_Job(inputs, tasks))
+
+    async def _run_batch(
+        self, jobs: list[_Job]
+    ) -> list[tuple[list[dict[str, Any]], dict[str, Any]]]:
+        """Encoder once per view (single texts, text pairs) over every input of the batch whose
+        request asked for a task of that view, then each requested head once, concurrently, on
+        the inputs of the requests that asked for it.
+
+        The encoder's response is handed to the heads unresolved, so its arrays go from the encoder
+        to the heads through the object store without passing through this replica.
+        """
+        calls = []  # (task, [(job index, first input, count)], response)
+        for pair_view in (False, True):
+            texts: list[str] = []
+            pairs: list[str] = []
+            pooled: list[bool] = []
+            tokens: list[bool] = []
+            spans: dict[int, tuple[int, int]] = {}  # job → (first input in this view, count)
+            for j, job in enumerate(jobs):
+                view = [t for t in job.tasks if self.specs[t].pair == pair_view]
+                if not view:
+                    continue
+                levels = {self.specs[t].task_kind.level for t in view}
+                spans[j] = (len(texts), len(job.inputs))
+                texts += [text for text, _ in job.inputs]
+                pairs += [pair or "" for _, pair in job.inputs]
+                pooled += ["sentence" in levels] * len(job.inputs)
+                tokens += ["token" in levels] * len(job.inputs)
+            if not texts:
+                continue
+            encoded = self.encoder.encode.remote(
+                texts, pairs if pair_view else None, pooled, tokens
+            )
+            view_tasks = dict.fromkeys(
+                t for j in spans for t in jobs[j].tasks if self.specs[t].pair == pair_view
+            )
+            for task in view_tasks:
+                mine = [(j, *spans[j]) for j in spans if task in jobs[j].tasks]
+                indices = [i for _, start, n in mine for i in range(start, start + n)]
+                every = len(indices) == len(texts)
+                response = self.heads[task].predict.remote(
+                    encoded,
+                    texts if every else [texts[i] for i in indices],
+                    None if every else indices,
+                )
+                calls.append((task, mine, response))
+        outs = await asyncio.gather(*(response for _, _, response in calls))
+        results: list[list[dict[str, Any]]] = [[{} for _ in job.inputs] for job in jobs]
+        models: list[dict[str, Any] | None] = [None] * len(jobs)
+        for (task, mine, _), out in zip(calls, outs):
+            answers = iter(out["answers"])
+            for j, _, n in mine:
+                for i in range(n):
+                    results[j][i][task] = next(answers)
+                if models[j] is None:
+                    models[j] = {**self.model_info(out["fingerprint"]), "ref": out["model"]}
+        return [
+            ([{t: r[t] for t in job.tasks} for r in results[j]], models[j] or self.model_info())
+            for j, job in enumerate(jobs)
+        ]
+
+
+def _api_key(env: str | None) -> str | None:
+    """The API key from the replica's environment (None: no auth); a named but empty variable
+    fails the replica rather than serving without the auth the operator asked for."""
+    if not env:
+        return None
+    key = os.environ.get(env) or None
+    if key is None:
+        raise RuntimeError(
+            f"api_key_env: environment variable {env} is empty or not set on the Ingress replica; "
+            "set it (runtime_env env_vars, a Kubernetes secret) or remove api_key_env"
+        )
+    return key
