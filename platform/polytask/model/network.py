@@ -197,15 +197,19 @@ class MultiTaskModel(nn.Module):
         return self.heads[task](pool(hidden, attention_mask, self.pooling))
 
     def forward(
-        self, task: str, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        self, task: str, batch: dict[str, torch.Tensor], generate: dict[str, Any] | None = None
+    ) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
         """(logits, raw task loss, weighted loss); losses are None when the batch has no labels.
-        A generation task's logits are teacher-forced over its target ids (`labels`)."""
+        A generation task's logits are teacher-forced over its target ids (`labels`); with
+        `generate` (`generate()` keywords) it returns the generated ids instead of logits, so
+        evaluation runs through this forward too (which FSDP needs to gather the weights)."""
         spec = self.specs[task]
         if spec.task_kind.level == "sequence":
-            logits, loss = self.heads[task].loss(
-                self.encode(batch), batch["attention_mask"], batch["labels"], spec.generation.label_smoothing
-            )
+            hidden, mask = self.encode(batch), batch["attention_mask"]
+            if generate is not None:
+                return self.heads[task](hidden, mask, **generate), None, None
+            smoothing = spec.generation.label_smoothing
+            logits, loss = self.heads[task](hidden, mask, labels=batch["labels"], label_smoothing=smoothing)
             return logits, loss, self.weighting(task, loss)
         logits = self.head_logits(task, self.encode(batch), batch["attention_mask"])
         if "labels" not in batch:
