@@ -30,7 +30,7 @@ def load_encoder(
     config = AutoConfig.from_pretrained(name_or_path, **kw)
     if not is_seq2seq_encoder(config):
         return AutoModel.from_pretrained(name_or_path, **kw), tokenizer
-    if (config.architectures or [""])[0].endswith(("Stack", "Encoder")):  # a bundle's encoder
+    if is_encoder_stack(config):  # a bundle's encoder
         return _encoder_stack_class(config).from_pretrained(name_or_path, **kw), tokenizer
     seq2seq = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **kw)
     return encoder_only(seq2seq.get_encoder()), tokenizer
@@ -44,6 +44,21 @@ def is_seq2seq_encoder(config: Any) -> bool:
     return bool(getattr(config, "is_encoder_decoder", False)) or (
         config.model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
     )
+
+
+def is_encoder_stack(config: Any) -> bool:
+    """The encoder half of an encoder-decoder model as polytask saves it (T5Stack, BartEncoder)."""
+    return is_seq2seq_encoder(config) and (config.architectures or [""])[0].endswith(("Stack", "Encoder"))
+
+
+def encoder_from_config(config: Any, trust_remote_code: bool = False) -> nn.Module:
+    """An untrained encoder of this config's shape (weights are loaded after): AutoModel, or
+    the encoder stack class for an encoder saved from an encoder-decoder checkpoint."""
+    from transformers import AutoModel
+
+    if is_encoder_stack(config):
+        return _encoder_stack_class(config)(config)
+    return AutoModel.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def encoder_only(module: nn.Module) -> nn.Module:
