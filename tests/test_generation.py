@@ -205,3 +205,40 @@ def test_int8_compression_quantizes_the_encoder_and_keeps_the_decoder_fp32(t5_bu
     fp32 = Predictor.from_bundle(str(t5_bundle)).predict(texts, ["entities"])
     quantized = Predictor.from_bundle(str(tmp_path / "int8")).predict(texts, ["entities"])
     assert sum(a == b for a, b in zip(fp32, quantized)) >= 2, (fp32, quantized)
+
+
+def test_training_state_resumes_with_the_decoders_tied_weights(tiny_encoder: Path, demo_data: Path, tmp_path: Path) -> None:
+    """The plain loop with a new decoder (its LM head tied to its embeddings): a checkpoint's
+    state loads into a fresh set-up exactly, ties intact, and training goes on from it."""
+    from polytask.config import config_from_dict
+    from polytask.demo import demo_experiment, write_generation_data
+    from polytask.training.data import load_task_data
+    from polytask.training.loop import build_features, fit, load_state, save_checkpoint, setup
+
+    data = write_generation_data(tmp_path / "data", n_train=32, n_eval=8)
+    raw = demo_experiment(demo_data, tiny_encoder, epochs=2, num_workers=1)
+    raw["tasks"][1] = {
+        "name": "entities",
+        "kind": "generation",
+        "data": {"train": str(data / "entities/train.jsonl"), "validation": str(data / "entities/validation.jsonl")},
+        "head": {"decoder_layers": 1},
+        "generation": {"max_new_tokens": 4},
+    }
+    raw["sampling"] = {"strategy": "uniform", "steps_per_epoch": 4}
+    cfg = config_from_dict(raw)
+    task_data = load_task_data(cfg)
+    _, tokenizer = load_encoder(str(tiny_encoder))
+    train_f, eval_f = build_features(cfg, task_data, tokenizer)
+    assert all(len(f["labels"]) <= 4 for f in train_f["entities"])  # cut to max_new_tokens
+    specs = [td.spec for td in task_data.values()]
+    tr = setup(cfg, specs, train_f, eval_f)
+    history = fit(tr, epochs=1)
+    assert {"entities/bleu", "entities/chrf", "entities/rouge_l"} <= set(history[0])
+    assert save_checkpoint(tr, tmp_path / "ckpt")
+    resumed = setup(cfg, specs, train_f, eval_f)
+    load_state(resumed, tmp_path / "ckpt" / "state")
+    saved, loaded = tr.core.state_dict(), resumed.core.state_dict()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    decoder = resumed.core.heads["entities"].decoder
+    assert decoder.get_output_embeddings().weight is decoder.get_input_embeddings().weight
+    assert fit(resumed)[-1]["epoch"] == 1
