@@ -242,3 +242,62 @@ def test_training_state_resumes_with_the_decoders_tied_weights(tiny_encoder: Pat
     decoder = resumed.core.heads["entities"].decoder
     assert decoder.get_output_embeddings().weight is decoder.get_input_embeddings().weight
     assert fit(resumed)[-1]["epoch"] == 1
+
+
+def test_config_rejects_what_each_kind_never_reads_naming_the_key() -> None:
+    from polytask.config import ConfigError, config_from_dict
+
+    def cfg(**task):
+        data = {"train": "t.jsonl", **task.pop("data", {})}
+        return {"encoder": {"name_or_path": "x"}, "tasks": [{"name": "t", "data": data, **task}]}
+
+    ok = config_from_dict(cfg(
+        kind="generation",
+        data={"text_pair_field": "context", "target_field": "summary"},
+        head={"decoder": "new", "decoder_layers": 3, "label_smoothing": 0.1},
+        generation={"max_new_tokens": 20, "num_beams": 4, "no_repeat_ngram_size": 3},
+    ))
+    task = ok.tasks[0]
+    assert task.pair and task.metric == "bleu" and task.generation.num_beams == 4
+    assert config_from_dict(ok.model_dump()).tasks[0] == task  # dumped and reloaded: still valid
+
+    with pytest.raises(ConfigError) as bad_generation:
+        config_from_dict(cfg(
+            kind="generation", labels=["a", "b"], head={"threshold": 0.3},
+            data={"label_field": "y", "tags_field": "t"},
+        ))
+    lines = str(bad_generation.value)
+    for key in ("tasks[0].labels", "tasks[0].head.threshold", "tasks[0].data.label_field", "tasks[0].data.tags_field"):
+        assert key in lines and "generation tasks" in lines, key
+    with pytest.raises(ConfigError) as bad_classification:
+        config_from_dict(cfg(
+            kind="classification", data={"target_field": "t"}, head={"decoder": "new"},
+            generation={"max_new_tokens": 8},
+        ))
+    lines = str(bad_classification.value)
+    for key in ("tasks[0].data.target_field", "tasks[0].head.decoder", "tasks[0].generation"):
+        assert key in lines, key
+    with pytest.raises(ConfigError, match=r"tasks\[0\]\.head\.decoder: .*'checkpoint' or 'new'"):
+        config_from_dict(cfg(kind="generation", head={"decoder": "bart"}))
+
+
+def test_checkpoint_decoder_needs_an_encoder_decoder_checkpoint(tiny_encoder: Path) -> None:
+    encoder, tokenizer = load_encoder(str(tiny_encoder))
+    with pytest.raises(ValueError, match="head.decoder: checkpoint needs encoder.name_or_path to be an encoder-decoder"):
+        build_generation_head(_spec(decoder="checkpoint"), tokenizer, encoder, str(tiny_encoder))
+
+
+def test_rows_without_a_target_fail_naming_the_row_and_column(tmp_path: Path) -> None:
+    from polytask.config import config_from_dict
+    from polytask.training.data import DataError, load_task_data
+
+    rows = [{"text": "a b", "target": "a"}, {"text": "c d", "target": "  "}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "u.jsonl").write_text(json.dumps({"text": "a", "summary": "b"}) + "\n")
+    task = {"name": "g", "kind": "generation", "data": {"train": str(tmp_path / "t.jsonl")}}
+    cfg = config_from_dict({"encoder": {"name_or_path": "x"}, "tasks": [task]})
+    with pytest.raises(DataError, match=r"t\.jsonl row 2: the target text \(column 'target'\) is '  '"):
+        load_task_data(cfg)
+    cfg.tasks[0].data.train = str(tmp_path / "u.jsonl")
+    with pytest.raises(DataError, match=r"no column\(s\) \['target'\].*target_field"):
+        load_task_data(cfg)
