@@ -150,7 +150,7 @@ def headline(run: dict[str, Any]) -> dict[str, float | None]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from common import machine_info, write_summary
+    from common import machine_info
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -209,8 +209,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "results.md").write_text(markdown(result))
-    if out.parent.name == "bench_results":
-        write_summary(out.parent)
     return result
 
 
