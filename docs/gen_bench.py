@@ -188,6 +188,7 @@ SECTIONS: dict[str, Callable[[Path], Section]] = {
     "ingest": ingest,
     "train_overhead": train_overhead,
     "quality": _prepared_table("quality_reduced"),
+    "generation_quality": _prepared_table("generation_quality"),
     "compress": _prepared_table("compress"),
 }
 

@@ -134,6 +134,34 @@ def untrained_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Pat
 
 
 @pytest.fixture(scope="session")
+def tiny_seq2seq(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2+2-layer T5 (hidden 32) with the tiny WordPiece tokenizer: an encoder-decoder
+    checkpoint, so its decoder can be the generation head (`head.decoder: checkpoint`)."""
+    from polytask.demo import write_tiny_seq2seq
+
+    return write_tiny_seq2seq(tmp_path_factory.mktemp("seq2seq") / "tiny-t5", vocab_size=150)
+
+
+@pytest.fixture(scope="session")
+def generation_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Path) -> Path:
+    """Random heads on the tiny BERT: `sentiment` (classification) and `entities` (generation,
+    a new 1-layer decoder, max_new_tokens 6): a real bundle, no training needed."""
+    from polytask.model.bundle import save_bundle
+    from polytask.model.generation import build_generation_head, resolve_decoder
+    from polytask.model.network import build_model, load_encoder
+    from polytask.tasks import GenerationSpec, TaskSpec
+
+    encoder, tokenizer = load_encoder(str(tiny_encoder))
+    gen = TaskSpec("entities", "generation", [], generation=GenerationSpec(decoder_layers=1, max_new_tokens=6))
+    gen = resolve_decoder(gen, encoder.config)
+    specs = [TaskSpec("sentiment", "classification", ["negative", "positive"]), gen]
+    heads = {"entities": build_generation_head(gen, tokenizer, encoder)}
+    path = tmp_path_factory.mktemp("generation") / "bundle"
+    save_bundle(build_model(encoder, specs, pooling="cls", heads=heads), tokenizer, path, max_length=32)
+    return path
+
+
+@pytest.fixture(scope="session")
 def _migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty SQLite store that MLflow created and migrated to its current schema, once: each
     new store copies it instead of replaying every migration (about 1 s per store)."""

@@ -17,9 +17,10 @@ def _onehot(indices: list[int], n: int, scale: float = 5.0) -> np.ndarray:
     return out
 
 
-def test_registry_has_the_five_kinds() -> None:
+def test_registry_has_the_six_kinds() -> None:
     assert list(KINDS) == [
-        "classification", "multilabel", "token_classification", "pair_classification", "regression"
+        "classification", "multilabel", "token_classification", "pair_classification", "regression",
+        "generation",
     ]
     for kind in KINDS.values():
         assert kind.primary_metric in kind.metric_names

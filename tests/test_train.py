@@ -5,6 +5,7 @@ Bad configs come first: they must fail before Ray is ever started in this proces
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -365,3 +366,30 @@ def test_fsdp_run_resumes_and_matches_ddp(store, first_run, demo_data, tiny_enco
     changed = [k for k, v in model.encoder.state_dict().items() if not torch.equal(v, initial[k])]
     assert changed, "the bundle holds trained weights, not the initial ones"
     assert Predictor.from_bundle(res.bundle_path).predict(TEXTS)[0].keys() == {"sentiment", "ner"}
+
+
+def test_generation_trains_beside_classification_and_registers(ray_local, store, demo_data, tiny_seq2seq):
+    """A classification task and a generation task (tiny T5: its encoder shared, its decoder the
+    head) on 2 DDP workers: MLflow holds bleu/chrf/rouge_l per epoch and a registered version.
+    (Resuming a generation model's state and its pyfunc answers: tests/test_generation.py.)"""
+    from polytask.demo import write_generation_data
+
+    data = write_generation_data(store.root / "generation", n_train=64, n_eval=16)
+    cfg = _cfg(demo_data, tiny_seq2seq, epochs=1, num_workers=2, registered_model="gen-demo",
+               sections={"sampling": {"strategy": "uniform", "steps_per_epoch": 4}})  # seed 42: draws entities
+    cfg.tasks[1] = cfg.tasks[1].model_validate({
+        "name": "entities",
+        "kind": "generation",
+        "data": {"train": str(data / "entities/train.jsonl"), "validation": str(data / "entities/validation.jsonl")},
+        "head": {"label_smoothing": 0.1},
+        "generation": {"max_new_tokens": 6},
+    })
+    res = run_training(cfg, run_name="generation")
+    for key in ("entities/bleu", "entities/chrf", "entities/rouge_l", "sentiment/accuracy"):
+        assert _steps(store, res.run_id, key) == [0], key
+    assert res.history[0]["train_loss/entities"] > 0  # a DDP step of the generation task ran
+    assert res.model_version == 1 and "champion" in res.aliases
+    version = _client(store).get_model_version_by_alias("gen-demo", "champion")
+    assert version.run_id == res.run_id
+    head = json.loads((Path(res.bundle_path) / "heads/entities/head.json").read_text())
+    assert head["decoder"]["source"] == "checkpoint" and head["spec"]["generation"]["label_smoothing"] == 0.1

@@ -112,6 +112,35 @@ def write_demo_data(root: str | Path, n_train: int = 400, n_eval: int = 100, see
     return root
 
 
+def entities_target(tokens: list[str], tags: list[str]) -> str:
+    """The entity strings of an IOB2-tagged sentence joined by ' ; ', or 'none': a generation
+    target that is deterministic from the source (the demo and benchmark generation task)."""
+    spans: list[list[str]] = []
+    current: list[str] | None = None
+    for token, tag in zip(tokens, tags):
+        if tag.startswith("I-") and current is not None:
+            current.append(token)
+            continue
+        current = [token] if tag.startswith(("B-", "I-")) else None
+        if current is not None:
+            spans.append(current)
+    return " ; ".join(" ".join(span) for span in spans) or "none"
+
+
+def write_generation_data(root: str | Path, n_train: int = 400, n_eval: int = 100, seed: int = 0) -> Path:
+    """`root/entities/{train,validation}.jsonl`: {"text": sentence, "target": its entities}."""
+    root = Path(root)
+    rng = random.Random(seed + 7)
+    (root / "entities").mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("validation", n_eval)):
+        with open(root / "entities" / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                tokens, tags = _ner_example(rng)
+                row = {"text": " ".join(tokens), "target": entities_target(tokens, tags)}
+                f.write(json.dumps(row) + "\n")
+    return root
+
+
 def demo_corpus() -> list[str]:
     rng = random.Random(1)
     lines = [_sentiment_example(rng)["text"] for _ in range(300)]
@@ -124,11 +153,74 @@ def write_tiny_encoder(
 ) -> Path:
     """A random BertModel and a WordPiece tokenizer trained on the demo corpus; small vocab, so
     many words split into several sub-tokens (which is what NER alignment must handle)."""
+    from transformers import BertConfig, BertModel
+
+    def build(fast: Any) -> Any:
+        return BertModel(
+            BertConfig(
+                vocab_size=len(fast),
+                hidden_size=hidden_size,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                intermediate_size=hidden_size * 2,
+                max_position_embeddings=128,
+            )
+        )
+
+    return _write_tiny(path, build, vocab_size, seed)
+
+
+def write_tiny_seq2seq(
+    path: str | Path, hidden_size: int = 32, layers: int = 2, vocab_size: int = 300, seed: int = 0
+) -> Path:
+    """A random T5 encoder-decoder (an encoder-decoder checkpoint, `head.decoder: checkpoint`)
+    with the demo WordPiece tokenizer: start = PAD, end = SEP."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    def build(fast: Any) -> Any:
+        return T5ForConditionalGeneration(
+            T5Config(
+                vocab_size=len(fast),
+                d_model=hidden_size,
+                d_kv=hidden_size // 4,
+                d_ff=hidden_size * 2,
+                num_layers=layers,
+                num_decoder_layers=layers,
+                num_heads=4,
+                pad_token_id=fast.pad_token_id,
+                eos_token_id=fast.sep_token_id,
+                decoder_start_token_id=fast.pad_token_id,
+            )
+        )
+
+    return _write_tiny(path, build, vocab_size, seed)
+
+
+def _write_tiny(path: str | Path, build: Any, vocab_size: int, seed: int) -> Path:
+    """`build(tokenizer)` seeded, saved (safetensors) beside the demo tokenizer."""
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     path = Path(path)
+    fast = demo_tokenizer(vocab_size)
+    torch.manual_seed(seed)
+    build(fast).save_pretrained(path, safe_serialization=True)
+    fast.save_pretrained(path)
+    return path
+
+
+def demo_tokenizer(vocab_size: int) -> Any:
+    """A fast WordPiece tokenizer ([CLS] a [SEP] b [SEP]) trained on the demo corpus."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -142,10 +234,8 @@ def write_tiny_encoder(
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
-    from tokenizers import decoders
-
     tok.decoder = decoders.WordPiece()
-    fast = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="[UNK]",
         pad_token="[PAD]",
@@ -154,18 +244,6 @@ def write_tiny_encoder(
         mask_token="[MASK]",
         model_max_length=512,
     )
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        intermediate_size=hidden_size * 2,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(path, safe_serialization=True)
-    fast.save_pretrained(path)
-    return path
 
 
 def demo_experiment(

@@ -19,6 +19,26 @@ IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
+class GenerationSpec:
+    """How a generation task's decoder is built, trained and run (`head.*` and `generation.*`).
+
+    `decoder`: "checkpoint" (the encoder-decoder checkpoint's own decoder + LM head) or "new" (a
+    fresh `decoder_layers`-layer decoder with cross-attention); training resolves None to one."""
+
+    decoder: str | None = None
+    decoder_layers: int = 2
+    tie_embeddings: bool = True
+    label_smoothing: float = 0.0
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """A task as training resolved it (labels known): what a bundle stores and serving reads."""
 
@@ -30,11 +50,16 @@ class TaskSpec:
     threshold: float = 0.5
     metric: str | None = None
     pair: bool = False  # the task reads a second text (its data named `text_pair_field`)
+    generation: GenerationSpec | None = None  # generation tasks only
 
     def __post_init__(self) -> None:
         # pair_classification is classification that always takes a pair; old bundles lack `pair`
         if KINDS[self.kind].pair_only and not self.pair:
             object.__setattr__(self, "pair", True)
+        if isinstance(self.generation, dict):
+            object.__setattr__(self, "generation", GenerationSpec(**self.generation))
+        if self.kind == "generation" and self.generation is None:
+            object.__setattr__(self, "generation", GenerationSpec())
 
     @property
     def task_kind(self) -> TaskKind:
@@ -54,6 +79,7 @@ class TaskSpec:
             "threshold": self.threshold,
             "metric": self.metric or KINDS[self.kind].primary_metric,
             "pair": self.pair,
+            **({"generation": self.generation.to_dict()} if self.generation else {}),
         }
 
     @classmethod
@@ -68,7 +94,7 @@ class TaskKind:
     sentence-level kind can."""
 
     name: str
-    level: Literal["sentence", "token"]
+    level: Literal["sentence", "token", "sequence"]  # sequence: reads token states, writes text
     metric_names: tuple[str, ...]
     primary_metric: str
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -77,10 +103,19 @@ class TaskKind:
     encode_target: Callable[[Any, TaskSpec], Any] = field(default=lambda raw, spec: raw)
     pair_only: bool = False  # pair_classification: an alias of classification that needs a pair
 
+    @property
+    def sequence_labels(self) -> bool:
+        """Labels are a sequence padded with -100 (tags, target ids), not one value per input."""
+        return self.level != "sentence"
+
 
 def build_head(spec: TaskSpec, hidden_size: int) -> torch.nn.Module:
-    """Dropout → (Linear → GELU →) Linear; the same shape for every kind, sized by the spec."""
+    """Dropout → (Linear → GELU →) Linear; the same shape for every kind, sized by the spec.
+    A generation head is a decoder: `model/generation.py` builds it."""
     from torch import nn
+
+    if KINDS[spec.kind].level == "sequence":
+        raise ValueError(f"task '{spec.name}' is a generation task: build its head with build_generation_head")
 
     layers: list[nn.Module] = [nn.Dropout(spec.dropout)]
     width = hidden_size
@@ -259,6 +294,41 @@ def _token_decode(
     return {"entities": [{k: e[k] for k in ("type", "text", "start", "end", "score")} for e in entities]}
 
 
+# --- generation (text → text) ---------------------------------------------------------------------
+
+
+def generation_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0):
+    """Teacher-forced cross-entropy over target tokens; padding (-100) is ignored."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1).long(),
+        ignore_index=IGNORE_INDEX,
+        label_smoothing=label_smoothing,
+    )
+
+
+def _generation_metrics(predictions: list[str], references: list[Any], spec: TaskSpec):
+    """Corpus BLEU and chrF (sacrebleu) and mean ROUGE-L F1 (rouge-score), all on a 0-100 scale."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    refs = [str(r) for r in references]
+    preds = [str(p) for p in predictions]
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rouge = [scorer.score(r, p)["rougeL"].fmeasure for r, p in zip(refs, preds)]
+    return {
+        "bleu": float(sacrebleu.corpus_bleu(preds, [refs]).score),
+        "chrf": float(sacrebleu.corpus_chrf(preds, [refs]).score),
+        "rouge_l": 100.0 * float(np.mean(rouge)) if rouge else 0.0,
+    }
+
+
+def _generation_decode(text: str, spec: TaskSpec, **_: Any) -> dict[str, Any]:
+    return {"text": text}
+
+
 KINDS: dict[str, TaskKind] = {
     kind.name: kind
     for kind in (
@@ -313,7 +383,18 @@ KINDS: dict[str, TaskKind] = {
             decode=_regression_decode,
             encode_target=lambda raw, spec: float(raw),
         ),
+        TaskKind(
+            name="generation",
+            level="sequence",
+            metric_names=("bleu", "chrf", "rouge_l"),
+            primary_metric="bleu",
+            loss=generation_loss,
+            metrics=_generation_metrics,
+            decode=_generation_decode,
+            encode_target=lambda raw, spec: str(raw),
+        ),
     )
 }
 
 LOWER_IS_BETTER = {"mse"}
+PERCENT_METRICS = {"bleu", "chrf", "rouge_l"}  # reported 0-100 as sacrebleu does; 0-1 in objectives

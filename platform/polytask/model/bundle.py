@@ -6,6 +6,7 @@
       encoder/                   save_pretrained(): config.json, model.safetensors, tokenizer files
       heads/<task>/head.safetensors
       heads/<task>/head.json     the task spec, hidden size, and the encoder fingerprint it expects
+                                 (a generation head: also its decoder's config and special ids)
 
 Only safetensors and JSON are written or read: nothing here unpickles.
 """
@@ -17,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 from polytask.model.manifest import MANIFEST, BundleError, Manifest, read_manifest
@@ -45,9 +46,11 @@ def save_bundle(
     for name, spec in model.specs.items():
         head_dir = tmp / "heads" / name
         head_dir.mkdir(parents=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in model.heads[name].state_dict().items()}
-        save_file(state, head_dir / "head.safetensors")
+        head = model.heads[name]
+        write_head_weights(head, head_dir)
         meta = {"spec": spec.to_dict(), "hidden_size": hidden, "encoder_fingerprint": fingerprint}
+        if hasattr(head, "decoder_config"):
+            meta["decoder"] = head.decoder_config()
         (head_dir / "head.json").write_text(json.dumps(meta, indent=2))
     manifest = Manifest(
         tasks=list(model.specs.values()),
@@ -61,6 +64,11 @@ def save_bundle(
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return manifest
+
+
+def write_head_weights(head: nn.Module, head_dir: Path) -> None:
+    """head.safetensors; tied weights (a decoder's LM head and embeddings) are stored once."""
+    save_model(head, str(head_dir / "head.safetensors"))
 
 
 def load_encoder_part(
@@ -102,8 +110,16 @@ def load_head(
             f"loaded encoder is {encoder_fingerprint}; serve heads from the same bundle as the encoder"
         )
     spec = TaskSpec.from_dict(meta["spec"])
-    head = build_head(spec, int(meta["hidden_size"]))
-    head.load_state_dict(load_file(head_dir / "head.safetensors"))
+    if "decoder" in meta:
+        from transformers import AutoTokenizer
+
+        from polytask.model.generation import rebuild_generation_head
+
+        tokenizer = AutoTokenizer.from_pretrained(Path(path) / "encoder", use_fast=True)
+        head = rebuild_generation_head(meta["decoder"], tokenizer)
+    else:
+        head = build_head(spec, int(meta["hidden_size"]))
+    load_model(head, str(head_dir / "head.safetensors"), device=device)
     return head.to(device).eval(), spec
 
 
@@ -118,7 +134,6 @@ def load_bundle(path: str | Path, device: str = "cpu", trust_remote_code: bool =
             f"{path}: encoder weights have fingerprint {fingerprint} but {MANIFEST} says "
             f"{manifest.fingerprint}; the bundle was modified or is incomplete"
         )
-    model = MultiTaskModel(encoder, manifest.tasks, manifest.pooling)
-    for spec in manifest.tasks:
-        model.heads[spec.name], _ = load_head(path, spec.name, fingerprint, device)
+    heads = {spec.name: load_head(path, spec.name, fingerprint, device)[0] for spec in manifest.tasks}
+    model = MultiTaskModel(encoder, manifest.tasks, manifest.pooling, heads=heads)
     return model.to(device).eval(), tokenizer, manifest

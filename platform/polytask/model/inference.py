@@ -97,6 +97,8 @@ def run_head(
     """Apply one head to encoder outputs and decode each input into its JSON answer."""
     kind = spec.task_kind
     device = next(head.parameters()).device
+    if kind.level == "sequence":
+        return generate_answers(head, spec, items)
     if kind.level == "token":
         results = []
         for item, text in zip(items, texts):
@@ -110,6 +112,35 @@ def run_head(
     pooled = torch.from_numpy(np.stack([item.pooled for item in items])).to(device)
     logits = head(pooled).float().cpu().numpy()
     return [kind.decode(row, spec) for row in logits]
+
+
+def pad_states(items: list[Encoded], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-input token states (each its own length) → one zero-padded batch and its mask."""
+    width = max(item.tokens.shape[0] for item in items)
+    hidden = items[0].tokens.shape[1]
+    states = np.zeros((len(items), width, hidden), dtype=np.float32)
+    mask = np.zeros((len(items), width), dtype=np.int64)
+    for i, item in enumerate(items):
+        states[i, : item.tokens.shape[0]] = item.tokens
+        mask[i, : item.tokens.shape[0]] = 1
+    return torch.from_numpy(states).to(device), torch.from_numpy(mask).to(device)
+
+
+@torch.inference_mode()
+def generate_answers(
+    head: nn.Module, spec: TaskSpec, items: list[Encoded], on_step: Any = None, **overrides: Any
+) -> list[dict[str, Any]]:
+    """A generation head's answers ({"text": ...} per input) from the encoder's token states.
+    `overrides` (max_new_tokens — one or one per input —, num_beams, length_penalty,
+    no_repeat_ngram_size) replace the task's own settings; `on_step` streams (see `generate`)."""
+    from polytask.model.generation import generate_text, generation_settings
+
+    param = next(head.parameters())
+    states, mask = pad_states(items, param.device)
+    texts = generate_text(
+        head, states.to(param.dtype), mask, on_step=on_step, **generation_settings(spec, **overrides)
+    )
+    return [spec.task_kind.decode(text, spec) for text in texts]
 
 
 class Predictor:
@@ -177,7 +208,7 @@ class Predictor:
                 max_length=self.max_length,
                 pooling=self.model.pooling,
                 need_pooled="sentence" in levels,
-                need_tokens="token" in levels,
+                need_tokens=bool(levels & {"token", "sequence"}),
                 device=self.device,
             )
             for t in view:

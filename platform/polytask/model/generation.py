@@ -1,0 +1,382 @@
+"""The generation head: a transformers decoder that cross-attends to the shared encoder's states.
+
+Two ways to get one (`head.decoder`):
+  checkpoint  the encoder-decoder checkpoint's (T5, BART, Marian, ...) decoder and LM head: the
+              seq2seq model with its encoder taken out (that encoder is the shared encoder);
+  new         a fresh `BertLMHeadModel` (is_decoder, add_cross_attention) over the encoder
+              tokenizer's vocabulary: start = CLS/BOS, end = SEP/EOS, pad = PAD.
+Decoding is transformers' `generate` from precomputed encoder states, so greedy, beam search,
+length penalty and n-gram blocking are the library's; polytask adds per-row length caps (a
+`LogitsProcessor`) and a per-step callback that can stop early (a `StoppingCriteria`).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from polytask.model.network import is_seq2seq_encoder, resolve_encoder_path
+from polytask.tasks import IGNORE_INDEX, GenerationSpec, TaskSpec
+
+CHECKPOINT, NEW = "checkpoint", "new"
+OnStep = Callable[[int, list[int | None], list[bool]], bool | None]
+
+
+def resolve_decoder(spec: TaskSpec, encoder_config: Any) -> TaskSpec:
+    """The spec with `generation.decoder` decided: the checkpoint's own decoder when the encoder
+    comes from an encoder-decoder checkpoint, else a new one."""
+    import dataclasses
+
+    gen = spec.generation or GenerationSpec()
+    choice = gen.decoder or (CHECKPOINT if is_seq2seq_encoder(encoder_config) else NEW)
+    return dataclasses.replace(spec, generation=dataclasses.replace(gen, decoder=choice))
+
+
+class GenerationHead(nn.Module):
+    """A decoder + LM head that reads the shared encoder's token states (never runs an encoder).
+
+    `tokenizer` (not a parameter) turns ids into text; `source` is "checkpoint" or "new"."""
+
+    def __init__(self, decoder: Any, source: str, tokenizer: Any, special: dict[str, int]) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.source = source
+        self.tokenizer = tokenizer
+        self.start_id = int(special["start"])
+        self.eos_id = int(special["eos"])
+        self.pad_id = int(special["pad"])
+
+    @property
+    def special(self) -> dict[str, int]:
+        return {"start": self.start_id, "eos": self.eos_id, "pad": self.pad_id}
+
+    def forward(
+        self,
+        states: torch.Tensor,
+        mask: torch.Tensor,
+        decoder_input_ids: torch.Tensor | None = None,
+        *,
+        labels: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+        **generate_kwargs: Any,
+    ) -> Any:
+        """Teacher-forced logits (batch, target length, vocab) for `decoder_input_ids`; with
+        `labels` (target ids padded with -100), (logits, loss) — EOS is appended here, so the
+        head learns where to stop; with neither, `generate(self, states, mask, **generate_kwargs)`.
+        All through `__call__`, so an FSDP unit around the head gathers its weights for each."""
+        if labels is not None:
+            from polytask.tasks import generation_loss
+
+            labels = with_eos(labels, self.eos_id)
+            logits = self(states, mask, shift_right(labels, self.start_id, self.pad_id))
+            return logits, generation_loss(logits, labels, label_smoothing)
+        if decoder_input_ids is None:
+            return generate(self, states, mask, **generate_kwargs)
+        if self.source == CHECKPOINT:
+            from transformers.modeling_outputs import BaseModelOutput
+
+            out = self.decoder(
+                encoder_outputs=BaseModelOutput(last_hidden_state=states),
+                attention_mask=mask,
+                decoder_input_ids=decoder_input_ids,
+                use_cache=False,
+            )
+        else:
+            out = self.decoder(
+                input_ids=decoder_input_ids,
+                encoder_hidden_states=states,
+                encoder_attention_mask=mask,
+                use_cache=False,
+            )
+        return out.logits
+
+    def target_ids(self, targets: Sequence[str], max_length: int) -> list[list[int]]:
+        """Each target text as token ids, without specials (the loss adds EOS, the decoder
+        start token plays CLS/BOS); what the data layer stores as a generation task's labels."""
+        return target_ids(self.tokenizer, targets, max_length)
+
+    def decoder_config(self) -> dict[str, Any]:
+        """What head.json stores to rebuild this head without its checkpoint."""
+        return {"source": self.source, "special": self.special, "config": self.decoder.config.to_dict()}
+
+
+def target_ids(tokenizer: Any, targets: Sequence[str], max_length: int) -> list[list[int]]:
+    """Target texts as token ids without specials, cut to `max_length` tokens."""
+    enc = tokenizer(list(targets), add_special_tokens=False, truncation=True, max_length=max_length)
+    return [list(ids) for ids in enc["input_ids"]]
+
+
+def with_eos(labels: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Each row's target ids followed by EOS (one column wider, still padded with -100)."""
+    out = torch.cat([labels, labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+    lengths = (labels != IGNORE_INDEX).sum(dim=1)
+    out[torch.arange(labels.shape[0], device=labels.device), lengths] = eos_id
+    return out
+
+
+def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tensor:
+    """Decoder inputs for teacher forcing: start token, then the targets shifted one right."""
+    shifted = labels.new_full(labels.shape, pad_id)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = start_id
+    return shifted.masked_fill(shifted == IGNORE_INDEX, pad_id)
+
+
+def pad_targets(ids: list[list[int]]) -> torch.Tensor:
+    """Target id lists → one (batch, longest) tensor padded with -100 (ignored by the loss)."""
+    width = max((len(x) for x in ids), default=1)
+    out = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)
+    for i, row in enumerate(ids):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def _special_ids(tokenizer: Any) -> dict[str, int]:
+    """start = CLS/BOS, eos = SEP/EOS, pad = PAD of an encoder tokenizer (for a new decoder)."""
+    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    eos = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    if start is None or eos is None or pad is None:
+        raise ValueError(
+            "head.decoder: new needs a tokenizer with a start (CLS or BOS), an end (SEP or EOS) "
+            "and a PAD token; this encoder's tokenizer lacks one"
+        )
+    return {"start": int(start), "eos": int(eos), "pad": int(pad)}
+
+
+def _seq2seq_special(config: Any, tokenizer: Any) -> dict[str, int]:
+    start = config.decoder_start_token_id
+    if start is None:
+        start = config.bos_token_id if config.bos_token_id is not None else config.pad_token_id
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    pad = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    return {"start": int(start), "eos": int(eos), "pad": int(pad)}
+
+
+def _without_encoder(seq2seq: nn.Module) -> nn.Module:
+    """The seq2seq model with its encoder replaced by a parameter-free stand-in: generation and
+    the loss always pass `encoder_outputs`, so it never runs, and the head holds no encoder weights.
+    Its token embeddings become the decoder's own copy (T5 and BART share one table)."""
+    encoder = seq2seq.get_encoder()
+    for name, module in seq2seq.named_modules():
+        if module is encoder:
+            parent = seq2seq.get_submodule(name.rpartition(".")[0]) if "." in name else seq2seq
+            setattr(parent, name.rpartition(".")[2], _SharedEncoderStandIn())
+            break
+    return seq2seq
+
+
+class _SharedEncoderStandIn(nn.Module):
+    """Where the seq2seq model's encoder was: polytask's shared encoder runs outside the head."""
+
+    main_input_name = "input_ids"  # generate() reads it before seeing encoder_outputs
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the generation head runs from encoder states; pass encoder_outputs")
+
+
+def build_generation_head(
+    spec: TaskSpec, tokenizer: Any, encoder: nn.Module, checkpoint: str | None = None
+) -> GenerationHead:
+    """A head for a generation spec (`resolve_decoder` decides "checkpoint" or "new").
+
+    checkpoint: `checkpoint` (a hub id, directory or package:) must be the encoder-decoder
+    checkpoint the shared encoder came from. new: sized by the encoder (hidden size, heads) and
+    the tokenizer (vocabulary); `tie_embeddings` starts its token embeddings (and the LM head,
+    tied to them) as a copy of the encoder's."""
+    spec = resolve_decoder(spec, encoder.config)
+    gen = spec.generation
+    if gen.decoder == CHECKPOINT:
+        from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+        path = resolve_encoder_path(checkpoint) if checkpoint else None
+        if path is None or not getattr(AutoConfig.from_pretrained(path), "is_encoder_decoder", False):
+            raise ValueError(
+                f"task '{spec.name}': head.decoder: checkpoint needs encoder.name_or_path to be an "
+                f"encoder-decoder checkpoint (T5, BART, Marian, ...), got {checkpoint!r}; set "
+                "head.decoder: new for a fresh decoder on this encoder"
+            )
+        seq2seq = AutoModelForSeq2SeqLM.from_pretrained(path)
+        return GenerationHead(
+            _without_encoder(seq2seq), CHECKPOINT, tokenizer, _seq2seq_special(seq2seq.config, tokenizer)
+        )
+    from transformers import BertConfig, BertLMHeadModel
+
+    enc_cfg = encoder.config
+    hidden = int(enc_cfg.hidden_size)
+    heads = int(getattr(enc_cfg, "num_attention_heads", 0) or 0)
+    special = _special_ids(tokenizer)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=gen.decoder_layers,
+        num_attention_heads=heads if heads and hidden % heads == 0 else 1,
+        intermediate_size=int(getattr(enc_cfg, "intermediate_size", 4 * hidden)),
+        max_position_embeddings=max(512, gen.max_new_tokens + 2),
+        hidden_dropout_prob=spec.dropout,
+        attention_probs_dropout_prob=spec.dropout,
+        is_decoder=True,
+        add_cross_attention=True,
+        tie_word_embeddings=True,
+        pad_token_id=special["pad"],
+        bos_token_id=special["start"],
+        eos_token_id=special["eos"],
+        decoder_start_token_id=special["start"],
+    )
+    decoder = BertLMHeadModel(config)
+    source = encoder.get_input_embeddings() if gen.tie_embeddings else None
+    if source is not None and tuple(source.weight.shape) == (config.vocab_size, hidden):
+        with torch.no_grad():
+            decoder.get_input_embeddings().weight.copy_(source.weight)
+    return GenerationHead(decoder, NEW, tokenizer, special)
+
+
+def rebuild_generation_head(meta: dict[str, Any], tokenizer: Any) -> GenerationHead:
+    """An untrained head of the shape head.json describes (its weights are loaded after)."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, BertConfig, BertLMHeadModel
+
+    source, cfg = meta["source"], dict(meta["config"])
+    if source == CHECKPOINT:
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        decoder = _without_encoder(AutoModelForSeq2SeqLM.from_config(config))
+    else:
+        cfg.pop("model_type", None)
+        decoder = BertLMHeadModel(BertConfig(**cfg))
+    return GenerationHead(decoder, source, tokenizer, meta["special"])
+
+
+class _RowCaps:
+    """LogitsProcessor: a row that has generated its own cap of tokens may only end (EOS next)."""
+
+    def __init__(self, caps: list[int], num_beams: int, eos_id: int, prompt_length: int) -> None:
+        self.caps = torch.tensor(caps).repeat_interleave(num_beams)
+        self.eos_id = eos_id
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        produced = input_ids.shape[1] - self.prompt_length
+        at_cap = (produced >= self.caps.to(scores.device)).unsqueeze(-1)
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.eos_id] = 0.0
+        return torch.where(at_cap, forced, scores)
+
+
+class _StepCallback:
+    """StoppingCriteria (greedy): reports each step's tokens; `False` from `on_step` stops all."""
+
+    def __init__(self, on_step: OnStep, eos_id: int, batch: int) -> None:
+        self.on_step = on_step
+        self.eos_id = eos_id
+        self.done = torch.zeros(batch, dtype=torch.bool)
+        self.step = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **_: Any) -> torch.Tensor:
+        new = input_ids[:, -1].cpu()
+        tokens = [None if d else int(t) for t, d in zip(new.tolist(), self.done.tolist())]
+        self.done = self.done | (new == self.eos_id)
+        keep_going = self.on_step(self.step, tokens, self.done.tolist())
+        self.step += 1
+        if keep_going is False:
+            return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@torch.inference_mode()
+def generate(
+    head: GenerationHead,
+    encoder_states: torch.Tensor,
+    encoder_mask: torch.Tensor,
+    *,
+    max_new_tokens: int | Sequence[int] = 64,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    on_step: OnStep | None = None,
+) -> list[list[int]]:
+    """Token ids per row (no start token, cut before EOS) from padded encoder states.
+
+    `max_new_tokens`: one cap, or one per row. `on_step(step, tokens, finished)` (greedy only) is
+    called after every decoding step with each row's new token id (None once a row has finished;
+    EOS is reported) and which rows have finished; returning False stops every row there, and
+    the ids so far are returned."""
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+    batch = encoder_states.shape[0]
+    one_cap = isinstance(max_new_tokens, numbers.Integral)
+    caps = [int(max_new_tokens)] * batch if one_cap else [int(c) for c in max_new_tokens]
+    if len(caps) != batch:
+        raise ValueError(f"max_new_tokens has {len(caps)} caps for {batch} rows; give one per row")
+    if min(caps, default=1) < 1:
+        raise ValueError("max_new_tokens must be at least 1 for every row")
+    if on_step is not None and num_beams > 1:
+        raise ValueError("on_step streams greedy decoding only; use num_beams: 1 to stream")
+    config = GenerationConfig(
+        max_new_tokens=max(caps) + 1,  # room for the EOS a capped row is forced to end with
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        do_sample=False,
+        early_stopping=num_beams > 1,
+        decoder_start_token_id=head.start_id,
+        bos_token_id=head.start_id,
+        eos_token_id=head.eos_id,
+        pad_token_id=head.pad_id,
+    )
+    mask = encoder_mask.to(encoder_states.device)
+    processors = LogitsProcessorList([_RowCaps(caps, num_beams, head.eos_id, prompt_length=1)])
+    callback = _StepCallback(on_step, head.eos_id, batch) if on_step is not None else None
+    stopping = StoppingCriteriaList([callback] if callback else [])
+    if head.source == CHECKPOINT:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        out = head.decoder.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
+            attention_mask=mask,
+            generation_config=config,
+            logits_processor=processors,
+            stopping_criteria=stopping,
+        )
+    else:
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        start = torch.full((batch, 1), head.start_id, dtype=torch.long, device=encoder_states.device)
+        cfg = head.decoder.config
+        out = head.decoder.generate(
+            cache=EncoderDecoderCache(DynamicCache(config=cfg), DynamicCache(config=cfg)),  # + cross-attention
+            input_ids=start,
+            attention_mask=torch.ones_like(start),
+            encoder_hidden_states=encoder_states,
+            encoder_attention_mask=mask,
+            generation_config=config,
+            logits_processor=processors,
+            stopping_criteria=stopping,
+        )
+    rows = []
+    for ids in out[:, 1:].tolist():
+        cut = ids.index(head.eos_id) if head.eos_id in ids else len(ids)
+        rows.append([t for t in ids[:cut] if t != head.pad_id])
+    return rows
+
+
+def generate_text(head: GenerationHead, encoder_states: torch.Tensor, encoder_mask: torch.Tensor, **kw: Any) -> list[str]:
+    """`generate`, decoded to text with the encoder's tokenizer (special tokens dropped)."""
+    ids = generate(head, encoder_states, encoder_mask, **kw)
+    return head.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def generation_settings(spec: TaskSpec, **overrides: Any) -> dict[str, Any]:
+    """The task's decoding settings as `generate` keywords; `overrides` (not None) win."""
+    gen = spec.generation or GenerationSpec()
+    settings = {
+        "max_new_tokens": gen.max_new_tokens,
+        "num_beams": gen.num_beams,
+        "length_penalty": gen.length_penalty,
+        "no_repeat_ngram_size": gen.no_repeat_ngram_size,
+    }
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return settings
