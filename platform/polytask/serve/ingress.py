@@ -15,7 +15,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from polytask.model.manifest import Manifest
+from polytask.model.manifest import Manifest, read_manifest  # not bundle: no torch here
 from polytask.serve.batching import MicroBatcher
 from polytask.serve.metrics import ServeMetrics
 from polytask.serve.refs import local_bundle, model_from_config, pin_model_uri
@@ -73,8 +73,6 @@ class Ingress:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """A new model reference refreshes the task list (labels) the API reports and validates."""
-        from polytask.model.manifest import read_manifest  # not bundle: the Ingress needs no torch
-
         model = model_from_config(config)
         if model is None:
             return
