@@ -5,6 +5,7 @@ Bad configs come first: they must fail before Ray is ever started in this proces
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -365,3 +366,40 @@ def test_fsdp_run_resumes_and_matches_ddp(store, first_run, demo_data, tiny_enco
     changed = [k for k, v in model.encoder.state_dict().items() if not torch.equal(v, initial[k])]
     assert changed, "the bundle holds trained weights, not the initial ones"
     assert Predictor.from_bundle(res.bundle_path).predict(TEXTS)[0].keys() == {"sentiment", "ner"}
+
+
+def test_generation_trains_beside_classification_resumes_and_registers(
+    ray_local, store, demo_data, tiny_seq2seq
+):
+    """A classification task and a generation task (tiny T5: its encoder shared, its decoder the
+    head) on 2 DDP workers; the run fails after epoch 0 and resumes from that checkpoint. MLflow
+    holds bleu/chrf/rouge_l per epoch and the registered version answers text through pyfunc."""
+    import mlflow
+
+    from polytask.demo import write_generation_data
+    from polytask.tracking.registry import use_tracking_uri
+
+    data = write_generation_data(store.root / "generation", n_train=64, n_eval=16)
+    cfg = _cfg(demo_data, tiny_seq2seq, epochs=2, num_workers=2, registered_model="gen-demo",
+               sections={"run": {"max_failures": 1}})
+    cfg.tasks[1] = cfg.tasks[1].model_validate({
+        "name": "entities",
+        "kind": "generation",
+        "data": {"train": str(data / "entities/train.jsonl"), "validation": str(data / "entities/validation.jsonl")},
+        "head": {"label_smoothing": 0.1},
+        "generation": {"max_new_tokens": 6},
+    })
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POLYTASK_FAULTS", '{"fail_at_epoch": 0}')
+        res = run_training(cfg, run_name="generation")
+    assert [(r["epoch"], r["start_epoch"]) for r in res.history] == [(0, 0), (1, 1)]
+    assert any("train_loss/entities" in r for r in res.history)
+    for key in ("entities/bleu", "entities/chrf", "entities/rouge_l", "sentiment/accuracy"):
+        assert _steps(store, res.run_id, key) == [0, 1], key
+    assert res.model_version == 1 and "champion" in res.aliases
+    with use_tracking_uri(store.uri):
+        answers = mlflow.pyfunc.load_model("models:/gen-demo@champion").predict(TEXTS[:2])
+    assert set(answers[0]) == {"sentiment", "entities"}
+    assert all(isinstance(a["entities"]["text"], str) for a in answers)
+    head = json.loads((Path(res.bundle_path) / "heads/entities/head.json").read_text())
+    assert head["decoder"]["source"] == "checkpoint" and head["spec"]["generation"]["label_smoothing"] == 0.1

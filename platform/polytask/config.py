@@ -70,6 +70,9 @@ class DataConfig(_Section):
         None, description="Second text column: set it and any sentence-level task reads pairs."
     )
     label_field: str = Field("label", description="Column with the label (or label list).")
+    target_field: str = Field(
+        "target", description="Column with the target text (generation tasks)."
+    )
     tokens_field: str = Field("tokens", description="Column with word lists (token tasks).")
     tags_field: str = Field("tags", description="Column with tag lists (token tasks).")
     label_separator: str = Field("|", description="Splits multilabel strings like 'a|b'.")
@@ -87,6 +90,37 @@ class HeadConfig(_Section):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout before the head.")
     hidden_dim: int | None = Field(None, ge=1, description="Add one hidden layer of this size.")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Multilabel decision threshold.")
+    decoder: Literal["checkpoint", "new"] | None = Field(
+        None,
+        description="Generation tasks: where the decoder comes from. checkpoint: the decoder and "
+        "LM head of the encoder-decoder checkpoint in encoder.name_or_path (T5, BART, Marian, "
+        "...; config.is_encoder_decoder), whose encoder is the shared encoder; new: a fresh "
+        "transformer decoder (decoder_layers layers) with cross-attention over the shared "
+        "encoder's token states, on the encoder tokenizer's vocabulary. Default: checkpoint for "
+        "an encoder-decoder checkpoint, else new.",
+    )
+    decoder_layers: int = Field(
+        2, ge=1, le=48, description="Generation tasks, decoder: new: its number of layers."
+    )
+    tie_embeddings: bool = Field(
+        True,
+        description="Generation tasks, decoder: new: start its token embeddings (and the tied "
+        "LM head) as a copy of the encoder's.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Generation tasks: label smoothing of the token loss."
+    )
+
+
+class GenerationConfig(_Section):
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Longest generated text, in tokens.")
+    num_beams: int = Field(1, ge=1, le=32, description="Beam search width; 1: greedy.")
+    length_penalty: float = Field(
+        1.0, description="Beam search: >1 favours longer texts, <1 shorter ones."
+    )
+    no_repeat_ngram_size: int = Field(
+        0, ge=0, description="Never repeat an n-gram of this size; 0: off."
+    )
 
 
 class TaskConfig(_Section):
@@ -97,11 +131,14 @@ class TaskConfig(_Section):
     weight: float = Field(1.0, gt=0.0, description="Static loss weight λ for this task.")
     head: HeadConfig = Field(default_factory=HeadConfig, description="Head options.")
     metric: str | None = Field(None, description="Primary metric; the kind's default if unset.")
+    generation: GenerationConfig | None = Field(
+        None, description="Generation tasks: how text is decoded (evaluation, predict, serve)."
+    )
 
     @property
     def pair(self) -> bool:
-        """A pair task: any sentence-level kind whose data names a second text."""
-        return KINDS[self.kind].level == "sentence" and self.data.text_pair_field is not None
+        """A pair task: a sentence-level or generation kind whose data names a second text."""
+        return KINDS[self.kind].level != "token" and self.data.text_pair_field is not None
 
     @field_validator("kind")
     @classmethod
@@ -129,17 +166,18 @@ class TaskConfig(_Section):
                 f"metric '{self.metric}' is not reported by kind '{self.kind}'; "
                 f"choose one of {', '.join(names)}"
             )
-        ignored = ignored_data_fields(self.kind, self.data)
+        ignored = {("data", k): why for k, why in ignored_data_fields(self.kind, self.data).items()}
+        ignored.update(ignored_task_fields(self))
         if ignored:
             raise ValidationError.from_exception_data(
                 "TaskConfig",
                 [
                     InitErrorDetails(
                         type=PydanticCustomError(error_type, why),
-                        loc=("data", key),
-                        input=getattr(self.data, key),
+                        loc=loc,
+                        input=_value_at(self, loc),
                     )
-                    for key, (error_type, why) in ignored.items()
+                    for loc, (error_type, why) in ignored.items()
                 ],
             )
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
@@ -149,18 +187,59 @@ class TaskConfig(_Section):
 
 _TOKEN_ONLY = ("tokens_field", "tags_field")
 _SENTENCE_ONLY = ("text_field", "text_pair_field", "label_field", "label_separator")
+_LABELS_ONLY = ("label_field", "label_separator")
+_DECODER_ONLY = ("decoder", "decoder_layers", "tie_embeddings", "label_smoothing")
+
+
+def _written(section: BaseModel) -> set[str]:
+    """Keys set in the file and not at their default: a dumped-and-reloaded config sets every
+    field, so only a changed value counts as written."""
+    fields = type(section).model_fields
+    return {k for k in section.model_fields_set if getattr(section, k) != fields[k].default}
+
+
+def _value_at(task: TaskConfig, loc: tuple[str, ...]) -> Any:
+    node: Any = task
+    for key in loc:
+        node = getattr(node, key)
+    return node.model_dump() if isinstance(node, BaseModel) else node
+
+
+def ignored_task_fields(task: TaskConfig) -> dict[tuple[str, ...], tuple[str, str]]:
+    """Task and head keys (path → (error type, why)) that the task's kind never reads."""
+    out: dict[tuple[str, ...], tuple[str, str]] = {}
+    head = _written(task.head)
+    if task.kind == "generation":
+        why = (
+            "generation tasks write text (data.target_field) and have no label set or decision "
+            "threshold, so this is never read; remove it"
+        )
+        if task.labels is not None:
+            out[("labels",)] = ("ignored_field", why)
+        out.update({("head", k): ("ignored_field", why) for k in ("threshold", "hidden_dim") if k in head})
+        return out
+    why = f"only generation tasks have a decoder; {task.kind} never reads this; remove it"
+    out.update({("head", k): ("ignored_field", why) for k in _DECODER_ONLY if k in head})
+    if task.generation is not None:
+        out[("generation",)] = ("ignored_field", f"only generation tasks generate text; {why.split('; ', 1)[1]}")
+    return out
 
 
 def ignored_data_fields(kind: str, data: DataConfig) -> dict[str, tuple[str, str]]:
     """data.<key> → (error type, why) for each key set in the file that this kind would never
     read (a setting that does nothing is a mistake), and for a pair_classification without pair."""
-    written = {  # set and not the default: a dumped-and-reloaded config sets every field
-        key
-        for key in data.model_fields_set
-        if getattr(data, key) != DataConfig.model_fields[key].default
-    }
+    written = _written(data)
     out = {}
-    if KINDS[kind].level == "token":
+    if kind != "generation" and "target_field" in written:
+        why = f"only generation tasks read a target text; {kind} reads data.label_field; remove it"
+        out["target_field"] = ("ignored_field", why)
+    if kind == "generation":
+        why = (
+            "generation tasks read data.text_field (plus data.text_pair_field) and "
+            "data.target_field, so this is never read; remove it"
+        )
+        out.update({key: ("ignored_field", why) for key in _TOKEN_ONLY + _LABELS_ONLY if key in written})
+    elif KINDS[kind].level == "token":
         why = (
             f"{kind} tasks read words and tags (data.tokens_field, data.tags_field or a CoNLL "
             "file) and take no second text, so this is never read; remove it"

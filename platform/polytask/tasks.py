@@ -103,6 +103,11 @@ class TaskKind:
     encode_target: Callable[[Any, TaskSpec], Any] = field(default=lambda raw, spec: raw)
     pair_only: bool = False  # pair_classification: an alias of classification that needs a pair
 
+    @property
+    def sequence_labels(self) -> bool:
+        """Labels are a sequence padded with -100 (tags, target ids), not one value per input."""
+        return self.level != "sentence"
+
 
 def build_head(spec: TaskSpec, hidden_size: int) -> torch.nn.Module:
     """Dropout → (Linear → GELU →) Linear; the same shape for every kind, sized by the spec.
@@ -392,3 +397,4 @@ KINDS: dict[str, TaskKind] = {
 }
 
 LOWER_IS_BETTER = {"mse"}
+PERCENT_METRICS = {"bleu", "chrf", "rouge_l"}  # reported 0-100 as sacrebleu does; 0-1 in objectives

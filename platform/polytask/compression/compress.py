@@ -26,6 +26,7 @@ from polytask.model.bundle import (
     load_bundle,
     load_encoder_part,
     read_manifest,
+    write_head_weights,
 )
 from polytask.model.int8 import int8_state, quantize_encoder
 from polytask.model.network import encoder_fingerprint, tensors_fingerprint
@@ -99,7 +100,7 @@ def compress_bundle(
         if finetune_steps:
             _recover(model, train, experiment, pad_id, finetune_steps)
             step["finetune_steps"] = finetune_steps
-            heads = {n: h.state_dict() for n, h in model.heads.items()}
+            heads = dict(model.heads.items())
         state = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
         fingerprint = encoder_fingerprint(model.encoder)
     recipe = [*manifest.recipe, step]
@@ -125,7 +126,7 @@ def _write(
     out: Path,
     manifest: Manifest,
     encoder_state: dict[str, torch.Tensor],
-    heads: dict[str, dict[str, torch.Tensor]] | None,
+    heads: dict[str, nn.Module] | None,
 ) -> None:
     """Copy the source bundle, swap in the new encoder weights, re-stamp every head's expected
     fingerprint; `out` is replaced only once complete."""
@@ -144,8 +145,7 @@ def _write(
         meta["encoder_fingerprint"] = manifest.fingerprint
         (head_dir / "head.json").write_text(json.dumps(meta, indent=2))
         if heads is not None:
-            state = {k: v.detach().cpu().contiguous() for k, v in heads[spec.name].items()}
-            save_file(state, head_dir / "head.safetensors")
+            write_head_weights(heads[spec.name], head_dir)
     (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
@@ -184,7 +184,7 @@ def _importance_losses(
 
     model.eval()  # no dropout: importance should reflect the deterministic network
     for task, feats in features.items():
-        token = model.specs[task].task_kind.level == "token"
+        token = model.specs[task].task_kind.sequence_labels
         for _, batch in eval_batches(feats[: batches * batch_size], batch_size, pad_id, token):
             yield lambda task=task, batch=batch: model(task, batch)[1]
 
@@ -210,7 +210,7 @@ def _recover(
     sampler = TaskSampler(
         sizes, cfg.sampling.strategy, cfg.sampling.temperature, o.seed, 1, steps, o.batch_size
     )
-    token_tasks = {n for n in features if model.specs[n].task_kind.level == "token"}
+    token_tasks = {n for n in features if model.specs[n].task_kind.sequence_labels}
     batches = TaskBatches(features, token_tasks, o.batch_size, 0, 1, o.seed, pad_id)
     optimizer = make_optimizer(model, o)
     scheduler = make_scheduler(optimizer, steps, o.warmup_ratio)

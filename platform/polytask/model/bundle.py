@@ -47,7 +47,7 @@ def save_bundle(
         head_dir = tmp / "heads" / name
         head_dir.mkdir(parents=True)
         head = model.heads[name]
-        save_model(head, str(head_dir / "head.safetensors"))  # a decoder's tied weights stored once
+        write_head_weights(head, head_dir)
         meta = {"spec": spec.to_dict(), "hidden_size": hidden, "encoder_fingerprint": fingerprint}
         if hasattr(head, "decoder_config"):
             meta["decoder"] = head.decoder_config()
@@ -64,6 +64,11 @@ def save_bundle(
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return manifest
+
+
+def write_head_weights(head: nn.Module, head_dir: Path) -> None:
+    """head.safetensors; tied weights (a decoder's LM head and embeddings) are stored once."""
+    save_model(head, str(head_dir / "head.safetensors"))
 
 
 def load_encoder_part(

@@ -54,9 +54,27 @@ class GenerationHead(nn.Module):
         return {"start": self.start_id, "eos": self.eos_id, "pad": self.pad_id}
 
     def forward(
-        self, states: torch.Tensor, mask: torch.Tensor, decoder_input_ids: torch.Tensor
-    ) -> torch.Tensor:
-        """Teacher-forced logits (batch, target length, vocab)."""
+        self,
+        states: torch.Tensor,
+        mask: torch.Tensor,
+        decoder_input_ids: torch.Tensor | None = None,
+        *,
+        labels: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+        **generate_kwargs: Any,
+    ) -> Any:
+        """Teacher-forced logits (batch, target length, vocab) for `decoder_input_ids`; with
+        `labels` (target ids padded with -100), (logits, loss) — EOS is appended here, so the
+        head learns where to stop; with neither, `generate(self, states, mask, **generate_kwargs)`.
+        All through `__call__`, so an FSDP unit around the head gathers its weights for each."""
+        if labels is not None:
+            from polytask.tasks import generation_loss
+
+            labels = with_eos(labels, self.eos_id)
+            logits = self(states, mask, shift_right(labels, self.start_id, self.pad_id))
+            return logits, generation_loss(logits, labels, label_smoothing)
+        if decoder_input_ids is None:
+            return generate(self, states, mask, **generate_kwargs)
         if self.source == CHECKPOINT:
             from transformers.modeling_outputs import BaseModelOutput
 
@@ -75,27 +93,28 @@ class GenerationHead(nn.Module):
             )
         return out.logits
 
-    def loss(
-        self,
-        states: torch.Tensor,
-        mask: torch.Tensor,
-        labels: torch.Tensor,
-        label_smoothing: float = 0.0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, cross-entropy) for target ids `labels` (ending in EOS, padded with -100)."""
-        from polytask.tasks import generation_loss
-
-        logits = self(states, mask, shift_right(labels, self.start_id, self.pad_id))
-        return logits, generation_loss(logits, labels, label_smoothing)
-
     def target_ids(self, targets: Sequence[str], max_length: int) -> list[list[int]]:
-        """Each target text as token ids + EOS (no CLS/BOS: the decoder start token plays it)."""
-        enc = self.tokenizer(list(targets), add_special_tokens=False, truncation=True, max_length=max_length - 1)
-        return [ids + [self.eos_id] for ids in enc["input_ids"]]
+        """Each target text as token ids, without specials (the loss adds EOS, the decoder
+        start token plays CLS/BOS); what the data layer stores as a generation task's labels."""
+        return target_ids(self.tokenizer, targets, max_length)
 
     def decoder_config(self) -> dict[str, Any]:
         """What head.json stores to rebuild this head without its checkpoint."""
         return {"source": self.source, "special": self.special, "config": self.decoder.config.to_dict()}
+
+
+def target_ids(tokenizer: Any, targets: Sequence[str], max_length: int) -> list[list[int]]:
+    """Target texts as token ids without specials, cut to `max_length` tokens."""
+    enc = tokenizer(list(targets), add_special_tokens=False, truncation=True, max_length=max_length)
+    return [list(ids) for ids in enc["input_ids"]]
+
+
+def with_eos(labels: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Each row's target ids followed by EOS (one column wider, still padded with -100)."""
+    out = torch.cat([labels, labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+    lengths = (labels != IGNORE_INDEX).sum(dim=1)
+    out[torch.arange(labels.shape[0], device=labels.device), lengths] = eos_id
+    return out
 
 
 def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ def load_encoder(
     config = AutoConfig.from_pretrained(name_or_path, **kw)
     if not is_seq2seq_encoder(config):
         return AutoModel.from_pretrained(name_or_path, **kw), tokenizer
-    if (config.architectures or [""])[0].endswith(("Stack", "Encoder")):  # a bundle's encoder
+    if is_encoder_stack(config):  # a bundle's encoder
         return _encoder_stack_class(config).from_pretrained(name_or_path, **kw), tokenizer
     seq2seq = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **kw)
     return encoder_only(seq2seq.get_encoder()), tokenizer
@@ -44,6 +44,21 @@ def is_seq2seq_encoder(config: Any) -> bool:
     return bool(getattr(config, "is_encoder_decoder", False)) or (
         config.model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
     )
+
+
+def is_encoder_stack(config: Any) -> bool:
+    """The encoder half of an encoder-decoder model as polytask saves it (T5Stack, BartEncoder)."""
+    return is_seq2seq_encoder(config) and (config.architectures or [""])[0].endswith(("Stack", "Encoder"))
+
+
+def encoder_from_config(config: Any, trust_remote_code: bool = False) -> nn.Module:
+    """An untrained encoder of this config's shape (weights are loaded after): AutoModel, or
+    the encoder stack class for an encoder saved from an encoder-decoder checkpoint."""
+    from transformers import AutoModel
+
+    if is_encoder_stack(config):
+        return _encoder_stack_class(config)(config)
+    return AutoModel.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def encoder_only(module: nn.Module) -> nn.Module:
@@ -197,15 +212,19 @@ class MultiTaskModel(nn.Module):
         return self.heads[task](pool(hidden, attention_mask, self.pooling))
 
     def forward(
-        self, task: str, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        self, task: str, batch: dict[str, torch.Tensor], generate: dict[str, Any] | None = None
+    ) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
         """(logits, raw task loss, weighted loss); losses are None when the batch has no labels.
-        A generation task's logits are teacher-forced over its target ids (`labels`)."""
+        A generation task's logits are teacher-forced over its target ids (`labels`); with
+        `generate` (`generate()` keywords) it returns the generated ids instead of logits, so
+        evaluation runs through this forward too (which FSDP needs to gather the weights)."""
         spec = self.specs[task]
         if spec.task_kind.level == "sequence":
-            logits, loss = self.heads[task].loss(
-                self.encode(batch), batch["attention_mask"], batch["labels"], spec.generation.label_smoothing
-            )
+            hidden, mask = self.encode(batch), batch["attention_mask"]
+            if generate is not None:
+                return self.heads[task](hidden, mask, **generate), None, None
+            smoothing = spec.generation.label_smoothing
+            logits, loss = self.heads[task](hidden, mask, labels=batch["labels"], label_smoothing=smoothing)
             return logits, loss, self.weighting(task, loss)
         logits = self.head_logits(task, self.encode(batch), batch["attention_mask"])
         if "labels" not in batch:

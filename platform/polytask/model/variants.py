@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from polytask.model.int8 import int8_state, rebuild_int8
-from polytask.model.network import encoder_fingerprint, tensors_fingerprint
+from polytask.model.network import encoder_fingerprint, encoder_from_config, tensors_fingerprint
 from polytask.model.pruning import rebuild_pruned
 
 METHODS = ("int8", "prune")
@@ -31,7 +31,7 @@ def load_compressed_encoder(
 
     Returns what `bundle.load_encoder_part` returns: (encoder in eval mode, tokenizer, fingerprint).
     """
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     enc_dir = Path(enc_dir)
     methods = [step.get("method") for step in recipe]
@@ -47,7 +47,7 @@ def load_compressed_encoder(
     tokenizer = AutoTokenizer.from_pretrained(
         enc_dir, use_fast=True, trust_remote_code=trust_remote_code
     )
-    encoder = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    encoder = encoder_from_config(config, trust_remote_code)
     state = load_file(enc_dir / WEIGHTS)
     for step in recipe:
         if step["method"] == "prune":

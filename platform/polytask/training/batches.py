@@ -23,10 +23,10 @@ if TYPE_CHECKING:
 def collate(
     features: list[dict[str, Any]], pad_token_id: int, token_labels: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Pad a batch to its own longest sequence (never to max_length); token labels pad with -100."""
+    """Pad a batch to its own longest sequence (never to max_length); sequence labels (token
+    tags, generation targets: their own length) pad with -100."""
     import torch
 
-    longest = max(len(f["input_ids"]) for f in features)
     pad_values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}
     batch: dict[str, torch.Tensor] = {}
     for key in features[0]:
@@ -38,6 +38,7 @@ def collate(
             batch[key] = torch.tensor(values, dtype=torch.float32 if is_float else torch.long)
             continue
         pad = pad_values.get(key, 0)
+        longest = max(len(v) for v in values)
         batch[key] = torch.tensor([v + [pad] * (longest - len(v)) for v in values], dtype=torch.long)
     return batch
 

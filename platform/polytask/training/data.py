@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from polytask.config import DataConfig, ExperimentConfig, TaskConfig
 from polytask.model.inputs import texts_and_pairs
-from polytask.tasks import IGNORE_INDEX, KINDS, TaskSpec
+from polytask.tasks import IGNORE_INDEX, KINDS, GenerationSpec, TaskSpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -153,8 +153,14 @@ def class_names(fmt: str, path: Path, task: TaskConfig) -> list[str] | None:
     import pyarrow.parquet as pq
 
     features = datasets.Features.from_arrow_schema(pq.read_schema(path))
+    return _class_names(features.get(label_column(task)))
+
+
+def label_column(task: TaskConfig) -> str:
+    """The column a task learns from: tags (token tasks), the target text (generation) or the label."""
     level = KINDS[task.kind].level
-    return _class_names(features.get(task.data.tags_field if level == "token" else task.data.label_field))
+    d = task.data
+    return {"token": d.tags_field, "sequence": d.target_field}.get(level, d.label_field)
 
 
 def _table_records(task: TaskConfig, fmt: str, path: Path) -> Iterator[Record]:
@@ -183,8 +189,8 @@ def _required_fields(task: TaskConfig) -> list[str]:
     fields = [d.tokens_field, d.tags_field] if kind.level == "token" else [d.text_field]
     if task.pair:
         fields.append(d.text_pair_field)
-    if kind.level == "sentence":
-        fields.append(d.label_field)
+    if kind.level != "token":
+        fields.append(label_column(task))
     return fields
 
 
@@ -194,7 +200,7 @@ def _check_columns(task: TaskConfig, columns: list[str], where: str) -> None:
         raise DataError(
             f"tasks.{task.name}: {where} has no column(s) {missing}; columns are "
             f"{columns}; set data.text_field / text_pair_field / label_field / "
-            "tokens_field to match"
+            "target_field / tokens_field to match"
         )
 
 
@@ -206,8 +212,7 @@ def batch_records(
     _check_columns(task, list(columns), where)
     kind = KINDS[task.kind]
     d = task.data
-    label_col = d.tags_field if kind.level == "token" else d.label_field
-    labels = columns.get(label_col, [])
+    labels = columns.get(label_column(task), [])
     out = []
     for i, label in enumerate(labels):
         if names is not None:
@@ -227,9 +232,7 @@ def batch_records(
 def _rows_to_records(task: TaskConfig, ds: Any, where: str) -> list[Record]:
     """Records of a `datasets` table (hub, JSON): its ClassLabel names turn ids into words."""
     _check_columns(task, ds.column_names, where)
-    kind = KINDS[task.kind]
-    label_col = task.data.tags_field if kind.level == "token" else task.data.label_field
-    names = _class_names(ds.features.get(label_col))
+    names = _class_names(ds.features.get(label_column(task)))
     return batch_records(task, ds.to_dict(), names, where)
 
 
@@ -278,16 +281,17 @@ def resolve_spec(
     """The task's label set (given, or inferred from train) checked against every split, and the
     number of train rows. `train` (default: splits['train']) is read once, so a streamed split
     is checked without being held."""
-    given = ["value"] if task.kind == "regression" else task.labels
+    unlabelled = task.kind in ("regression", "generation")  # a number or a text: no label set
+    given = {"regression": ["value"], "generation": []}.get(task.kind, task.labels)
     seen, rows = _scan(task, "train", splits["train"] if train is None else train, given)
     if not rows:
         raise DataError(f"tasks.{task.name}.data.train: no examples were read; check the file")
     labels = list(given) if given is not None else _order_labels(seen, task.kind)
-    if task.kind != "regression":
+    if task.kind != "regression":  # labels (or generation targets) checked in every split
         for split, records in splits.items():
             if split != "train":
                 _scan(task, split, records or [], labels)
-    if len(labels) < (1 if task.kind == "regression" else 2):
+    if len(labels) < 2 and not unlabelled:
         raise DataError(f"tasks.{task.name}: train data has labels {labels}; need at least two")
     spec = TaskSpec(
         name=task.name,
@@ -298,8 +302,24 @@ def resolve_spec(
         threshold=task.head.threshold,
         metric=task.metric,
         pair=task.pair,
+        generation=_generation_spec(task),
     )
     return spec, rows
+
+
+def _generation_spec(task: TaskConfig) -> GenerationSpec | None:
+    """A generation task's head.* decoder options and generation.* settings, as one spec."""
+    if task.kind != "generation":
+        return None
+    head = task.head
+    decoding = task.generation.model_dump() if task.generation else {}
+    return GenerationSpec(
+        decoder=head.decoder,
+        decoder_layers=head.decoder_layers,
+        tie_embeddings=head.tie_embeddings,
+        label_smoothing=head.label_smoothing,
+        **decoding,
+    )
 
 
 def _scan(
@@ -313,6 +333,14 @@ def _scan(
     for rec in records:
         rows += 1
         if task.kind == "regression":
+            continue
+        if task.kind == "generation":
+            if not isinstance(rec.label, str) or not rec.label.strip():
+                raise DataError(
+                    f"tasks.{task.name} ({split}): {rec.where}: the target text "
+                    f"(column '{task.data.target_field}') is {rec.label!r}; give every row a "
+                    "non-empty target, or drop the row"
+                )
             continue
         labels = _labels_of(rec, task.kind)
         bad = [lab for lab in labels if lab not in allowed_set] if check else []
@@ -412,11 +440,17 @@ def tokenize_records(
     else:
         texts, pairs = texts_and_pairs(records, spec.pair)
         enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    if kind.level == "sequence":  # target token ids without specials, no longer than generated
+        from polytask.model.generation import target_ids
+
+        targets = target_ids(tokenizer, [r.label for r in records], spec.generation.max_new_tokens)
     features = []
     for i, rec in enumerate(records):
         feat = {k: enc[k][i] for k in enc}
         if kind.level == "token":
             feat["labels"] = align_labels(enc.word_ids(i), [spec.labels.index(t) for t in rec.label])
+        elif kind.level == "sequence":
+            feat["labels"] = targets[i]
         else:
             feat["labels"] = kind.encode_target(rec.label, spec)
         features.append(feat)

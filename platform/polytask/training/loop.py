@@ -26,8 +26,9 @@ from torch import nn
 
 from polytask.config import ExperimentConfig, OptimConfig
 from polytask.model.bundle import save_bundle
+from polytask.model.generation import build_generation_head, generation_settings, resolve_decoder
 from polytask.model.network import MultiTaskModel, build_model, encoder_fingerprint, load_encoder
-from polytask.tasks import LOWER_IS_BETTER, TaskSpec
+from polytask.tasks import LOWER_IS_BETTER, PERCENT_METRICS, TaskSpec
 from polytask.training.base import base_bundle, load_base_parts
 from polytask.training.batches import (
     JointBatches,
@@ -143,6 +144,7 @@ def setup(
         encoder, tokenizer = load_encoder(
             cfg.encoder.name_or_path, cfg.encoder.revision, cfg.encoder.trust_remote_code
         )
+    specs, heads = generation_heads(specs, tokenizer, encoder, cfg.encoder.name_or_path)
     core = build_model(
         encoder,
         [*base["specs"], *specs],
@@ -150,6 +152,7 @@ def setup(
         cfg.loss_weighting.method,
         {t.name: t.weight for t in cfg.tasks},
         cfg.loss_weighting.dwa_temperature,
+        heads={**base["heads"], **heads},
     )
     frozen = _freeze(core, cfg.encoder.freeze, base["heads"])
     sharded = wrap is not None and cfg.scaling.parallel_strategy == "fsdp"
@@ -170,7 +173,7 @@ def setup(
     optimizer = make_optimizer(core, cfg.optim)
     total = math.ceil(sampler.steps_per_epoch / cfg.optim.grad_accum_steps) * cfg.optim.epochs
     scheduler = make_scheduler(optimizer, total, cfg.optim.warmup_ratio)
-    token_tasks = {s.name for s in specs if s.task_kind.level == "token"}
+    token_tasks = {s.name for s in specs if s.task_kind.sequence_labels}
     batches: TaskBatches | StreamBatches | JointBatches
     memory = TaskBatches(
         train_features,
@@ -194,6 +197,20 @@ def setup(
         device, dtype, scaler, rank, world_size, sharded=sharded, shadow=shadow, frozen=frozen,
         frozen_fingerprint=base["fingerprint"] or (encoder_fingerprint(encoder) if cfg.encoder.freeze else None),
     )
+
+
+def generation_heads(
+    specs: list[TaskSpec], tokenizer: Any, encoder: nn.Module, checkpoint: str
+) -> tuple[list[TaskSpec], dict[str, nn.Module]]:
+    """The specs with each generation task's decoder choice resolved, and those tasks' heads
+    (from the encoder-decoder `checkpoint`, or new; the same seed makes every rank's equal)."""
+    resolved = [resolve_decoder(s, encoder.config) if s.kind == "generation" else s for s in specs]
+    heads = {
+        s.name: build_generation_head(s, tokenizer, encoder, checkpoint)
+        for s in resolved
+        if s.kind == "generation"
+    }
+    return resolved, heads
 
 
 def _freeze(core: MultiTaskModel, encoder: bool, base_heads: dict[str, nn.Module]) -> list[str]:
@@ -381,6 +398,9 @@ def evaluate(
     out = {}
     for task, feats in features.items():
         spec = model.specs[task]
+        if spec.task_kind.level == "sequence":
+            out[task] = _evaluate_generation(model, task, feats, batch_size, pad_token_id, device)
+            continue
         token = spec.task_kind.level == "token"
         logits: list[np.ndarray] = [None] * len(feats)  # type: ignore[list-item]
         targets: list[Any] = [None] * len(feats)
@@ -396,14 +416,37 @@ def evaluate(
     return out
 
 
+def _evaluate_generation(
+    model: MultiTaskModel,
+    task: str,
+    feats: list[dict[str, Any]],
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device | str,
+) -> dict[str, float]:
+    """bleu/chrf/rouge_l of the generated texts against the targets (both decoded by the
+    tokenizer, so the two sides are normalised alike), with the task's decoding settings."""
+    spec = model.specs[task]
+    tokenizer = model.heads[task].tokenizer
+    predictions: list[str] = [""] * len(feats)
+    for idx, batch in eval_batches(feats, batch_size, pad_token_id, True):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        ids, _, _ = model(task, batch, generate=generation_settings(spec))
+        for i, text in zip(idx, tokenizer.batch_decode(ids, skip_special_tokens=True)):
+            predictions[i] = text
+    references = tokenizer.batch_decode([f["labels"] for f in feats], skip_special_tokens=True)
+    return spec.task_kind.metrics(predictions, references, spec)
+
+
 def objective(metrics: dict[str, dict[str, float]], specs: list[TaskSpec], weights: dict[str, float] | None = None) -> float:
-    """Aggregate: (weighted) mean of each task's primary metric; lower-is-better ones negated."""
+    """Aggregate: (weighted) mean of each task's primary metric; lower-is-better ones negated,
+    0-100 ones (bleu, chrf, rouge_l) scaled to 0-1 like the rest."""
     total, norm = 0.0, 0.0
     for spec in specs:
         if spec.name not in metrics:
             continue
         name = spec.metric or spec.task_kind.primary_metric
-        value = metrics[spec.name][name]
+        value = metrics[spec.name][name] / (100.0 if name in PERCENT_METRICS else 1.0)
         w = (weights or {}).get(spec.name, 1.0)
         total += w * (-value if name in LOWER_IS_BETTER else value)
         norm += w
@@ -444,7 +487,7 @@ def save_state(tr: TrainState, path: str | Path, gathered: Gathered | None = Non
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model_state, opt = gathered or gather_state(tr)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, path / "model.safetensors")
+    save_file(_unshared(model_state), path / "model.safetensors")
     tensors, scalars = {}, {}
     for pid, pstate in opt["state"].items():
         for key, value in pstate.items():
@@ -464,6 +507,19 @@ def save_state(tr: TrainState, path: str | Path, gathered: Gathered | None = Non
         "history": tr.history,
     }
     (path / "train_state.json").write_text(json.dumps(meta))
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies safetensors can write: a tensor tied to an earlier one (a decoder's LM head
+    and its embeddings) is cloned, as safetensors refuses two names for one storage."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in state.items():
+        tensor = value.detach().cpu().contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if ptr in seen else tensor
+        seen.add(ptr)
+    return out
 
 
 def save_checkpoint(tr: TrainState, path: str | Path, extra: dict[str, Any] | None = None) -> bool:
