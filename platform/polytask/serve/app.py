@@ -29,7 +29,7 @@ CPU_SURGE = {"max_surge_percent": 100}
 # A Serve config's application-level `logging_config` (or `polytask serve --log-format json
 # --access-log`) replaces these keys; see `logging_options`.
 DEFAULT_LOGGING = {"enable_access_log": False}
-MAX_ONGOING = {"Ingress": 256, "Encoder": 64, "head": 64}
+MAX_ONGOING = {"Ingress": 256, "Encoder": 64, "head": 64, "generation": 128}
 # Serve's defaults (probe every 10 s, 30 s to answer) leave a broken replica in service for up to
 # 40 s; `check_health` is cheap (no model call), so probe more often and give it less time.
 HEALTH_CHECK = {"health_check_period_s": 2.0, "health_check_timeout_s": 10.0}
@@ -150,22 +150,35 @@ def _encoder(served: _Served, override: dict[str, Any]) -> Application:
 
 
 def _head(served: _Served, task: str, override: dict[str, Any]) -> Application:
-    """`head_<task>`: code defaults, then `args.head_options` (every head), then its override."""
-    from polytask.serve.head import Head
+    """`head_<task>`: code defaults, then `args.head_options` (every head), then, for a generation
+    task, `args.generation_head_options`, then its override. A generation head is a `Decoder`:
+    it holds streams open and gathers calls into decodes, so it takes more requests at once, and
+    decodes on cuda when its options give it a GPU."""
+    from polytask.serve.validation import is_generation
 
+    spec = next(s for s in served.manifest.tasks if s.name == task)
+    generation = is_generation(spec)
     defaults = {
         **served.common,
         "name": f"head_{task}",
         "ray_actor_options": {"num_cpus": 0.25},
-        "max_ongoing_requests": MAX_ONGOING["head"],
+        "max_ongoing_requests": MAX_ONGOING["generation" if generation else "head"],
         **HEALTH_CHECK,
         **CPU_SURGE,
     }
-    options = _merge(_merge(defaults, served.args.head_options.as_options()), override)
+    options = _merge(defaults, served.args.head_options.as_options())
+    if generation:
+        from polytask.serve.decoder import Decoder as deployment
+
+        options = _merge(options, served.args.generation_head_options.as_options())
+    else:
+        from polytask.serve.head import Head as deployment
+    options = _merge(options, override)
+    gpus = (options.get("ray_actor_options") or {}).get("num_gpus") or 0
     return (
-        Head.options(**options)
+        deployment.options(**options)
         .options(version=head_version(served.bundle, task), _internal=True)
-        .bind(served.ref, task)
+        .bind(served.ref, task, "cuda" if gpus > 0 else "cpu")
     )
 
 

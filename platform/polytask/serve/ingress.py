@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray import serve
@@ -21,6 +22,7 @@ from polytask.serve.metrics import ServeMetrics
 from polytask.serve.refs import local_bundle, model_from_config, pin_model_uri
 from polytask.serve.replica import replica_identity
 from polytask.serve.schemas import ServeArgs
+from polytask.serve.validation import is_generation
 
 # Pauses before resending a request whose replica died (the last attempt's error is the answer).
 RETRY_PAUSES_S = (0.0, 0.5, 2.0)
@@ -32,6 +34,7 @@ class _Job:
 
     inputs: list[tuple[str, str | None]]
     tasks: list[str]
+    lengths: dict[str, tuple[int, int]] = field(default_factory=dict)  # generation task → max, min
 
 
 @serve.deployment(name="Ingress")
@@ -102,22 +105,54 @@ class Ingress:
         return {**self.batcher.stats.as_dict(), "pid": os.getpid(), **replica_identity()}
 
     async def run(
-        self, inputs: list[tuple[str, str | None]], tasks: list[str]
+        self,
+        inputs: list[tuple[str, str | None]],
+        tasks: list[str],
+        lengths: dict[str, tuple[int, int]] | None = None,
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """One validated request → (one {task: answer} per input, model info), answered from
         a batch shared with the requests that arrived while the previous batch ran.
 
         Predictions have no side effects, so a request whose Encoder or head replica died under
         it is sent again (Serve routes it to a live or replacement replica), a few times with a
-        pause while Serve learns of the death; the HTTP deadline bounds the whole."""
+        pause while Serve learns of the death; the HTTP deadline bounds the whole.
+        `lengths`: (max_new_tokens, min_new_tokens) of each generation task asked for."""
         from ray.exceptions import ObjectLostError, RayActorError
 
+        job = _Job(inputs, tasks, lengths or {})
         for pause_s in RETRY_PAUSES_S:
             try:
-                return await self.batcher.submit(_Job(inputs, tasks))
+                return await self.batcher.submit(job)
             except (RayActorError, ObjectLostError):
                 await asyncio.sleep(pause_s)
-        return await self.batcher.submit(_Job(inputs, tasks))
+        return await self.batcher.submit(job)
+
+    async def stream(
+        self, item: tuple[str, str | None], task: str, lengths: tuple[int, int]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One input of a generation task: the Decoder's events (a token each, then the answer)
+        as they come; closing this generator cancels the decode's share for this input."""
+        text, pair = item
+        spec = self.specs[task]
+        encoded = self.encoder.encode.remote([text], [pair or ""] if spec.pair else None, False, True)
+        events = self.heads[task].options(stream=True).stream.remote(encoded, *lengths)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            events.cancel()
+
+    def _lengths(self, task: str, jobs: list[tuple[_Job, int]]) -> dict[str, list[int]]:
+        """A generation head's per-input max/min new tokens (each request's own); {} otherwise."""
+        spec = self.specs[task]
+        if not is_generation(spec):
+            return {}
+        default = (spec.generation.max_new_tokens, 0)
+        per_input = [job.lengths.get(task, default) for job, n in jobs for _ in range(n)]
+        return {
+            "max_new_tokens": [most for most, _ in per_input],
+            "min_new_tokens": [least for _, least in per_input],
+        }
 
     async def _run_batch(
         self, jobs: list[_Job]
@@ -145,7 +180,7 @@ class Ingress:
                 texts += [text for text, _ in job.inputs]
                 pairs += [pair or "" for _, pair in job.inputs]
                 pooled += ["sentence" in levels] * len(job.inputs)
-                tokens += ["token" in levels] * len(job.inputs)
+                tokens += [bool(levels & {"token", "sequence"})] * len(job.inputs)
             if not texts:
                 continue
             encoded = self.encoder.encode.remote(
@@ -162,6 +197,7 @@ class Ingress:
                     encoded,
                     texts if every else [texts[i] for i in indices],
                     None if every else indices,
+                    **self._lengths(task, [(jobs[j], n) for j, _, n in mine]),
                 )
                 calls.append((task, mine, response))
         outs = await asyncio.gather(*(response for _, _, response in calls))
