@@ -132,7 +132,10 @@ def test_csv_pairs_and_parquet_output_with_task_subset(
     assert _read_jsonl(Path(summary.errors))[0]["row"] == 41
 
 
-def test_parquet_folder_input_and_cli_summary(ray_local, trained_bundle: Path, tmp_path: Path) -> None:
+def test_parquet_folder_input_and_cli_summary_with_generated_text(
+    ray_local, generation_bundle: Path, tmp_path: Path
+) -> None:
+    """A generation head answers {"text": ...} per row, as the in-process Predictor does."""
     folder = tmp_path / "parts"
     folder.mkdir()
     for part in range(2):
@@ -141,14 +144,17 @@ def test_parquet_folder_input_and_cli_summary(ray_local, trained_bundle: Path, t
     out = tmp_path / "scored.jsonl"
     result = CliRunner().invoke(
         app,
-        ["predict", str(trained_bundle), "--input", str(folder), "--output", str(out),
-         "--tasks", "ner", "--workers", "1"],
+        ["predict", str(generation_bundle), "--input", str(folder), "--output", str(out),
+         "--tasks", "entities", "--workers", "1"],
     )
     assert result.exit_code == 0, result.output
     assert '"scored": 50' in result.output and '"failed": 0' in result.output
     got = _read_jsonl(out)
     assert [r["part"] for r in got] == [0] * 25 + [1] * 25
-    assert all(set(r) == {"text", "part", "ner"} for r in got)
+    assert all(set(r) == {"text", "part", "entities"} for r in got)
+    want = _answers(generation_bundle, [r["text"] for r in got], ["entities"])
+    assert [r["entities"] for r in got] == [w["entities"] for w in want]
+    assert all(isinstance(r["entities"]["text"], str) for r in got)
     assert not (tmp_path / "scored.jsonl.errors.jsonl").exists()
 
 

@@ -276,6 +276,29 @@ def test_quality_tiny_end_to_end(tmp_path):
     assert "| joint |" in (out / "results.md").read_text()
 
 
+def test_generation_quality_tiny_end_to_end(tmp_path, capsys):
+    """In-process (the script's main), which saves a Python start-up and its imports."""
+    import generation_quality
+
+    out = tmp_path / "generation_quality"
+    assert generation_quality.main(["--tiny", "--steps", "4", "--out", str(out)]) == 0
+
+    result = json.loads((out / "results.json").read_text())
+    runs = result["runs"]
+    joint_steps = runs["joint"][0]["steps"]
+    assert sum(joint_steps.values()) == 8
+    assert runs["entities_only"][0]["steps"] == {"entities": joint_steps["entities"]}
+    s = result["summary"]
+    for name in ("joint", "entities_only"):
+        for key in ("test_bleu", "test_chrf", "test_rouge_l", "dev_bleu"):
+            assert 0.0 <= s[name][key] <= 100.0, (name, key)
+    assert 0.0 <= s["joint"]["sst2_dev_accuracy"] <= 100.0 and s["entities_only"]["sst2_dev_accuracy"] is None
+    assert result["delta_test_bleu"] == pytest.approx(s["joint"]["test_bleu"] - s["entities_only"]["test_bleu"])
+    assert isinstance(result["target"]["met"], bool)
+    assert "| entities_only |" in (out / "results.md").read_text()
+    assert "joint − single" in capsys.readouterr().out
+
+
 def test_compress_bench_tiny_end_to_end(tmp_path):
     out = tmp_path / "compress"
     proc = _run_script("jobs/bench/compress_bench.py", "--tiny", "--out", str(out))

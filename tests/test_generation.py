@@ -205,3 +205,99 @@ def test_int8_compression_quantizes_the_encoder_and_keeps_the_decoder_fp32(t5_bu
     fp32 = Predictor.from_bundle(str(t5_bundle)).predict(texts, ["entities"])
     quantized = Predictor.from_bundle(str(tmp_path / "int8")).predict(texts, ["entities"])
     assert sum(a == b for a, b in zip(fp32, quantized)) >= 2, (fp32, quantized)
+
+
+def test_training_state_resumes_with_the_decoders_tied_weights(tiny_encoder: Path, demo_data: Path, tmp_path: Path) -> None:
+    """The plain loop with a new decoder (its LM head tied to its embeddings): a checkpoint's
+    state loads into a fresh set-up exactly, ties intact, and training goes on from it."""
+    from polytask.config import config_from_dict
+    from polytask.demo import demo_experiment, write_generation_data
+    from polytask.training.data import load_task_data
+    from polytask.training.loop import build_features, fit, load_state, save_checkpoint, setup
+
+    data = write_generation_data(tmp_path / "data", n_train=32, n_eval=8)
+    raw = demo_experiment(demo_data, tiny_encoder, epochs=2, num_workers=1)
+    raw["tasks"][1] = {
+        "name": "entities",
+        "kind": "generation",
+        "data": {"train": str(data / "entities/train.jsonl"), "validation": str(data / "entities/validation.jsonl")},
+        "head": {"decoder_layers": 1},
+        "generation": {"max_new_tokens": 4},
+    }
+    raw["sampling"] = {"strategy": "uniform", "steps_per_epoch": 4}
+    cfg = config_from_dict(raw)
+    task_data = load_task_data(cfg)
+    _, tokenizer = load_encoder(str(tiny_encoder))
+    train_f, eval_f = build_features(cfg, task_data, tokenizer)
+    assert all(len(f["labels"]) <= 4 for f in train_f["entities"])  # cut to max_new_tokens
+    specs = [td.spec for td in task_data.values()]
+    tr = setup(cfg, specs, train_f, eval_f)
+    history = fit(tr, epochs=1)
+    assert {"entities/bleu", "entities/chrf", "entities/rouge_l"} <= set(history[0])
+    assert save_checkpoint(tr, tmp_path / "ckpt")
+    resumed = setup(cfg, specs, train_f, eval_f)
+    load_state(resumed, tmp_path / "ckpt" / "state")
+    saved, loaded = tr.core.state_dict(), resumed.core.state_dict()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    decoder = resumed.core.heads["entities"].decoder
+    assert decoder.get_output_embeddings().weight is decoder.get_input_embeddings().weight
+    assert fit(resumed)[-1]["epoch"] == 1
+
+
+def test_config_rejects_what_each_kind_never_reads_naming_the_key() -> None:
+    from polytask.config import ConfigError, config_from_dict
+
+    def cfg(**task):
+        data = {"train": "t.jsonl", **task.pop("data", {})}
+        return {"encoder": {"name_or_path": "x"}, "tasks": [{"name": "t", "data": data, **task}]}
+
+    ok = config_from_dict(cfg(
+        kind="generation",
+        data={"text_pair_field": "context", "target_field": "summary"},
+        head={"decoder": "new", "decoder_layers": 3, "label_smoothing": 0.1},
+        generation={"max_new_tokens": 20, "num_beams": 4, "no_repeat_ngram_size": 3},
+    ))
+    task = ok.tasks[0]
+    assert task.pair and task.metric == "bleu" and task.generation.num_beams == 4
+    assert config_from_dict(ok.model_dump()).tasks[0] == task  # dumped and reloaded: still valid
+
+    with pytest.raises(ConfigError) as bad_generation:
+        config_from_dict(cfg(
+            kind="generation", labels=["a", "b"], head={"threshold": 0.3},
+            data={"label_field": "y", "tags_field": "t"},
+        ))
+    lines = str(bad_generation.value)
+    for key in ("tasks[0].labels", "tasks[0].head.threshold", "tasks[0].data.label_field", "tasks[0].data.tags_field"):
+        assert key in lines and "generation tasks" in lines, key
+    with pytest.raises(ConfigError) as bad_classification:
+        config_from_dict(cfg(
+            kind="classification", data={"target_field": "t"}, head={"decoder": "new"},
+            generation={"max_new_tokens": 8},
+        ))
+    lines = str(bad_classification.value)
+    for key in ("tasks[0].data.target_field", "tasks[0].head.decoder", "tasks[0].generation"):
+        assert key in lines, key
+    with pytest.raises(ConfigError, match=r"tasks\[0\]\.head\.decoder: .*'checkpoint' or 'new'"):
+        config_from_dict(cfg(kind="generation", head={"decoder": "bart"}))
+
+
+def test_checkpoint_decoder_needs_an_encoder_decoder_checkpoint(tiny_encoder: Path) -> None:
+    encoder, tokenizer = load_encoder(str(tiny_encoder))
+    with pytest.raises(ValueError, match="head.decoder: checkpoint needs encoder.name_or_path to be an encoder-decoder"):
+        build_generation_head(_spec(decoder="checkpoint"), tokenizer, encoder, str(tiny_encoder))
+
+
+def test_rows_without_a_target_fail_naming_the_row_and_column(tmp_path: Path) -> None:
+    from polytask.config import config_from_dict
+    from polytask.training.data import DataError, load_task_data
+
+    rows = [{"text": "a b", "target": "a"}, {"text": "c d", "target": "  "}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "u.jsonl").write_text(json.dumps({"text": "a", "summary": "b"}) + "\n")
+    task = {"name": "g", "kind": "generation", "data": {"train": str(tmp_path / "t.jsonl")}}
+    cfg = config_from_dict({"encoder": {"name_or_path": "x"}, "tasks": [task]})
+    with pytest.raises(DataError, match=r"t\.jsonl row 2: the target text \(column 'target'\) is '  '"):
+        load_task_data(cfg)
+    cfg.tasks[0].data.train = str(tmp_path / "u.jsonl")
+    with pytest.raises(DataError, match=r"no column\(s\) \['target'\].*target_field"):
+        load_task_data(cfg)

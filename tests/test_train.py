@@ -368,20 +368,17 @@ def test_fsdp_run_resumes_and_matches_ddp(store, first_run, demo_data, tiny_enco
     assert Predictor.from_bundle(res.bundle_path).predict(TEXTS)[0].keys() == {"sentiment", "ner"}
 
 
-def test_generation_trains_beside_classification_resumes_and_registers(
-    ray_local, store, demo_data, tiny_seq2seq
-):
+def test_generation_trains_beside_classification_and_registers(ray_local, store, demo_data, tiny_seq2seq):
     """A classification task and a generation task (tiny T5: its encoder shared, its decoder the
-    head) on 2 DDP workers; the run fails after epoch 0 and resumes from that checkpoint. MLflow
-    holds bleu/chrf/rouge_l per epoch and the registered version answers text through pyfunc."""
+    head) on 2 DDP workers: MLflow holds bleu/chrf/rouge_l and the registered version answers
+    text through pyfunc. (Resuming a generation model's state: tests/test_generation.py.)"""
     import mlflow
 
     from polytask.demo import write_generation_data
     from polytask.tracking.registry import use_tracking_uri
 
     data = write_generation_data(store.root / "generation", n_train=64, n_eval=16)
-    cfg = _cfg(demo_data, tiny_seq2seq, epochs=2, num_workers=2, registered_model="gen-demo",
-               sections={"run": {"max_failures": 1}})
+    cfg = _cfg(demo_data, tiny_seq2seq, epochs=1, num_workers=2, registered_model="gen-demo")
     cfg.tasks[1] = cfg.tasks[1].model_validate({
         "name": "entities",
         "kind": "generation",
@@ -389,13 +386,10 @@ def test_generation_trains_beside_classification_resumes_and_registers(
         "head": {"label_smoothing": 0.1},
         "generation": {"max_new_tokens": 6},
     })
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("POLYTASK_FAULTS", '{"fail_at_epoch": 0}')
-        res = run_training(cfg, run_name="generation")
-    assert [(r["epoch"], r["start_epoch"]) for r in res.history] == [(0, 0), (1, 1)]
-    assert any("train_loss/entities" in r for r in res.history)
+    res = run_training(cfg, run_name="generation")
     for key in ("entities/bleu", "entities/chrf", "entities/rouge_l", "sentiment/accuracy"):
-        assert _steps(store, res.run_id, key) == [0, 1], key
+        assert _steps(store, res.run_id, key) == [0], key
+    assert any(k.startswith("train_loss/") for k in res.history[0])
     assert res.model_version == 1 and "champion" in res.aliases
     with use_tracking_uri(store.uri):
         answers = mlflow.pyfunc.load_model("models:/gen-demo@champion").predict(TEXTS[:2])
