@@ -115,17 +115,18 @@ def test_a_client_that_disconnects_mid_stream_stops_the_decode(app):
         assert r.status_code == 200
         first = next(_events(r.iter_lines()))
         assert first[0] == "token"
-    # leaving the block closed the connection
+    # leaving the block closed the connection; the row ends at the decode's next step
     deadline = time.monotonic() + 20
     while True:
         after = _stats("head_entities")
-        if after["streams"]["cancelled"] > before["streams"]["cancelled"] or time.monotonic() > deadline:
+        cancelled = after["streams"]["cancelled"] > before["streams"]["cancelled"]
+        if (cancelled and after["in_flight"] == 0) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    assert after["streams"]["cancelled"] == before["streams"]["cancelled"] + 1, after
-    assert after["streams"]["open"] == 0
-    assert after["in_flight"] == 0
-    assert after["steps"] - before["steps"] < LIMIT  # the decode stopped early
+    seen = (before, after)
+    assert after["streams"]["cancelled"] == before["streams"]["cancelled"] + 1, seen
+    assert after["streams"]["open"] == 0 and after["in_flight"] == 0, seen
+    assert after["steps"] - before["steps"] < LIMIT, seen  # the decode stopped early
 
 
 def test_max_new_tokens_over_the_limit_is_refused_naming_the_field(app):
@@ -175,3 +176,28 @@ def test_a_bad_input_fails_alone(app):
         fails.result()
     assert len(busy.result()["answers"]) == 2
     assert _stats("head_entities")["split_batches"] == before["split_batches"] + 1
+
+
+def test_generate_ends_single_rows_and_holds_the_minimum(generation_bundle):
+    """In process: the streaming hooks the head uses. A row `on_step` ends stops at its next
+    step while its batch-mate decodes on to exactly its minimum (= its cap)."""
+    import torch
+
+    from polytask.model.bundle import load_bundle
+    from polytask.model.generation import generate
+
+    model, _, _ = load_bundle(str(generation_bundle))
+    head = model.heads["entities"]
+    states, mask = torch.randn(2, 5, head.decoder.config.hidden_size), torch.ones(2, 5)
+    seen: list[list[int | None]] = []
+
+    def on_step(step: int, tokens: list[int | None], finished: list[bool]) -> set[int]:
+        seen.append(tokens)
+        return {0} if step == 1 else set()
+
+    ids = generate(head, states, mask, max_new_tokens=10, min_new_tokens=10, on_step=on_step)
+    assert len(seen) == 11  # row 1: 10 tokens, then its EOS
+    assert seen[2][0] == head.eos_id and all(t[0] is None for t in seen[3:])
+    assert len(ids[0]) <= 2 and head.eos_id not in seen[9][1:]
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        generate(head, states, mask, max_new_tokens=4, min_new_tokens=5)
