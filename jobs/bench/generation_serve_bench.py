@@ -37,7 +37,7 @@ from common import (
     quiet_transformers,
     usable_cores,
 )
-from serve_bench import _free_port, _load_texts, _wait_ready
+from serve_bench import _free_port, _ints, _load_texts, _wait_ready
 
 TASK = "summary"
 TARGET = 0.6  # served tokens/s over in-process at c=32
@@ -311,15 +311,11 @@ def write_results(result: dict[str, Any], out: Path) -> None:
     (out / "results.md").write_text("\n".join(lines))
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="results directory (default bench_results/generation_serve)")
     parser.add_argument("--texts", help="one text per line, or a TSV/CSV with a 'sentence' column")
-    parser.add_argument("--tiny", action="store_true", help="tiny random encoder, a few seconds")
+    parser.add_argument("--tiny", action="store_true", help="smoke run: tiny random encoder, one short level")
     parser.add_argument("--concurrency", type=_ints, help="comma-separated, default 8,32")
     parser.add_argument("--new-tokens", type=int, help="tokens every input decodes (32)")
     parser.add_argument("--duration", type=float, help="seconds per served level (20)")
