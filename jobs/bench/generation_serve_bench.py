@@ -7,9 +7,9 @@ HTTP against the same bundle's in-process decode on the same inputs, in one run.
 The bundle is the packaged MiniLM-L6 encoder with a new, untrained decoder head (speed, not
 quality). Every input decodes exactly `--new-tokens` tokens on both sides (min_new_tokens =
 max_new_tokens: no early end-of-text), so tokens/s compare the same work. In-process: encode and
-`generate` in batches of the served concurrency, one process, all cores. Served: `loadgen.py`
-clients, one input per request to POST /v1/tasks/<task>/predict, each level bounded by
-`--duration`. Writes results.json and results.md under --out, with the load average before and
+`generate` in batches of the served concurrency in one process, with 1 torch thread and with one
+per core (the better counts). Served: `loadgen.py` clients, one input per request to
+POST /v1/tasks/<task>/predict, each level bounded by `--duration`; the head replica has 1 CPU. Writes results.json and results.md under --out, with the load average before and
 after each measurement.
 """
 
@@ -56,7 +56,7 @@ class Settings:
     inprocess_seconds: float = 10.0
     max_length: int = 128
     texts: int = 256
-    decoder_cpus: float = 0.0  # 0: every usable core
+    decoder_cpus: float = 1.0  # the head replica's num_cpus (Ray gives it as many torch threads)
 
 
 def tiny_settings() -> Settings:
@@ -96,7 +96,9 @@ def build_bundle(path: Path, encoder: str, settings: Settings) -> Path:
 
 
 def in_process(bundle: Path, texts: list[str], batch: int, settings: Settings) -> dict[str, Any]:
-    """Tokens/s of encode + generate in batches of `batch`, repeated for `inprocess_seconds`."""
+    """Tokens/s of encode + generate in batches of `batch`, each for `inprocess_seconds`, with one
+    torch thread and with one per usable core; the better is the reference (on a shared machine
+    more threads than free cores can be ten times slower)."""
     import torch
 
     from polytask.model.bundle import load_bundle
@@ -119,21 +121,27 @@ def in_process(bundle: Path, texts: list[str], batch: int, settings: Settings) -
         )
         generate_answers(head, spec, items, max_new_tokens=n, min_new_tokens=n)
 
-    one_pass(texts[:batch])  # warm-up
+    threads_before = torch.get_num_threads()
+    by_threads: dict[str, float] = {}
     watch = CpuWatch()
-    inputs, start, i = 0, time.perf_counter(), 0
-    while time.perf_counter() - start < settings.inprocess_seconds or inputs == 0:
-        chunk = [texts[(i + k) % len(texts)] for k in range(batch)]
-        i += batch
-        one_pass(chunk)
-        inputs += len(chunk)
-    seconds = time.perf_counter() - start
+    try:
+        for threads in sorted({1, usable_cores()}):
+            torch.set_num_threads(threads)
+            one_pass(texts[:batch])  # warm-up
+            inputs, start, i = 0, time.perf_counter(), 0
+            while time.perf_counter() - start < settings.inprocess_seconds or inputs == 0:
+                one_pass([texts[(i + k) % len(texts)] for k in range(batch)])
+                i += batch
+                inputs += batch
+            by_threads[str(threads)] = inputs * n / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads_before)
+    best = max(by_threads, key=by_threads.__getitem__)
     return {
         "batch": batch,
-        "inputs": inputs,
-        "seconds": seconds,
-        "tokens_per_s": inputs * n / seconds,
-        "torch_threads": torch.get_num_threads(),
+        "tokens_per_s": by_threads[best],
+        "torch_threads": int(best),
+        "tokens_per_s_by_threads": by_threads,
         **watch.stop(),
     }
 
@@ -153,7 +161,7 @@ def served(
         "Encoder": {**one, "ray_actor_options": {"num_cpus": 1}},
         f"head_{TASK}": {
             **one,
-            "ray_actor_options": {"num_cpus": settings.decoder_cpus or cores},
+            "ray_actor_options": {"num_cpus": settings.decoder_cpus},
         },
     }
     n = settings.new_tokens
@@ -297,7 +305,14 @@ def write_results(result: dict[str, Any], out: Path) -> None:
         )
     target = result["target"]
     again = result["in_process"][-1]
+    threads = "; ".join(
+        f"batch {m['batch']}: "
+        + ", ".join(f"{t} thread(s) {v:.1f}" for t, v in m["tokens_per_s_by_threads"].items())
+        for m in result["in_process"]
+    )
     lines += [
+        "",
+        f"In-process tokens/s by torch threads: {threads}.",
         "",
         (f"In-process again after the served run: {again['tokens_per_s']:.1f} tokens/s "
         f"(load {again['load_before']} → {again['load_after']}); the better of the two is the reference at c={max(local, key=int)}."),
