@@ -56,6 +56,10 @@ class Settings:
     inprocess_seconds: float = 10.0
     max_length: int = 128
     texts: int = 256
+    # An Ingress batch waits for its decode, so the default 2 batches in flight leave the next
+    # decode only the one batch that waited; more let every client's request join it.
+    ingress_batches_in_flight: int = 8
+    decode_wait_s: float = 0.1  # the clients a decode answered come back through the Encoder
     decoder_cpus: float = 1.0  # the head replica's num_cpus (Ray gives it as many torch threads)
 
 
@@ -167,7 +171,12 @@ def served(
     n = settings.new_tokens
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(compose({"model": str(bundle)}, options), name="polytask", route_prefix="/")
+    args = {
+        "model": str(bundle),
+        "ingress_batches_in_flight": settings.ingress_batches_in_flight,
+        "decode_wait_s": settings.decode_wait_s,
+    }
+    serve.run(compose(args, options), name="polytask", route_prefix="/")
     body = {"max_new_tokens": n, "min_new_tokens": n}
     path = f"/v1/tasks/{TASK}/predict"
     asyncio.run(_wait_ready(f"http://127.0.0.1:{port}{path}", {"inputs": texts[:1], **body}))

@@ -175,10 +175,11 @@ def _head(served: _Served, task: str, override: dict[str, Any]) -> Application:
         from polytask.serve.head import Head as deployment
     options = _merge(options, override)
     gpus = (options.get("ray_actor_options") or {}).get("num_gpus") or 0
+    init = (served.args.decode_wait_s,) if generation else ()
     return (
         deployment.options(**options)
         .options(version=head_version(served.bundle, task), _internal=True)
-        .bind(served.ref, task, "cuda" if gpus > 0 else "cpu")
+        .bind(served.ref, task, "cuda" if gpus > 0 else "cpu", *init)
     )
 
 

@@ -56,7 +56,7 @@ class Decoder(Head.func_or_class):  # type: ignore[misc, name-defined]
     """A generation head on CPU or GPU: `predict` as every head (one call per Ingress batch),
     plus `stream` (a generator: one event per token). Loads only `heads/<task>/`."""
 
-    def __init__(self, model: str, task: str, device: str = "cpu") -> None:
+    def __init__(self, model: str, task: str, device: str = "cpu", wait_s: float = 0.05) -> None:
         super().__init__(model, task, device)
         self.decoding = 0  # inputs in the decode running now
         self.tokens = 0
@@ -66,6 +66,7 @@ class Decoder(Head.func_or_class):  # type: ignore[misc, name-defined]
             self._decode_jobs,
             size=lambda job: len(job.items),
             max_size=DECODE_BATCH_INPUTS,
+            follow_s=wait_s,
             on_batch=lambda size, waits: self.metrics.batch_formed("decoder", size, waits),
         )
 
@@ -190,6 +191,7 @@ class Decoder(Head.func_or_class):  # type: ignore[misc, name-defined]
 
         def on_step(step: int, new: list[int | None], finished: list[bool]) -> bool | set[int]:
             self.steps += 1
+            self.health.busy_since = time.monotonic()  # a decode that steps is not hung
             ended, live = set(), False
             for row, token in enumerate(new):
                 stream = owner[row].stream

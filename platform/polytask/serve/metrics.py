@@ -33,7 +33,8 @@ METRICS = {
     "cutting at max_batch_size)",
     "polytask_failures_in_a_row": "gauge: failed calls in a row no input explains, per replica "
     "(3 makes check_health fail)",
-    "polytask_generated_tokens": "new tokens a generation head decoded (EOS excluded), by task",
+    "polytask_generated_tokens": "new tokens a generation head decoded (EOS excluded; greedy tasks), "
+    "by task",
     "polytask_decode_seconds": "seconds per decode (one batch of inputs, all its steps), by task",
     "polytask_streams": "streamed generations (POST /v1/tasks/{task}/generate/stream) as they "
     "ended, by task and outcome (completed, cancelled: the client went away, failed)",

@@ -122,6 +122,14 @@ class ServeArgs(BaseModel):
         default_factory=GenerationHeadOptions,
         description="Applied after head_options to the heads of generation tasks only.",
     )
+    decode_wait_s: float = Field(
+        0.05,
+        ge=0,
+        le=10,
+        description="A generation head's decode that starts right after another waits this long "
+        "for the requests its just-answered clients send next, so they join it; a request "
+        "reaching an idle head never waits.",
+    )
     max_new_tokens: int | None = Field(
         None,
         ge=1,
