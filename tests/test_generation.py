@@ -301,3 +301,17 @@ def test_rows_without_a_target_fail_naming_the_row_and_column(tmp_path: Path) ->
     cfg.tasks[0].data.train = str(tmp_path / "u.jsonl")
     with pytest.raises(DataError, match=r"no column\(s\) \['target'\].*target_field"):
         load_task_data(cfg)
+
+
+def test_pyfunc_answers_text_for_a_generation_task(t5_bundle: Path) -> None:
+    """The MLflow pyfunc (models-from-code entry) over the bundle, loaded as MLflow loads it."""
+    from types import SimpleNamespace
+
+    from polytask.tracking.pyfunc_model import PolytaskModel
+
+    model = PolytaskModel()
+    model.load_context(SimpleNamespace(artifacts={"bundle": str(t5_bundle)}))
+    texts = [s for s, _ in PAIRS[:2]]
+    answers = model.predict(None, texts, {"tasks": ["entities"]})
+    assert answers == Predictor.from_bundle(str(t5_bundle)).predict(texts, ["entities"])
+    assert all(set(a) == {"entities"} and isinstance(a["entities"]["text"], str) for a in answers)

@@ -370,15 +370,13 @@ def test_fsdp_run_resumes_and_matches_ddp(store, first_run, demo_data, tiny_enco
 
 def test_generation_trains_beside_classification_and_registers(ray_local, store, demo_data, tiny_seq2seq):
     """A classification task and a generation task (tiny T5: its encoder shared, its decoder the
-    head) on 2 DDP workers: MLflow holds bleu/chrf/rouge_l and the registered version answers
-    text through pyfunc. (Resuming a generation model's state: tests/test_generation.py.)"""
-    import mlflow
-
+    head) on 2 DDP workers: MLflow holds bleu/chrf/rouge_l per epoch and a registered version.
+    (Resuming a generation model's state and its pyfunc answers: tests/test_generation.py.)"""
     from polytask.demo import write_generation_data
-    from polytask.tracking.registry import use_tracking_uri
 
     data = write_generation_data(store.root / "generation", n_train=64, n_eval=16)
-    cfg = _cfg(demo_data, tiny_seq2seq, epochs=1, num_workers=2, registered_model="gen-demo")
+    cfg = _cfg(demo_data, tiny_seq2seq, epochs=1, num_workers=2, registered_model="gen-demo",
+               sections={"sampling": {"strategy": "uniform", "steps_per_epoch": 4}})  # seed 42: draws entities
     cfg.tasks[1] = cfg.tasks[1].model_validate({
         "name": "entities",
         "kind": "generation",
@@ -389,11 +387,9 @@ def test_generation_trains_beside_classification_and_registers(ray_local, store,
     res = run_training(cfg, run_name="generation")
     for key in ("entities/bleu", "entities/chrf", "entities/rouge_l", "sentiment/accuracy"):
         assert _steps(store, res.run_id, key) == [0], key
-    assert any(k.startswith("train_loss/") for k in res.history[0])
+    assert res.history[0]["train_loss/entities"] > 0  # a DDP step of the generation task ran
     assert res.model_version == 1 and "champion" in res.aliases
-    with use_tracking_uri(store.uri):
-        answers = mlflow.pyfunc.load_model("models:/gen-demo@champion").predict(TEXTS[:2])
-    assert set(answers[0]) == {"sentiment", "entities"}
-    assert all(isinstance(a["entities"]["text"], str) for a in answers)
+    version = _client(store).get_model_version_by_alias("gen-demo", "champion")
+    assert version.run_id == res.run_id
     head = json.loads((Path(res.bundle_path) / "heads/entities/head.json").read_text())
     assert head["decoder"]["source"] == "checkpoint" and head["spec"]["generation"]["label_smoothing"] == 0.1

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from quality import _pts, _signed, mean_of, train_and_evaluate
+from quality import _pts, _signed, mean_of, report_markdown, train_and_evaluate
 
 TOLERANCE_BLEU = 1.0
 WNUT_FILES = {
@@ -235,33 +235,17 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    from common import machine_markdown
-
     s = result["settings"]
-    return "\n".join(
-        [
-            f"# Generation quality `{result['name']}` ({result['created']})",
-            "",
-            machine_markdown(result["machine"]),
-            "",
-            (
-                f"Task: {s['task']}; data {s['data']}. Encoder {s['encoder']}, decoder {s['decoder']}, "
-                f"{s['decoding']}. {s['steps_per_task']} steps per task (joint: 2×, uniform task "
-                f"sampling, beside SST-2 classification on {s['sst2_train_rows']} rows; the "
-                f"single-task run gets exactly the steps its task got jointly); max_length "
-                f"{s['max_length']}; batch {s['batch_size']}; seeds {s['seeds']} (averaged); "
-                f"device {s['device']} ({s['torch_threads']} torch threads); trainer {s['trainer']}. "
-                "BLEU and chrF are sacrebleu corpus scores, ROUGE-L the mean F1 (rouge-score), 0-100."
-            ),
-            "",
-            result["table"],
-            "",
-            (
-                f"Target ({result['target']['rule']}): {'met' if result['target']['met'] else 'not met'}. "
-                f"Total wall time {result['wall_s'] / 60:.1f} min."
-            ),
-            "",
-        ]
+    return report_markdown(
+        result,
+        "Generation quality",
+        f"Task: {s['task']}; data {s['data']}. Encoder {s['encoder']}, decoder {s['decoder']}, "
+        f"{s['decoding']}. {s['steps_per_task']} steps per task (joint: 2×, uniform task "
+        f"sampling, beside SST-2 classification on {s['sst2_train_rows']} rows; the "
+        f"single-task run gets exactly the steps its task got jointly); max_length "
+        f"{s['max_length']}; batch {s['batch_size']}; seeds {s['seeds']} (averaged); "
+        f"device {s['device']} ({s['torch_threads']} torch threads); trainer {s['trainer']}. "
+        "BLEU and chrF are sacrebleu corpus scores, ROUGE-L the mean F1 (rouge-score), 0-100.",
     )
 
 

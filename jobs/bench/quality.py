@@ -314,23 +314,30 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    return report_markdown(
+        result,
+        "Multi-task quality",
+        f"Encoder {s['encoder']}; data {s['data']}; SST-2 train rows {s['sst2_train_rows']}; "
+        f"{s['steps_per_task']} steps per task (joint: 2×, uniform task sampling; single-task "
+        f"runs get exactly the steps their task got jointly); max_length {s['max_length']}; "
+        f"batch {s['batch_size']}; seeds {s['seeds']} (metrics averaged); device {s['device']} "
+        f"({s['torch_threads']} torch threads); "
+        f"trainer {s['trainer']}. Configs: {', '.join(s['configs'].values())}.",
+    )
+
+
+def report_markdown(result: dict[str, Any], title: str, settings: str) -> str:
+    """results.md of a joint-vs-single quality run: title, machine, settings, table, target."""
     from common import machine_markdown
 
-    s = result["settings"]
     return "\n".join(
         [
-            f"# Multi-task quality `{result['name']}` ({result['created']})",
+            f"# {title} `{result['name']}` ({result['created']})",
             "",
             machine_markdown(result["machine"]),
             "",
-            (
-                f"Encoder {s['encoder']}; data {s['data']}; SST-2 train rows {s['sst2_train_rows']}; "
-                f"{s['steps_per_task']} steps per task (joint: 2×, uniform task sampling; single-task "
-                f"runs get exactly the steps their task got jointly); max_length {s['max_length']}; "
-                f"batch {s['batch_size']}; seeds {s['seeds']} (metrics averaged); device {s['device']} "
-                f"({s['torch_threads']} torch threads); "
-                f"trainer {s['trainer']}. Configs: {', '.join(s['configs'].values())}."
-            ),
+            settings,
             "",
             result["table"],
             "",

@@ -153,23 +153,21 @@ def write_tiny_encoder(
 ) -> Path:
     """A random BertModel and a WordPiece tokenizer trained on the demo corpus; small vocab, so
     many words split into several sub-tokens (which is what NER alignment must handle)."""
-    import torch
     from transformers import BertConfig, BertModel
 
-    path = Path(path)
-    fast = demo_tokenizer(vocab_size)
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(fast),
-        hidden_size=hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        intermediate_size=hidden_size * 2,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(path, safe_serialization=True)
-    fast.save_pretrained(path)
-    return path
+    def build(fast: Any) -> Any:
+        return BertModel(
+            BertConfig(
+                vocab_size=len(fast),
+                hidden_size=hidden_size,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                intermediate_size=hidden_size * 2,
+                max_position_embeddings=128,
+            )
+        )
+
+    return _write_tiny(path, build, vocab_size, seed)
 
 
 def write_tiny_seq2seq(
@@ -177,25 +175,35 @@ def write_tiny_seq2seq(
 ) -> Path:
     """A random T5 encoder-decoder (an encoder-decoder checkpoint, `head.decoder: checkpoint`)
     with the demo WordPiece tokenizer: start = PAD, end = SEP."""
-    import torch
     from transformers import T5Config, T5ForConditionalGeneration
+
+    def build(fast: Any) -> Any:
+        return T5ForConditionalGeneration(
+            T5Config(
+                vocab_size=len(fast),
+                d_model=hidden_size,
+                d_kv=hidden_size // 4,
+                d_ff=hidden_size * 2,
+                num_layers=layers,
+                num_decoder_layers=layers,
+                num_heads=4,
+                pad_token_id=fast.pad_token_id,
+                eos_token_id=fast.sep_token_id,
+                decoder_start_token_id=fast.pad_token_id,
+            )
+        )
+
+    return _write_tiny(path, build, vocab_size, seed)
+
+
+def _write_tiny(path: str | Path, build: Any, vocab_size: int, seed: int) -> Path:
+    """`build(tokenizer)` seeded, saved (safetensors) beside the demo tokenizer."""
+    import torch
 
     path = Path(path)
     fast = demo_tokenizer(vocab_size)
     torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=len(fast),
-        d_model=hidden_size,
-        d_kv=hidden_size // 4,
-        d_ff=hidden_size * 2,
-        num_layers=layers,
-        num_decoder_layers=layers,
-        num_heads=4,
-        pad_token_id=fast.pad_token_id,
-        eos_token_id=fast.sep_token_id,
-        decoder_start_token_id=fast.pad_token_id,
-    )
-    T5ForConditionalGeneration(config).save_pretrained(path, safe_serialization=True)
+    build(fast).save_pretrained(path, safe_serialization=True)
     fast.save_pretrained(path)
     return path
 

@@ -12,6 +12,7 @@ length penalty and n-gram blocking are the library's; polytask adds per-row leng
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -284,7 +285,6 @@ class _StepCallback:
         self.caps = caps
         self.done = torch.zeros(batch, dtype=torch.bool)
         self.step = 0
-        self.aborted = False
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **_: Any) -> torch.Tensor:
         new = input_ids[:, -1].cpu()
@@ -293,7 +293,6 @@ class _StepCallback:
         keep_going = self.on_step(self.step, tokens, self.done.tolist())
         self.step += 1
         if keep_going is False:
-            self.aborted = True
             return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         if isinstance(keep_going, (set, frozenset, list, tuple)):
             for row in keep_going:
@@ -325,7 +324,8 @@ def generate(
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     batch = encoder_states.shape[0]
-    caps = [int(max_new_tokens)] * batch if isinstance(max_new_tokens, int) else [int(c) for c in max_new_tokens]
+    one_cap = isinstance(max_new_tokens, numbers.Integral)
+    caps = [int(max_new_tokens)] * batch if one_cap else [int(c) for c in max_new_tokens]
     if len(caps) != batch:
         raise ValueError(f"max_new_tokens has {len(caps)} caps for {batch} rows; give one per row")
     if min(caps, default=1) < 1:
