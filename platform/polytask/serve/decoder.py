@@ -118,13 +118,13 @@ class Decoder(Head.func_or_class):  # type: ignore[misc, name-defined]
         self.streams["open"] += 1
         outcome = "failed"
         result = asyncio.ensure_future(self.batcher.submit(job))
+        token: asyncio.Future | None = None
         ids: list[int] = []
         try:
             while True:
                 token = asyncio.ensure_future(stream.queue.get())
                 await asyncio.wait({token, result}, return_when=asyncio.FIRST_COMPLETED)
                 if not token.done():
-                    token.cancel()
                     break
                 ids.append(token.result())
                 yield {"id": ids[-1], "text": self._text(job, ids)}
@@ -145,6 +145,8 @@ class Decoder(Head.func_or_class):  # type: ignore[misc, name-defined]
         finally:
             stream.cancelled = True
             result.cancel()
+            if token is not None:
+                token.cancel()
             self.streams["open"] -= 1
             self.streams[outcome] += 1
             self.metrics.streams.inc(1, {"task": self.task, "outcome": outcome})
