@@ -40,7 +40,7 @@ def _layer(module: str) -> int:
             inside = module == p or (p != "polytask" and module.startswith(p + "."))
             if inside and len(p) > best:
                 best, rank = len(p), i
-    assert rank is not None, f"{module} is in no layer; add it to LAYERS (and ARCHITECTURE.md)"
+    assert rank is not None, f"{module} is in no layer; add it to LAYERS (and docs/architecture.md)"
     return rank
 
 
@@ -121,7 +121,52 @@ def test_the_http_front_reads_a_model_without_importing_torch(untrained_bundle: 
         "print(tasks, sorted(m for m in ('torch', 'transformers', 'mlflow') if m in sys.modules))"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, str(untrained_bundle)], check=False, capture_output=True, text=True
+        [sys.executable, "-c", code, str(untrained_bundle)],
+        check=False,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['sentiment', 'ner'] []"
+
+
+# Standard-library names the package uses and the first Python that has them.
+NEWER_STDLIB = {"asyncio.timeout": (3, 11), "tomllib": (3, 11), "typing.Self": (3, 11)}
+
+
+def test_requires_python_admits_only_pythons_the_code_runs_on():
+    """pyproject's requires-python must exclude every Python older than a stdlib feature the
+    package uses (asyncio.timeout on 3.10 made every POST answer 500)."""
+    import tomllib
+
+    from packaging.specifiers import SpecifierSet
+
+    pyproject = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())
+    spec = SpecifierSet(pyproject["project"]["requires-python"])
+    used = {}
+    for module, file in _modules().items():
+        for node in ast.walk(ast.parse(file.read_text())):
+            name = None
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                name = f"{node.value.id}.{node.attr}"
+            elif isinstance(node, ast.Import):
+                name = next((a.name for a in node.names if a.name in NEWER_STDLIB), None)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                name = next(
+                    (
+                        f"{node.module}.{a.name}"
+                        for a in node.names
+                        if f"{node.module}.{a.name}" in NEWER_STDLIB
+                    ),
+                    None,
+                )
+            if name in NEWER_STDLIB:
+                used[name] = module
+    assert used, "none of NEWER_STDLIB found: the scan is broken (asyncio.timeout is in serve)"
+    for name, module in used.items():
+        major, minor = NEWER_STDLIB[name]
+        older = f"{major}.{minor - 1}"
+        assert not spec.contains(older), (
+            f"{module} uses {name} (Python {major}.{minor}+) but requires-python '{spec}' "
+            f"admits {older}"
+        )

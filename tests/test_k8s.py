@@ -38,6 +38,7 @@ import kustomize_lite
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 VENDORED_CRDS = K8S / "crds"
+K8S_DOC = REPO / "docs" / "kubernetes.md"  # the Kubernetes guide (k8s/README.md points there)
 SHARED_CRDS = REPO.parent / "shared" / "kuberay-crds"
 CRD_FILES = ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml", "ray.io_rayservices.yaml")
 K8S_VERSION = "1.30"  # kubernetes-validate ships this schema set; the oldest we support
@@ -370,13 +371,51 @@ def _serve_config(path: str) -> dict[str, Any]:
     return yaml.safe_load(one(path, "RayService", "polytask")["spec"]["serveConfigV2"])
 
 
+def _pinned_cluster() -> dict[str, Any]:
+    """serve_configs/cluster.yaml with its model alias pinned to the version the RayService serves."""
+    module = _render_module()
+    version = module.pinned_version(module.embedded(module.BASE_RAYSERVICE.read_text()))
+    assert version is not None, "the RayService serves an alias"
+    return yaml.safe_load(module.pin(CLUSTER_SERVE.read_text(), version))
+
+
 @pytest.mark.parametrize("path", ("base", "overlays/gpu"))
 def test_serve_config_v2_is_cluster_yaml(path):
-    assert _serve_config(path) == yaml.safe_load(CLUSTER_SERVE.read_text())
+    assert _serve_config(path) == _pinned_cluster()
+
+
+@pytest.mark.parametrize("path", PLATFORM)
+def test_rayservice_serves_a_pinned_version_not_an_alias(path):
+    """KubeRay redeploys serveConfigV2 after every cluster restart: an alias there would resolve
+    again and could serve another version without a deploy."""
+    from polytask.tracking.uris import parse_model_uri
+
+    (app,) = _serve_config(path)["applications"]
+    ref = parse_model_uri(app["args"]["model"])
+    assert ref.kind == "version", app["args"]["model"]
+    source = yaml.safe_load(CLUSTER_SERVE.read_text())["applications"][0]["args"]["model"]
+    assert parse_model_uri(source).name == ref.name
+
+
+def test_render_serve_config_pins_and_keeps_the_version(tmp_path, monkeypatch):
+    module = _render_module()
+    for attr in ("BASE_RAYSERVICE", "CPU_PATCH"):
+        copy_ = tmp_path / getattr(module, attr).name
+        copy_.write_text(getattr(module, attr).read_text())
+        monkeypatch.setattr(module, attr, copy_)
+    assert module.main(["--version", "7"]) == 0
+    assert module.main([]) == 0 and module.main(["--check"]) == 0  # keeps 7
+    for text in (module.embedded(module.BASE_RAYSERVICE.read_text()), module.CPU_PATCH.read_text()):
+        assert "models:/polytask-demo/7" in text and "@champion\n" not in text
+    # a RayService that carries the alias is refused, not rendered
+    alias = module.embed(module.BASE_RAYSERVICE.read_text(), CLUSTER_SERVE.read_text())
+    module.BASE_RAYSERVICE.write_text(alias)
+    with pytest.raises(SystemExit, match="pin a version"):
+        module.main(["--check"])
 
 
 def test_cpu_only_serve_config_is_cluster_yaml_on_cpu():
-    cluster = yaml.safe_load(CLUSTER_SERVE.read_text())
+    cluster = _pinned_cluster()
     cpu = _serve_config("overlays/cpu-only")
     assert cpu == _render_module().cpu_only(cluster)
     assert "num_gpus: 1" not in yaml.safe_dump(cpu) and cpu != cluster
@@ -400,9 +439,7 @@ def test_render_serve_config_detects_drift(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "CPU_PATCH", cpu_copy)
     assert module.main(["--check"]) == 1
     assert module.main([]) == 0 and module.main(["--check"]) == 0
-    assert yaml.safe_load(module.embedded(copy_.read_text())) == yaml.safe_load(
-        CLUSTER_SERVE.read_text()
-    )
+    assert yaml.safe_load(module.embedded(copy_.read_text())) == _pinned_cluster()
 
 
 @pytest.mark.parametrize("path", ("overlays/gpu", "overlays/cpu-only"))
@@ -440,7 +477,7 @@ def test_rayservice_upgrade_and_service(path):
 
 @pytest.mark.parametrize("path", PLATFORM)
 def test_pdb_covers_serve_worker_pods(path):
-    (pdb,) = objs(path, "PodDisruptionBudget")
+    pdb = one(path, "PodDisruptionBudget", "polytask-serve-workers")
     selector = pdb["spec"]["selector"]
     rs = one(path, "RayService", "polytask")
     for where, meta, _ in pod_specs(rs):
@@ -524,10 +561,10 @@ def test_experiment_configmaps_are_valid_polytask_experiments(path, tmp_path):
             assert cfg.scaling.use_gpu is path.startswith("overlays/gpu")
             if key == "experiment.yaml":
                 models = {
-                    a["args"]["model"]
+                    a["args"]["model"].rsplit("/", 1)[0]  # models:/NAME/VERSION (pinned)
                     for a in _serve_config(path.rsplit("/jobs", 1)[0])["applications"]
                 }
-                assert f"models:/{cfg.tracking.registered_model}@champion" in models
+                assert f"models:/{cfg.tracking.registered_model}" in models
             else:
                 assert cfg.tune is not None and cfg.tune.search_space
 
@@ -737,6 +774,8 @@ RANDOM = {"app": "something-else"}
 CLIENT = {"polytask.io/serve-client": "true"}
 MONITORING_NS = {"kubernetes.io/metadata.name": "monitoring"}
 PROMETHEUS = {"app.kubernetes.io/name": "prometheus"}
+REDIS = {"app.kubernetes.io/name": "redis", "app.kubernetes.io/part-of": "polytask"}
+REDIS_CLEANUP = {**TRAIN_HEAD, "ray.io/node-type": "redis-cleanup"}  # KubeRay: the head's labels
 # a pod in another namespace that copies a Ray cluster's labels
 IMPOSTOR = {**RAY_WORKER, **CLIENT}
 
@@ -792,6 +831,16 @@ IMPOSTOR = {**RAY_WORKER, **CLIENT}
         (PROMETHEUS, OTHER_NS, RAY_HEAD, 8080, False),  # a pod calling itself Prometheus
         (RANDOM, MONITORING_NS, RAY_HEAD, 8080, False),
         (RANDOM, OUR_NS, RAY_HEAD, 8080, False),
+        # Redis (GCS fault tolerance): Ray heads and KubeRay's redis-cleanup Job pods only
+        (RAY_HEAD, OUR_NS, REDIS, 6379, True),
+        (TRAIN_HEAD, OUR_NS, REDIS, 6379, True),
+        (REDIS_CLEANUP, OUR_NS, REDIS, 6379, True),
+        (RAY_WORKER, OUR_NS, REDIS, 6379, False),
+        (TRAIN_WORKER, OUR_NS, REDIS, 6379, False),
+        (MLFLOW, OUR_NS, REDIS, 6379, False),
+        (CLIENT, OUR_NS, REDIS, 6379, False),
+        (RAY_HEAD, OTHER_NS, REDIS, 6379, False),  # a pod copying a head's labels elsewhere
+        (PROMETHEUS, MONITORING_NS, REDIS, 6379, False),
     ],
 )
 def test_network_policies(src, src_ns, dst, port, expected):
@@ -968,7 +1017,7 @@ API_KEY_SECRET, API_KEY_ENV = "polytask-serve-api-key", "POLYTASK_API_KEY"
 def test_serve_api_requires_a_key_from_a_generated_secret(path):
     """cluster.yaml names the env var; every RayService pod fills it from the Secret (so a pod
     without the Secret never starts, and the Ingress refuses an empty key); the Secret itself is
-    never shipped: k8s/README.md generates it at deploy time."""
+    never shipped: docs/kubernetes.md generates it at deploy time."""
     for app in _serve_config(path)["applications"]:
         assert app["args"]["api_key_env"] == API_KEY_ENV
     rs = one(path, "RayService", "polytask")
@@ -978,7 +1027,7 @@ def test_serve_api_requires_a_key_from_a_generated_secret(path):
         assert ref == {"name": API_KEY_SECRET, "key": "api-key"}, where
         assert "value" not in env[API_KEY_ENV] and not ref.get("optional"), where
     assert not [o for o in rendered(path) if o["metadata"]["name"] == API_KEY_SECRET]
-    readme = (K8S / "README.md").read_text()
+    readme = K8S_DOC.read_text()
     assert f"kubectl -n {NAMESPACE} create secret generic {API_KEY_SECRET}" in readme
     assert "--from-literal=api-key=$(openssl rand -hex 32)" in readme
     assert "Authorization: Bearer" in readme
@@ -986,7 +1035,7 @@ def test_serve_api_requires_a_key_from_a_generated_secret(path):
 
 
 def test_shipped_postgres_password_is_an_obvious_placeholder():
-    """A real password must never land in the repo; deployments replace it (k8s/README.md)."""
+    """A real password must never land in the repo; deployments replace it (docs/kubernetes.md)."""
     secret = one("base", "Secret", "polytask-postgres")
     password = base64.b64decode(secret["data"]["POSTGRES_PASSWORD"]).decode()
     assert password.startswith("change-me"), (
@@ -994,8 +1043,8 @@ def test_shipped_postgres_password_is_an_obvious_placeholder():
     )
 
 
-def test_readme_section_covers_the_workflow():
-    text = (K8S / "README.md").read_text()
+def test_kubernetes_page_covers_the_workflow():
+    text = K8S_DOC.read_text()
     for needle in (
         "helm install kuberay-operator",
         "kubectl apply -k k8s/overlays/gpu",
@@ -1010,3 +1059,120 @@ def test_readme_section_covers_the_workflow():
         "s3://",
     ):
         assert needle in text, needle
+
+
+# ------------------------------------------------------------------ fault tolerance
+def _secret_ref(env: dict[str, Any], name: str) -> tuple[str, str] | None:
+    ref = ((env.get(name) or {}).get("valueFrom") or {}).get("secretKeyRef")
+    return (ref["name"], ref["key"]) if ref else None
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_every_ray_cluster_has_gcs_fault_tolerance_on_redis(path):
+    """A head loss must not take the workers (proxies, replicas) with it: the GCS keeps its
+    state in the namespace's Redis, whose password comes from a Secret, not the manifest."""
+    platform = path.rsplit("/jobs", 1)[0]
+    redis_svc = one(platform, "Service", "redis")
+    (port,) = [p["port"] for p in redis_svc["spec"]["ports"]]
+    ray = [o for o in rendered(path) if o["kind"] in RAY_KINDS]
+    assert ray
+    for obj in ray:
+        ft = cluster_specs(obj)["gcsFaultToleranceOptions"]
+        assert ft["redisAddress"] == f"redis:{port}", obj["metadata"]["name"]
+        assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] == {
+            "name": "polytask-redis",
+            "key": "password",
+        }
+        assert "value" not in ft["redisPassword"]
+
+
+@pytest.mark.parametrize("path", PLATFORM)
+def test_redis_is_persistent_guarded_and_keeps_its_password_off_the_command_line(path):
+    sts = one(path, "StatefulSet", "redis")
+    pod = sts["spec"]["template"]
+    (c,) = pod["spec"]["containers"]
+    assert ":" in c["image"] and not c["image"].endswith(":latest")
+    env = {e["name"]: e for e in c["env"]}
+    assert _secret_ref(env, "REDIS_PASSWORD") == ("polytask-redis", "password")
+    script = " ".join(c["command"] + c["args"])
+    assert "requirepass $REDIS_PASSWORD" in script and "--requirepass" not in script
+    assert "redis-server -" in script  # the config (password) arrives on stdin
+    assert "--appendonly yes" in script
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    claims = {v["metadata"]["name"] for v in sts["spec"]["volumeClaimTemplates"]}
+    assert mounts["/data"] in claims
+    pdb = one(path, "PodDisruptionBudget", "polytask-redis")
+    assert _selected(pdb["spec"]["selector"], pod["metadata"]["labels"])
+    assert pdb["spec"]["minAvailable"] == 1  # a drain does not evict it behind your back
+    serve_pdb = one(path, "PodDisruptionBudget", "polytask-serve-workers")
+    assert not _selected(serve_pdb["spec"]["selector"], pod["metadata"]["labels"])
+
+
+@pytest.mark.parametrize("path", PLATFORM)
+def test_serve_model_cache_is_on_a_volume(path):
+    """Every RayService pod keeps POLYTASK_HOME (the model cache) on the shared PVC, so a pod
+    restarted after a head loss finds the pinned version cached and needs no MLflow."""
+    rs = one(path, "RayService", "polytask")
+    for where, _, pod in pod_specs(rs):
+        (c,) = pod["containers"]
+        home = env_of(c)["POLYTASK_HOME"]
+        mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts") or []}
+        mount = next((m for m in mounts if home.startswith(m.rstrip("/") + "/")), None)
+        assert mount, f"{where}: POLYTASK_HOME {home} is on no volume"
+        volumes = {v["name"]: v for v in pod.get("volumes") or []}
+        claim = volumes[mounts[mount]]["persistentVolumeClaim"]["claimName"]
+        one(path, "PersistentVolumeClaim", claim)
+
+
+# ------------------------------------------------------------------ MLflow authentication
+MLFLOW_SECRETS = {
+    "polytask-train": "polytask-mlflow-train",
+    "polytask-tune": "polytask-mlflow-train",
+    "polytask-predict": "polytask-mlflow-serve",
+    "polytask": "polytask-mlflow-serve",
+}
+
+
+@pytest.mark.parametrize("path", PLATFORM)
+def test_mlflow_runs_its_basic_auth_app(path):
+    import configparser
+
+    deploy = one(path, "Deployment", "mlflow")
+    pod = deploy["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert dict(itertools.pairwise(c["args"]))["--app-name"] == "basic-auth"
+    env = {e["name"]: e for e in c["env"]}
+    assert _secret_ref(env, "MLFLOW_AUTH_ADMIN_PASSWORD") == ("polytask-mlflow-admin", "password")
+    assert _secret_ref(env, "MLFLOW_AUTH_ADMIN_USERNAME") == ("polytask-mlflow-admin", "username")
+    assert _secret_ref(env, "MLFLOW_FLASK_SERVER_SECRET_KEY")[0] == "polytask-mlflow-admin"
+    ini = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    cm = one(path, "ConfigMap", volumes[mounts[str(ini.parent)]]["configMap"]["name"])
+    parser = configparser.ConfigParser()
+    parser.read_string(cm["data"][ini.name])
+    auth = parser["mlflow"]
+    assert auth["default_permission"] == "READ"  # nobody may edit what it did not create
+    assert "admin_password" not in auth  # from the Secret only
+    db = auth["database_uri"].removeprefix("sqlite:///")
+    on_pvc = [m for m in mounts if "persistentVolumeClaim" in volumes[mounts[m]]]
+    assert any(db.startswith(m + "/") for m in on_pvc), db
+    assert auth["authorization_function"].endswith(":authenticate_request_basic_auth")
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_ray_pods_get_mlflow_credentials_for_their_role(path):
+    """Training writes (its own user), serving and batch prediction only read; nothing Ray runs
+    holds the admin credentials."""
+    for obj in rendered(path):
+        if obj["kind"] not in RAY_KINDS:
+            continue
+        secret = MLFLOW_SECRETS[obj["metadata"]["name"]]
+        for where, _, pod in pod_specs(obj):
+            if where.endswith("submitter"):
+                continue
+            env = {e["name"]: e for e in pod["containers"][0].get("env") or []}
+            assert _secret_ref(env, "MLFLOW_TRACKING_USERNAME") == (secret, "username"), where
+            assert _secret_ref(env, "MLFLOW_TRACKING_PASSWORD") == (secret, "password"), where
+            refs = json.dumps(pod)
+            assert "polytask-mlflow-admin" not in refs, where

@@ -267,9 +267,99 @@ def test_a_lock_left_by_a_dead_writer_is_broken(store, tmp_path, monkeypatch):
     name = "reg-stale"
     version = _version(c, name, tmp_path, 0.5)
     c.create_registered_model(f"{name}{registry.LOCK_SUFFIX}")  # its writer died holding it
-    monkeypatch.setattr(registry, "LOCK_STALE_S", 0.0)
+    monkeypatch.setattr(registry, "LOCK_LEASE_S", 0.0)
     assert registry.settle_champion(c, name, version, "if_better")[0] is True
     assert [r["name"] for r in list_versions(None)].count(f"{name}{registry.LOCK_SUFFIX}") == 0
+
+
+class SlowRegistry:
+    """A real MLflow client whose every call takes `delay` s longer: a loaded tracking server
+    (latency injected around the real store, nothing faked)."""
+
+    def __init__(self, inner, delay: float) -> None:
+        self.inner, self.delay = inner, delay
+
+    def __getattr__(self, attr):
+        import time
+
+        value = getattr(self.inner, attr)
+        if not callable(value):
+            return value
+
+        def slow(*args, **kwargs):
+            time.sleep(self.delay)
+            return value(*args, **kwargs)
+
+        return slow
+
+
+def test_two_writers_on_a_slow_registry_hold_the_lock_one_at_a_time(store, monkeypatch):
+    """Each holder works for 1.6 leases; its renewed lease keeps the other waiting (a lock
+    judged stale by its age alone was broken under a live holder)."""
+    import threading
+    import time
+
+    from polytask.tracking import registry
+
+    monkeypatch.setattr(registry, "LOCK_LEASE_S", 1.0)
+    name, holding, most, held_by = "reg-lease", [0], [0], []
+    guard = threading.Lock()
+
+    def writer(i: int) -> None:
+        with registry.promotion_lock(SlowRegistry(client(), 0.05), name, timeout_s=20):
+            with guard:
+                holding[0] += 1
+                most[0] = max(most[0], holding[0])
+            held_by.append(i)
+            time.sleep(1.6)
+            with guard:
+                holding[0] -= 1
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(held_by) == [0, 1] and most[0] == 1
+    assert not client().search_registered_models(f"name = '{name}{registry.LOCK_SUFFIX}'")
+
+
+def test_release_leaves_another_writers_lock_alone(store):
+    import time
+
+    from polytask.tracking import registry
+    from polytask.tracking.tags import LOCK_LEASE_TAG, LOCK_OWNER_TAG
+
+    c, name = client(), "reg-owner"
+    lock = f"{name}{registry.LOCK_SUFFIX}"
+    with registry.promotion_lock(c, name) as lease:
+        lease.check()  # held: no error
+        c.delete_registered_model(lock)  # broken meanwhile, and taken by another writer
+        other = {LOCK_OWNER_TAG: "pid 7 on elsewhere", LOCK_LEASE_TAG: repr(time.time() + 60)}
+        c.create_registered_model(lock, tags=other)
+        with pytest.raises(registry.PromotionLockLost, match="pid 7 on elsewhere"):
+            lease.check()  # so the alias is not moved
+    assert c.get_registered_model(lock).tags[LOCK_OWNER_TAG] == "pid 7 on elsewhere"
+    c.delete_registered_model(lock)
+
+
+def test_a_writer_that_gives_up_waiting_says_so_in_the_promotion_tag(store, tmp_path, monkeypatch):
+    import time
+
+    from polytask.tracking import registry
+    from polytask.tracking.tags import LOCK_LEASE_TAG, LOCK_OWNER_TAG
+
+    c, name = client(), "reg-waiter"
+    version = _version(c, name, tmp_path, 0.5)
+    held = {LOCK_OWNER_TAG: "pid 9 on busy-host", LOCK_LEASE_TAG: repr(time.time() + 60)}
+    c.create_registered_model(f"{name}{registry.LOCK_SUFFIX}", tags=held)
+    monkeypatch.setattr(registry, "LOCK_WAIT_S", 0.3)
+    won, reason = registry.settle_champion(c, name, version, "if_better")
+    assert won is False and _champion(c, name) is None
+    tag = c.get_model_version(name, version).tags[registry.PROMOTION_TAG]
+    assert tag == reason
+    assert "gave up" in tag and "pid 9 on busy-host" in tag
+    assert f"polytask registry promote {name} {version}" in tag
 
 
 # ------------------------------------------------------------------ download cache
@@ -298,7 +388,9 @@ def test_cache_is_keyed_verified_and_safe_for_concurrent_replicas(
         t.join(timeout=120)
     assert len(paths) == 6 and len(set(paths)) == 1
     bundle = paths[0]
-    store_dir = tmp_path / "node" / "models" / hashlib.sha256(tracking_uri().encode()).hexdigest()[:16]
+    store_dir = (
+        tmp_path / "node" / "models" / hashlib.sha256(tracking_uri().encode()).hexdigest()[:16]
+    )
     entries = [p.name for p in store_dir.iterdir() if p.is_dir()]
     assert entries == ["models__reg-cache_1"], entries  # version, not alias; no partial left
     record = json.loads((store_dir / entries[0] / CACHE_DIGEST_FILE).read_text())
@@ -310,6 +402,63 @@ def test_cache_is_keyed_verified_and_safe_for_concurrent_replicas(
     assert resolve_bundle("models:/reg-cache/1") == bundle
     assert weights.read_bytes() == good  # downloaded again, since it no longer verified
     assert [p.name for p in store_dir.iterdir() if p.is_dir()] == entries
+
+
+def test_downloads_killed_halfway_leave_no_partial_behind(trained_bundle, run_id):
+    """A replica killed mid-download leaves `<entry>.<random>.partial`; the next download of any
+    version deletes every such directory whose entry nobody is downloading, and only those."""
+    import fcntl
+    import hashlib
+
+    from polytask.config import default_home
+
+    register_bundle(trained_bundle, "reg-partial", run_id, objective=0.5)
+    resolve_bundle("models:/reg-partial/1")
+    root = default_home() / "models" / hashlib.sha256(tracking_uri().encode()).hexdigest()[:16]
+    dead = [root / "models__reg-partial_1.0badf00d.partial", root / "models__gone_3.1234abcd.stale"]
+    busy = root / "models__busy_2.cafebabe.partial"
+    for folder in (*dead, busy):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half a file")
+    with open(root / "models__busy_2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another replica is downloading that one right now
+        resolve_bundle("models:/reg-partial/1")
+        assert [d for d in dead if d.exists()] == [] and busy.is_dir()
+    resolve_bundle("models:/reg-partial/1")
+    assert not busy.exists()
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+def test_a_bundle_path_leading_out_of_the_model_is_refused(tmp_path, trained_bundle, how):
+    """An MLmodel (or a link in the download) must not make a replica load files from outside
+    the verified cache entry."""
+    import shutil
+
+    import yaml
+
+    from polytask.tracking.registry import _bundle_in
+
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(trained_bundle, outside)
+    model = tmp_path / "entry"
+    model.mkdir()
+    rel = {"dotdot": "../elsewhere", "absolute": str(outside), "symlink": "artifacts/bundle"}[how]
+    if how == "symlink":
+        (model / "artifacts").mkdir()
+        (model / "artifacts" / "bundle").symlink_to(outside)
+    flavor = {"python_function": {"artifacts": {"bundle": {"path": rel}}}}
+    (model / "MLmodel").write_text(yaml.safe_dump({"flavors": flavor}))
+    with pytest.raises(ValueError, match="outside the model's directory"):
+        _bundle_in(model)
+    shutil.copytree(trained_bundle, model / "inside")  # the same bundle within the entry loads
+    (model / "MLmodel").write_text(
+        yaml.safe_dump(
+            {"flavors": {"python_function": {"artifacts": {"bundle": {"path": "inside"}}}}}
+        )
+    )
+    if how == "symlink":
+        (model / "artifacts" / "bundle").unlink()
+    assert _bundle_in(model) == (model / "inside").resolve()
 
 
 def test_a_pinned_version_in_the_cache_loads_without_importing_mlflow(trained_bundle, run_id):
@@ -343,11 +492,18 @@ def test_model_references_parse_into_their_parts():
 
     alias = parse_model_uri("models:/reg@champion")
     assert (alias.kind, alias.name, alias.alias, alias.rest, alias.registered) == (
-        "alias", "reg", "champion", "", True
+        "alias",
+        "reg",
+        "champion",
+        "",
+        True,
     )
     version = parse_model_uri("models:/reg/12/sub/dir")
     assert (version.kind, version.name, version.version, version.rest) == (
-        "version", "reg", "12", "/sub/dir"
+        "version",
+        "reg",
+        "12",
+        "/sub/dir",
     )
     run = parse_model_uri("runs:/abc123/model")
     assert (run.kind, run.run_id, run.rest, run.registered) == ("run", "abc123", "model", False)

@@ -57,9 +57,7 @@ def _stats(deployment: str) -> dict[str, Any]:
 
 
 def _replicas(client: httpx.Client, deployments: list[str]) -> dict[str, str]:
-    ids = {name: _stats(name)["actor_id"] for name in deployments}
-    ids["Ingress"] = client.get("/healthz").json()["replica"]["actor_id"]
-    return ids
+    return {name: _stats(name)["actor_id"] for name in ["Ingress", *deployments]}
 
 
 @pytest.fixture(scope="module")
@@ -680,7 +678,12 @@ def test_api_key_and_pair_errors(v2):
         assert response.status_code == 401, response.text
         assert response.json()["error"]["code"] == "unauthorized"
         assert response.headers["www-authenticate"] == "Bearer"
-    assert client.get("/healthz").status_code == 200, "probes need no key"
+    probe = client.get("/healthz")
+    assert probe.status_code == 200, "probes need no key"
+    assert probe.json() == {"status": "ok"}, "and tell nothing else without one"
+    for path in ("/docs", "/openapi.json"):  # the API's shape is behind the key too
+        assert client.get(path).status_code == 401, path
+        assert client.get(path, headers={"x-api-key": API_KEY}).status_code == 200, path
     response = client.post("/v1/predict", json=body, headers={"x-api-key": API_KEY})
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "missing_text_pair"

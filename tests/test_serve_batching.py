@@ -91,9 +91,28 @@ def test_a_failing_job_fails_alone_and_its_batch_mates_are_answered():
     assert isinstance(outcomes[4], ValueError) and "bad2" in str(outcomes[4])
     assert "bad1" not in str(outcomes[4]), "each failing job gets its own error"
     assert ["ok1", "bad1", "ok2", "bad2"] in rec.batches  # tried together first
-    assert ["ok1"] in rec.batches and ["bad2"] in rec.batches  # then each alone
-    assert batcher.stats.split_batches == 1
+    assert ["ok1", "bad1"] in rec.batches and ["ok2", "bad2"] in rec.batches  # then by halves
+    assert ["ok1"] in rec.batches and ["bad2"] in rec.batches  # down to one job
+    assert batcher.stats.split_batches == 3
     assert batcher.stats.jobs == 5 and batcher.stats.batches == 2
+    assert batcher.stats.calls == 1 + 1 + 2 + 4  # first, the batch, its halves, their halves
+
+
+def test_one_bad_job_among_many_costs_a_few_calls_not_one_per_job():
+    """A failed batch is split in halves, so its good halves answer at once: one bad job in 16
+    costs 1 + 2·log2(16) = 9 calls, not 1 + 16."""
+
+    async def scenario() -> tuple[Recorder, list[object], MicroBatcher]:
+        rec = Recorder(delay_s=0.05)
+        batcher = MicroBatcher(rec, max_in_flight=1)
+        jobs = ["first"] + [f"ok{i}" for i in range(15)] + ["bad"]
+        outcomes = await asyncio.gather(*(batcher.submit(j) for j in jobs), return_exceptions=True)
+        return rec, outcomes, batcher
+
+    rec, outcomes, batcher = asyncio.run(scenario())
+    assert isinstance(outcomes[-1], ValueError)
+    assert outcomes[1:-1] == [f"OK{i}" for i in range(15)]
+    assert batcher.stats.calls == len(rec.batches) == 1 + 1 + 2 * 4
 
 
 def test_never_split_errors_fail_the_batch_without_retries():

@@ -40,8 +40,9 @@ def app(ray_local, untrained_bundle) -> Iterator[str]:
     serve.shutdown()
 
 
-def _deploy(bundle: Path, **extra_args: Any) -> None:
-    """The chaos app (small limits, one replica each) as `polytask`, with `extra_args` on top."""
+def _deploy(bundle: Path, more_options: dict[str, Any] | None = None, **extra_args: Any) -> None:
+    """The chaos app (small limits, one replica each) as `polytask`, with `extra_args` on top
+    and `more_options` ({deployment: Serve options}) added to its deployments' options."""
     from ray import serve
 
     from polytask.serve import compose
@@ -60,6 +61,8 @@ def _deploy(bundle: Path, **extra_args: Any) -> None:
     one = {**quick, "ray_actor_options": {"num_cpus": 0.1}}
     options = {name: one for name in ("Ingress", "head_sentiment", "head_ner")}
     options["Encoder"] = {**quick, "ray_actor_options": {"num_cpus": 0.5}}
+    for name, more in (more_options or {}).items():
+        options[name] = {**options[name], **more}
     serve.run(compose(args, options), name="polytask", route_prefix="/")
 
 
@@ -70,9 +73,11 @@ def _stats(deployment: str) -> dict[str, Any]:
 
 
 def _actor_ids(url: str) -> dict[str, str]:
-    ids = {name: _stats(name)["actor_id"] for name in ("Encoder", "head_sentiment", "head_ner")}
-    ids["Ingress"] = httpx.get(f"{url}/healthz").json()["replica"]["actor_id"]
-    return ids
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    return {
+        name: _stats(name)["actor_id"]
+        for name in ("Ingress", "Encoder", "head_sentiment", "head_ner")
+    }
 
 
 @dataclass
@@ -251,6 +256,51 @@ def test_sigkill_a_replica_under_load_costs_at_most_the_requests_in_flight(app, 
     )
 
 
+# A request that keeps the Encoder busy for a while: 16 inputs of about 400 characters.
+HEAVY = {"inputs": [f"alice flew to paris on day {i} " * 14 for i in range(16)], "tasks": ["ner"]}
+
+
+def test_sigkill_the_encoder_under_64_clients_bounds_retries_and_answers_503(app):
+    """64 clients send at once; the Encoder's process is SIGKILLed while it encodes their first
+    batches: a failed batch is neither split per request nor retried more than once per request,
+    so the Ingress makes at most 2 batch calls per request (the old policy made several per
+    request), and a request no replica could answer gets 503 with Retry-After, never 500."""
+    victim = _stats("Encoder")
+    assert httpx.post(f"{app}/v1/predict", json=GOOD, timeout=60).status_code == 200
+    before = _stats("Ingress")
+    barrier = threading.Barrier(65)
+
+    def client(_: int) -> httpx.Response:
+        with httpx.Client(base_url=app, timeout=60) as http:
+            barrier.wait()
+            return http.post("/v1/predict", json=HEAVY)
+
+    with ThreadPoolExecutor(64) as pool:
+        pending = [pool.submit(client, i) for i in range(64)]
+        barrier.wait()
+        deadline = time.monotonic() + 30
+        while _stats("Encoder")["calls"] < victim["calls"] + 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(victim["pid"], signal.SIGKILL)  # with Ingress batches accepted and encoding
+        killed = time.monotonic()
+        answers = [f.result() for f in pending]
+    took = time.monotonic() - killed
+    after = _stats("Ingress")
+    calls, retried = after["calls"] - before["calls"], after["retried"] - before["retried"]
+    failed = [r for r in answers if r.status_code != 200]
+    for r in failed:
+        assert r.status_code == 503, (r.status_code, r.text)
+        assert r.json()["error"]["code"] == "unavailable" and int(r.headers["retry-after"]) > 0
+    assert calls <= 2 * len(answers), calls
+    assert _stats("Encoder")["actor_id"] != victim["actor_id"]  # waits for the replacement
+    assert httpx.post(f"{app}/v1/predict", json=GOOD, timeout=60).status_code == 200
+    print(
+        f"\nchaos: SIGKILL Encoder under 64 clients: {calls} downstream batch calls for "
+        f"{len(answers)} requests ({retried} resent once), {len(failed)} answered 503, all "
+        f"answered {took:.1f} s after the kill (load average {os.getloadavg()[0]:.2f})"
+    )
+
+
 def test_a_hung_encoder_answers_504_by_the_deadline(app, untrained_bundle):
     """A stopped (SIGSTOP) Encoder process: requests get 504 JSON at request_timeout_s instead of
     hanging, and the service answers again once it runs."""
@@ -291,3 +341,43 @@ def test_error_bodies_are_json_even_for_raw_clients(app):
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 422"), head
     assert json.loads(payload)["error"]["code"] == "invalid_text"
+
+
+def test_a_hung_head_call_gets_its_replica_replaced(app, untrained_bundle, tmp_path):
+    """One call of head_ner never returns (test hook polytask.serve.faults), while the replica's
+    other calls and its health probe go on: the request waiting on it gets 504 at its deadline,
+    the Ingress's batch slot comes free, head_ner's check_health sees a call running past twice
+    the deadline and Serve replaces the replica; later requests succeed."""
+    from polytask.serve.faults import ENV
+
+    hung = tmp_path / "hung"
+    fault = {ENV: json.dumps({"hang_head": "ner", "once": str(hung)})}
+    head_ner = {
+        "ray_actor_options": {"num_cpus": 0.1, "runtime_env": {"env_vars": fault}},
+        "health_check_period_s": 0.5,
+    }
+    # the hung-Encoder test's deadline: the Ingress's args are unchanged, so it is not restarted
+    _deploy(untrained_bundle, {"head_ner": head_ner}, request_timeout_s=1.5)
+    before = _actor_ids(app)
+    first = httpx.post(f"{app}/v1/predict", json=GOOD, timeout=30)
+    assert hung.exists(), "the hook did not hang the first head_ner call"
+    assert first.status_code == 504, first.text
+    started = time.monotonic()
+    answers = []
+    while _stats("head_ner")["actor_id"] == before["head_ner"] and time.monotonic() - started < 40:
+        answers.append(httpx.post(f"{app}/v1/predict", json=GOOD, timeout=30).status_code)
+    replaced_s = time.monotonic() - started
+    after = _actor_ids(app)
+    assert after["head_ner"] != before["head_ner"], f"not replaced in {replaced_s:.0f} s"
+    assert after["Ingress"] == before["Ingress"]  # its slots came free at the deadline
+    # the hung call held no one else up; the only failures allowed are the gap while Serve
+    # swaps the app's one head_ner replica (the old one stopped, the new one loading)
+    lost = [(i, s) for i, s in enumerate(answers) if s != 200]
+    assert len(lost) <= 2 and all(s in (503, 504) for _, s in lost), lost
+    for _ in range(3):
+        assert httpx.post(f"{app}/v1/predict", json=GOOD, timeout=30).status_code == 200
+    print(
+        f"\nchaos: hung head_ner call: 504 at the 1.5 s deadline, replica replaced "
+        f"{replaced_s:.1f} s later, {len(answers)} requests meanwhile, {len(lost)} lost in the swap "
+        f"(load average {os.getloadavg()[0]:.2f})"
+    )

@@ -91,6 +91,34 @@ def test_health_counts_only_the_replicas_own_failures():
     hung.check()
 
 
+def test_a_hung_call_stays_visible_while_other_calls_come_and_go():
+    """A head's calls run side by side in a thread pool: one stuck call must fail the check even
+    though later calls start and finish (a single shared start time lost it)."""
+    import threading
+    import time
+
+    health = Health("head_ner", stuck_after_s=0.2)
+    release = threading.Event()
+
+    def stuck() -> None:
+        with health.watch():
+            release.wait(10)
+
+    thread = threading.Thread(target=stuck)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        for _ in range(3):
+            with health.watch():
+                pass  # quick calls that start after the stuck one and end before it
+        with pytest.raises(RuntimeError, match=r"over 0.2 s .*1 running"):
+            health.check()
+    finally:
+        release.set()
+        thread.join()
+    health.check()  # all calls done
+
+
 def test_encoder_blames_the_input_the_tokenizer_refuses_and_stays_healthy(untrained_bundle):
     """A pass that fails on one input raises InputRejected with that input's index (the Ingress
     answers it as `inputs[i]`); a pass that fails with every input fine counts against the
@@ -124,3 +152,31 @@ def test_encoder_blames_the_input_the_tokenizer_refuses_and_stays_healthy(untrai
             encode(["a fine text"])
     with pytest.raises(RuntimeError, match="Encoder: 3 calls in a row failed"):
         encoder.check_health()
+
+
+def test_ingress_health_fails_while_a_batch_holds_a_slot_past_twice_the_deadline(
+    untrained_bundle,
+):
+    """The Ingress's own probe: its batches are cancelled at the request deadline, so one still
+    running at twice the deadline holds a batch slot for good (every later request would wait
+    for a slot and time out while every model replica looks healthy)."""
+    import time
+
+    from polytask.model.manifest import read_manifest
+    from polytask.serve.ingress import Ingress
+    from polytask.serve.schemas import parse_args
+
+    args = parse_args({"model": str(untrained_bundle), "request_timeout_s": 0.05})
+    replica = Ingress.func_or_class  # Serve's ASGI wrapper around the class: async __init__
+    ingress = replica.__new__(replica)
+    asyncio.run(
+        replica.__init__(
+            ingress, None, {}, args, str(untrained_bundle), read_manifest(untrained_bundle)
+        )
+    )
+    ingress.check_health()
+    with ingress.health.timed():  # a batch whose downstream calls never came back
+        time.sleep(0.15)
+        with pytest.raises(RuntimeError, match=r"Ingress: a call has run for over 0.1 s"):
+            ingress.check_health()
+    ingress.check_health()

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             "serve_config": yaml.safe_load(config.read_text()),
         }
     timeline.update(
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         model=args.model or "tiny random BERT (tests/conftest.py), random sentiment + ner heads",
         changes=changes(timeline),
         changes_with_starting=changes(timeline, starting=True),

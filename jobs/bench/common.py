@@ -1,11 +1,10 @@
 """Helpers the benchmark scripts share: texts, the demo bundle, machine facts, CPU load
-accounting and bench_results/SUMMARY.md. Scripts import it as `common` (their own directory is
+accounting. Scripts import it as `common` (their own directory is
 on sys.path when run as `python jobs/bench/NAME.py`)."""
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import platform
 import sys
@@ -158,47 +157,6 @@ def machine_markdown(machine: dict[str, Any]) -> str:
         f"{machine['python']}, torch {machine['torch']}, ray {machine['ray']}, transformers "
         f"{machine['transformers']}."
     )
-
-
-def write_summary(root: str | Path = "bench_results") -> Path | None:
-    """bench_results/SUMMARY.md from whatever result files exist (serve, quality, training
-    overhead), so one page answers 'how does it compare'."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    parts = ["# polytask benchmark summary", ""]
-    files = sorted(root.glob("*/results.json"))
-    files += sorted(set(root.glob("*overhead*.json")) | set(root.glob("*/*overhead*.json")))
-    for path in files:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        parts += [f"## {path.relative_to(root)} ({data.get('created', '')})", ""]
-        if isinstance(data.get("targets"), list) and "runs" in data:
-            verdicts = "; ".join(
-                f"{t['name']}: {t['shown']} ({'met' if t['met'] else 'missed'})"
-                for t in data["targets"]
-            )
-            parts.append(f"Serving: {verdicts}. Details: {path.parent.name}/results.md.")
-        elif "table" in data:
-            parts.append(data["table"])
-        else:
-            shown = {k: v for k, v in data.items() if isinstance(v, (int, float, str, bool))}
-            shown.update({k: data[k] for k in ("ratios", "notes") if k in data})
-            parts.append("```json\n" + json.dumps(_round(shown), indent=2)[:3000] + "\n```")
-        parts.append("")
-    out = root / "SUMMARY.md"
-    out.write_text("\n".join(parts))
-    return out
-
-
-def _round(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return round(obj, 2)
-    if isinstance(obj, dict):
-        return {k: _round(v) for k, v in obj.items()}
-    return obj
 
 
 # --- is the machine quiet? ------------------------------------------------------------------------

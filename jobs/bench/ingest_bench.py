@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report = {
         "benchmark": "ingest",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "scale", "work", "sst2")}
         | {"encoder": "tiny-random-bert", "data": "SST-2 train.tsv ×scale"},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +205,7 @@ def mean_of(values: list[float | None]) -> float | None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from common import machine_info, write_summary
+    from common import machine_info
 
     from polytask.config import load_config
 
@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     d_wnut = _diff(summary["joint"]["wnut17_test_f1"], summary["ner_only"]["wnut17_test_f1"])
     result = {
         "name": out.name,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - started,
         "machine": machine_info(),
         "settings": {
@@ -283,8 +283,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "results.md").write_text(markdown(result))
-    if out.parent.name == "bench_results":
-        write_summary(out.parent)
     return result
 
 

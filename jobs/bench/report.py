@@ -188,7 +188,7 @@ def markdown(result: dict[str, Any]) -> str:
         ),
         "",
         (
-            "A level is **busy** (unusable for the README) when processes outside this benchmark's "
+            "A level is **busy** (not comparable) when processes outside this benchmark's "
             "process tree used more than a quarter of the cores while it ran (`others`). The load "
             "average is recorded before and after each level but counts the benchmark's own work "
             "(and lags a minute), so on its own it cannot tell a busy machine from a busy benchmark."

@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -399,7 +399,7 @@ def run_serve_bench(
     args, options = polytask_options(settings)
     result: dict[str, Any] = {
         "name": out.name,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - started,
         "machine": machine_info(),
         "settings": asdict(settings),

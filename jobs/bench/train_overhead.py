@@ -23,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     report = {
         "benchmark": "train_overhead",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "settings": {k: v for k, v in vars(args).items() if k != "out"}
         | {"encoder": "tiny-random-bert" if args.tiny else MINILM},
         "machine": {

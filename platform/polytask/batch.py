@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing import Self
 
 FORMATS = ("jsonl", "csv", "tsv", "parquet")
 OUTPUT_FORMATS = ("jsonl", "parquet")

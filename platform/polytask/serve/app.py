@@ -94,7 +94,9 @@ def _served(args: ServeArgs, logging_config: dict[str, Any] | None) -> _Served:
         manifest = read_manifest(bundle)
     except (FileNotFoundError, BundleError) as exc:
         raise ServeArgsError(f"model: {exc}") from exc
-    common: dict[str, Any] = {"user_config": {"model": ref}}
+    # request_timeout_s: every replica's check_health counts a call running twice as long as stuck
+    user_config = {"model": ref, "request_timeout_s": args.request_timeout_s}
+    common: dict[str, Any] = {"user_config": user_config}
     if logging_config is not None:
         common["logging_config"] = dict(logging_config)
     return _Served(args, ref, bundle, manifest, common)
@@ -193,6 +195,7 @@ def _ingress(
         **served.common,
         "ray_actor_options": {"num_cpus": 0.5},
         "max_ongoing_requests": MAX_ONGOING["Ingress"],
+        **HEALTH_CHECK,
         **CPU_SURGE,
     }
     return Ingress.options(**_merge(defaults, override)).bind(

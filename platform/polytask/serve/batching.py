@@ -5,8 +5,10 @@ never waits; under load, everything that arrived while the previous batch ran go
 (Ray's `@serve.batch` forms its next batch before waiting for a free slot, so it either adds its
 wait to every lone request or, with no wait, sends batches of one while the replica is busy.)
 
-One failing job never fails its batch-mates: when a batch call raises, each of its jobs is run
-again on its own and only the ones that fail again get the error.
+One failing job never fails its batch-mates: when a batch call raises, the batch is split in
+halves and each half tried again, down to the guilty job(s), so one bad job among n costs about
+2·log2(n) more calls, not n. Errors that no job causes (a dead replica, a timeout, back-pressure:
+`never_split`) fail the whole batch at once, with no extra calls.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class BatchStats:
 
     jobs: int = 0
     batches: int = 0
+    calls: int = 0  # run_batch calls: batches plus the halves of failed ones (downstream calls)
     largest: int = 0
     split_batches: int = 0
     sizes: list[int] = field(default_factory=list)
@@ -42,6 +45,7 @@ class BatchStats:
         return {
             "jobs": self.jobs,
             "batches": self.batches,
+            "calls": self.calls,
             "largest_batch": self.largest,
             "split_batches": self.split_batches,
             "batch_sizes": list(self.sizes[-100:]),
@@ -159,21 +163,20 @@ class MicroBatcher(Generic[J, R]):
             self._dispatch()
 
     async def _outcomes(self, jobs: list[J]) -> list[R | BaseException]:
+        self.stats.calls += 1
         try:
             results = list(await self.run_batch(jobs))
         except self.never_split as exc:
             return [exc] * len(jobs)
-        except Exception as exc:  # noqa: BLE001 - any failure: find the guilty job(s) alone
+        except Exception as exc:  # noqa: BLE001 - any failure: find the guilty job(s) by halves
             if len(jobs) == 1:
                 return [exc]
             self.stats.split_batches += 1
-            return list(await asyncio.gather(*(self._alone(job) for job in jobs)))
+            half = len(jobs) // 2
+            first, second = await asyncio.gather(
+                self._outcomes(jobs[:half]), self._outcomes(jobs[half:])
+            )
+            return first + second
         if len(results) != len(jobs):
             raise RuntimeError(f"run_batch returned {len(results)} results for {len(jobs)} jobs")
         return results
-
-    async def _alone(self, job: J) -> R | BaseException:
-        try:
-            return (await self.run_batch([job]))[0]
-        except Exception as exc:  # noqa: BLE001 - handed to that job's caller, who re-raises it
-            return exc

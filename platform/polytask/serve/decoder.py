@@ -193,7 +193,6 @@ class Decoder(Head.func_or_class):  # type: ignore[misc, name-defined]
 
         def on_step(step: int, new: list[int | None], finished: list[bool]) -> bool | set[int]:
             self.steps += 1
-            self.health.busy_since = time.monotonic()  # a decode that steps is not hung
             ended, live = set(), False
             for row, token in enumerate(new):
                 stream = owner[row].stream

@@ -15,7 +15,7 @@ from typing import Any
 from ray import serve
 
 from polytask.serve.batching import MicroBatcher
-from polytask.serve.health import Health
+from polytask.serve.health import Health, apply_deadline
 from polytask.serve.metrics import ServeMetrics
 from polytask.serve.refs import local_bundle, model_from_config, pin_model_uri
 from polytask.serve.replica import replica_identity
@@ -107,6 +107,7 @@ class Encoder:
         """`user_config: {model: URI}` switches the encoder in place (no replica restart); a
         version with the same encoder (e.g. one that only added heads) swaps the reference
         without reloading the weights."""
+        apply_deadline(self.health, config)
         model = model_from_config(config)
         if model is not None:
             ref = pin_model_uri(model)

@@ -14,7 +14,8 @@ from typing import Any
 
 from ray import serve
 
-from polytask.serve.health import Health
+from polytask.serve.faults import head_fault
+from polytask.serve.health import Health, apply_deadline
 from polytask.serve.metrics import ServeMetrics
 from polytask.serve.refs import local_bundle, model_from_config, pin_model_uri
 from polytask.serve.replica import replica_identity
@@ -35,6 +36,7 @@ class Head:
         self.calls = 0
         self.inputs = 0
         self.health = Health(f"head_{task}")
+        self.fault = head_fault(task)  # None outside the chaos tests
         self.metrics = ServeMetrics(model)
         self._load(model, None)
 
@@ -53,6 +55,7 @@ class Head:
             return self.versions[expected]
 
     def reconfigure(self, config: dict[str, Any]) -> None:
+        apply_deadline(self.health, config)
         model = model_from_config(config)
         if model is not None:
             ref = pin_model_uri(model)
@@ -74,6 +77,8 @@ class Head:
         began = time.perf_counter()
         fingerprint = encoded["fingerprint"]
         with self.health.watch(not_ours=(BundleError,)):  # a foreign encoder is not our fault
+            if self.fault is not None:
+                self.fault()
             found = self.versions.get(fingerprint)
             head, spec = found if found is not None else self._load(encoded["model"], fingerprint)
             items = encoded["items"] if indices is None else [encoded["items"][i] for i in indices]

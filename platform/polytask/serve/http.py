@@ -24,7 +24,6 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from polytask.errors import describe_errors
-from polytask.serve.replica import replica_identity
 from polytask.serve.schemas import (
     ErrorResponse,
     PredictRequest,
@@ -134,11 +133,15 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         413: "Body, input count or an input's length over the limit.",
         415: "Content type is not application/json.",
         422: "Fields missing, unknown, of the wrong type, or empty; a text that cannot be encoded.",
-        503: "Overloaded; retry later.",
+        503: "Overloaded, or no model replica could answer; retry after Retry-After seconds.",
         504: "No answer within request_timeout_s.",
     }.items()
 }
 
+
+# What answers without the API key when one is set: the liveness probe, which says nothing about
+# the model or the replica.
+OPEN_PATHS = frozenset({"/healthz"})
 
 # An over-limit body is read and dropped up to this many bytes before the 413 goes out: a server
 # that answers and closes while the client is still sending can reset the connection, and the
@@ -193,7 +196,7 @@ class RequestGuard:
         try:
             headers = Headers(scope=scope)
             path = scope["path"].removeprefix(scope.get("root_path", "").rstrip("/"))
-            if self.api_key and path.startswith("/v1/"):
+            if self.api_key and path not in OPEN_PATHS:  # /docs and the schema too
                 self._check_key(headers)
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 try:
@@ -353,8 +356,8 @@ def create_api(ingress: IngressBackend) -> FastAPI:
     app = FastAPI(
         title="polytask",
         description="Multi-task predictions: one shared encoder, one head per task. "
-        "When an API key is configured, /v1 routes need 'Authorization: Bearer <key>' or "
-        "'x-api-key: <key>'.",
+        "When an API key is configured, every route but /healthz (these docs included) needs "
+        "'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
         docs_url="/docs",
     )
     app.add_middleware(
@@ -404,9 +407,9 @@ def create_api(ingress: IngressBackend) -> FastAPI:
         except (BackPressureError, InputRejected) as exc:
             raise answer_errors(exc) from None  # type: ignore[misc]
 
-    @app.get("/healthz", summary="Liveness and which replica answered")
+    @app.get("/healthz", summary="Liveness (no API key needed, so it tells nothing else)")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "replica": replica_identity(), "model": ingress.model_info()}
+        return {"status": "ok"}
 
     @app.get("/v1/tasks", response_model=TasksResponse, responses=ERROR_RESPONSES)
     async def list_tasks() -> dict[str, Any]:

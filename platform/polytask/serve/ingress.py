@@ -3,12 +3,19 @@
 Validated requests that arrive while a batch runs are gathered into the next one, so one Encoder
 call per text view and one call per requested head carry all their inputs. Every replica resolves
 the model reference itself (replicas on other nodes cannot read the driver's files).
+
+Failure policy (docs/reliability.md): every downstream call of a batch is bounded by the latest
+deadline of its requests and cancelled there; a batch whose Encoder or head replica died fails as
+a whole (never split), and each of its requests is sent once more, after a random pause, if its
+deadline leaves time; past that, or when the retry fails too, the answer is 503 with Retry-After.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,23 +25,57 @@ from ray.serve.handle import DeploymentHandle
 
 from polytask.model.manifest import Manifest, read_manifest  # not bundle: no torch here
 from polytask.serve.batching import MicroBatcher
+from polytask.serve.health import Health, stuck_after
 from polytask.serve.metrics import ServeMetrics
 from polytask.serve.refs import local_bundle, model_from_config, pin_model_uri
 from polytask.serve.replica import replica_identity
 from polytask.serve.schemas import ServeArgs
-from polytask.serve.validation import is_generation
+from polytask.serve.validation import APIError, is_generation
 
-# Pauses before resending a request whose replica died (the last attempt's error is the answer).
-RETRY_PAUSES_S = (0.0, 0.5, 2.0)
+# A request whose replica died is sent once more after a random pause of up to this (spreading
+# the retries of a failed batch), if at least RETRY_MIN_LEFT_S of its deadline is left then.
+RETRY_JITTER_S = 0.25
+RETRY_MIN_LEFT_S = 0.1
+# What a 503 tells clients to wait: about the time Serve takes to notice a dead replica.
+RETRY_AFTER_S = 2
 
 
 @dataclass
 class _Job:
-    """One validated request waiting in the Ingress batcher."""
+    """One validated request waiting in the Ingress batcher, with its deadline (monotonic)."""
 
     inputs: list[tuple[str, str | None]]
     tasks: list[str]
+    deadline: float
     lengths: dict[str, tuple[int, int]] = field(default_factory=dict)  # generation task → max, min
+
+
+class _ReplicaGone(Exception):
+    """A downstream replica died under a batch call (no request's fault: never split)."""
+
+
+def _died(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it: Serve wraps the death of the Encoder a head call
+    depends on) is a replica's death."""
+    from ray.exceptions import ObjectLostError, RayActorError
+
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, RayActorError | ObjectLostError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _unavailable(why: str) -> APIError:
+    return APIError(
+        503,
+        "unavailable",
+        f"{why}; a replacement is starting: retry after {RETRY_AFTER_S} s",
+        {"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 @serve.deployment(name="Ingress")
@@ -63,6 +104,9 @@ class Ingress:
         self.specs = {s.name: s for s in manifest.tasks if s.name in heads}
         self.api_key = _api_key(args.api_key_env)
         self.metrics = ServeMetrics(ref)
+        # the batches in flight, each timed: one still running past stuck_after holds a slot
+        self.health = Health("Ingress", stuck_after_s=stuck_after(args.request_timeout_s))
+        self.retried = 0  # requests sent again after a replica died under them
         self.batcher: MicroBatcher[_Job, tuple[list[dict[str, Any]], dict[str, Any]]]
         self.batcher = MicroBatcher(
             self._run_batch,
@@ -70,7 +114,7 @@ class Ingress:
             max_size=args.ingress_batch_inputs,
             max_in_flight=args.ingress_batches_in_flight,
             wait_s=args.batch_wait_timeout_s,
-            never_split=(BackPressureError,),
+            never_split=(BackPressureError, TimeoutError, _ReplicaGone),
             on_batch=lambda size, waits: self.metrics.batch_formed("ingress", size, waits),
         )
 
@@ -101,8 +145,19 @@ class Ingress:
         }
 
     def stats(self) -> dict[str, Any]:
-        """Requests (`jobs`) and inputs per batch sent down the pipeline."""
-        return {**self.batcher.stats.as_dict(), "pid": os.getpid(), **replica_identity()}
+        """Requests (`jobs`) and inputs per batch sent down the pipeline; `calls`: batch calls
+        made downstream (each: an Encoder call per view and a call per requested head)."""
+        return {
+            **self.batcher.stats.as_dict(),
+            "retried": self.retried,
+            "pid": os.getpid(),
+            **replica_identity(),
+        }
+
+    def check_health(self) -> None:
+        """Serve's periodic probe: a batch still running at twice the request deadline holds one
+        of the replica's batch slots for good, so the replica asks to be replaced."""
+        self.health.check()
 
     async def run(
         self,
@@ -114,18 +169,28 @@ class Ingress:
         a batch shared with the requests that arrived while the previous batch ran.
 
         Predictions have no side effects, so a request whose Encoder or head replica died under
-        it is sent again (Serve routes it to a live or replacement replica), a few times with a
-        pause while Serve learns of the death; the HTTP deadline bounds the whole.
-        `lengths`: (max_new_tokens, min_new_tokens) of each generation task asked for."""
-        from ray.exceptions import ObjectLostError, RayActorError
-
-        job = _Job(inputs, tasks, lengths or {})
-        for pause_s in RETRY_PAUSES_S:
-            try:
-                return await self.batcher.submit(job)
-            except (RayActorError, ObjectLostError):
-                await asyncio.sleep(pause_s)
-        return await self.batcher.submit(job)
+        it is sent once more (Serve routes it to a live or replacement replica) after a random
+        pause, if its deadline (request_timeout_s from now) leaves time; otherwise, or if that
+        fails too, it gets 503 with Retry-After. `lengths`: (max_new_tokens, min_new_tokens) of
+        each generation task asked for."""
+        job = _Job(inputs, tasks, time.monotonic() + self.args.request_timeout_s, lengths or {})
+        try:
+            return await self.batcher.submit(job)
+        except _ReplicaGone:
+            pass
+        pause = random.uniform(0, RETRY_JITTER_S)
+        if job.deadline - time.monotonic() - pause < RETRY_MIN_LEFT_S:
+            raise _unavailable("a model replica died under this request") from None
+        await asyncio.sleep(pause)
+        self.retried += 1
+        try:
+            return await self.batcher.submit(job)
+        except _ReplicaGone:
+            raise _unavailable("model replicas died under this request twice") from None
+        except TimeoutError:
+            raise _unavailable(
+                "a model replica died under this request and none answered its retry in time"
+            ) from None
 
     async def stream(
         self, item: tuple[str, str | None], task: str, lengths: tuple[int, int]
@@ -162,9 +227,17 @@ class Ingress:
         the inputs of the requests that asked for it.
 
         The encoder's response is handed to the heads unresolved, so its arrays go from the encoder
-        to the heads through the object store without passing through this replica.
+        to the heads through the object store without passing through this replica. Every call
+        is cancelled at the latest deadline of the batch's requests (TimeoutError).
         """
+        with self.health.timed():
+            return await self._calls(jobs, max(job.deadline for job in jobs))
+
+    async def _calls(
+        self, jobs: list[_Job], deadline: float
+    ) -> list[tuple[list[dict[str, Any]], dict[str, Any]]]:
         calls = []  # (task, [(job index, first input, count)], response)
+        sent = []  # every response, the encoder's included: cancelled together at the deadline
         for pair_view in (False, True):
             texts: list[str] = []
             pairs: list[str] = []
@@ -186,6 +259,7 @@ class Ingress:
             encoded = self.encoder.encode.remote(
                 texts, pairs if pair_view else None, pooled, tokens
             )
+            sent.append(encoded)
             view_tasks = dict.fromkeys(
                 t for j in spans for t in jobs[j].tasks if self.specs[t].pair == pair_view
             )
@@ -200,7 +274,20 @@ class Ingress:
                     **self._lengths(task, [(jobs[j], n) for j, _, n in mine]),
                 )
                 calls.append((task, mine, response))
-        outs = await asyncio.gather(*(response for _, _, response in calls))
+                sent.append(response)
+        try:
+            outs = await asyncio.wait_for(
+                asyncio.gather(*(response for _, _, response in calls)),
+                max(deadline - time.monotonic(), 0.0),
+            )
+        except TimeoutError:
+            for response in sent:
+                response.cancel()
+            raise
+        except Exception as exc:
+            if _died(exc):
+                raise _ReplicaGone(f"{type(exc).__name__}: {exc}"[:300]) from exc
+            raise
         results: list[list[dict[str, Any]]] = [[{} for _ in job.inputs] for job in jobs]
         models: list[dict[str, Any] | None] = [None] * len(jobs)
         for (task, mine, _), out in zip(calls, outs):

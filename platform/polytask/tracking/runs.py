@@ -1,5 +1,5 @@
 """The MLflow run of a training run: one per run name (a relaunch reopens it), the resolved
-config as its params, and the loggers that add metrics to it while the workers train."""
+config as its params, and the metric logging the training driver does into it."""
 
 from __future__ import annotations
 
@@ -66,19 +66,24 @@ def find_or_create_run(cfg: ExperimentConfig, name: str, uri: str) -> str:
     return run_id
 
 
-def metrics_logger(uri: str, run_id: str) -> Callable[[Iterable[tuple[str, float, int]]], None]:
-    """Logs (key, value, step) triples to the run as they come (progress while it trains); a
-    tracking outage costs the points, never the run, and is reported once."""
+def log_metrics(uri: str, run_id: str, points: Iterable[tuple[str, float, int]]) -> None:
+    """(key, value, step) triples logged to the run in one call, stamped now."""
     from mlflow.entities import Metric
 
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, step) for key, value, step in points]
+    client(uri).log_batch(run_id, metrics=batch)
+
+
+def metrics_logger(uri: str, run_id: str) -> Callable[[Iterable[tuple[str, float, int]]], None]:
+    """`log_metrics` for points that come while the run trains (progress): a tracking outage
+    costs the points, never the run, and is reported once."""
     warned = False
 
     def log(points: Iterable[tuple[str, float, int]]) -> None:
         nonlocal warned
-        now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, step) for key, value, step in points]
         try:
-            client(uri).log_batch(run_id, metrics=batch)
+            log_metrics(uri, run_id, points)
         except Exception as exc:  # noqa: BLE001
             if not warned:
                 print(f"warning: MLflow progress logging failed: {exc}")
@@ -87,28 +92,11 @@ def metrics_logger(uri: str, run_id: str) -> Callable[[Iterable[tuple[str, float
     return log
 
 
-def epoch_logger(uri: str, run_id: str) -> Any:
-    """A Ray Train callback that logs rank 0's epoch metrics from the controller, right after
-    the epoch's checkpoint is committed: an epoch is never logged twice after a restart, and
-    it is logged before Tune (a later callback) can stop the trial."""
-    from ray.train.v2.api.callback import UserCallback
-
-    class MlflowEpochLogger(UserCallback):
-        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-            from mlflow.entities import Metric
-
-            record = metrics[0] if metrics else {}
-            if "epoch" not in record:
-                return
-            step, now = int(record["epoch"]), int(time.time() * 1000)
-            batch = [
-                Metric(k, float(v), now, step)
-                for k, v in record.items()
-                if k != "epoch" and isinstance(v, (int, float))
-            ]
-            try:
-                client(uri).log_batch(run_id, metrics=batch)
-            except Exception as exc:  # noqa: BLE001 - a tracking outage must not cost the run
-                print(f"warning: MLflow logging failed for epoch {step}: {exc}")
-
-    return MlflowEpochLogger()
+def epoch_metrics(record: dict[str, Any]) -> list[tuple[str, float, int]]:
+    """An epoch's reported record as metric points at step `epoch` (numbers only)."""
+    step = int(record["epoch"])
+    return [
+        (key, value, step)
+        for key, value in record.items()
+        if key != "epoch" and isinstance(value, (int, float))
+    ]

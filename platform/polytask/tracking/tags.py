@@ -37,3 +37,8 @@ VARIANT_TAG = "polytask.variant"
 # tasks they added (comma-separated). Not BASE_VERSION_TAG: that one marks compressed variants.
 ADDED_TO_VERSION_TAG = "polytask.added_to_version"
 ADDED_TASKS_TAG = "polytask.added_tasks"
+
+# The promotion lock (`<model>.promotion-lock`, a registered model): who holds it, and until when
+# (epoch seconds) its lease runs unless the holder renews it.
+LOCK_OWNER_TAG = "polytask.lock_owner"
+LOCK_LEASE_TAG = "polytask.lock_lease_until"

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from polytask.config import ExperimentConfig, default_home
 from polytask.tasks import TaskSpec
-from polytask.tracking.runs import epoch_logger, metrics_logger
+from polytask.tracking.runs import epoch_metrics, log_metrics, metrics_logger
 from polytask.training import faults
 from polytask.training.data import DataError
 from polytask.training.features import Features
@@ -251,3 +251,22 @@ def _wrapper(cfg: ExperimentConfig) -> Any:
     return lambda model: ray.train.torch.prepare_model(
         model, parallel_strategy="ddp", parallel_strategy_kwargs={"find_unused_parameters": True}
     )
+
+
+def epoch_logger(uri: str, run_id: str) -> Any:
+    """A Ray Train callback that logs rank 0's epoch metrics from the controller, right after
+    the epoch's checkpoint is committed: an epoch is never logged twice after a restart, and
+    it is logged before Tune (a later callback) can stop the trial."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class MlflowEpochLogger(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            record = metrics[0] if metrics else {}
+            if "epoch" not in record:
+                return
+            try:
+                log_metrics(uri, run_id, epoch_metrics(record))
+            except Exception as exc:  # noqa: BLE001 - a tracking outage must not cost the run
+                print(f"warning: MLflow logging failed for epoch {int(record['epoch'])}: {exc}")
+
+    return MlflowEpochLogger()
