@@ -89,8 +89,9 @@ def cpu_only(doc: dict[str, Any]) -> dict[str, Any]:
         if isinstance(args, dict) and "device" in args:
             args["device"] = "cpu"
         options = [d.get("ray_actor_options") for d in app.get("deployments") or []]
-        if isinstance(args, dict) and isinstance(args.get("head_options"), dict):
-            options.append(args["head_options"].get("ray_actor_options"))
+        for key in ("head_options", "generation_head_options"):
+            if isinstance(args, dict) and isinstance(args.get(key), dict):
+                options.append(args[key].get("ray_actor_options"))
         for opts in options:
             if isinstance(opts, dict) and opts.get("num_gpus"):
                 opts["num_gpus"] = 0

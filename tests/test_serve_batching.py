@@ -162,3 +162,32 @@ def test_on_batch_hears_each_batch_size_and_how_long_its_jobs_waited():
     (first,), second = heard[0][1], heard[1][1]
     assert first < 0.02
     assert len(second) == 2 and all(0.04 < w < 0.5 for w in second)
+
+
+def test_follow_lets_the_callers_just_answered_join_the_next_batch():
+    """x runs; y waits for it. When x ends, y's batch waits follow_s, so x's caller, sending
+    again at once (x2), goes with y instead of after it. A job reaching an idle batcher leaves
+    at once."""
+
+    async def scenario() -> tuple[Recorder, float]:
+        rec = Recorder(delay_s=0.05)
+        batcher = MicroBatcher(rec, max_in_flight=1, follow_s=0.3)
+
+        async def again(job: str, then: str) -> str:
+            await batcher.submit(job)
+            return await batcher.submit(then)
+
+        async def later(job: str) -> str:
+            await asyncio.sleep(0.01)
+            return await batcher.submit(job)
+
+        await asyncio.gather(again("x", "x2"), later("y"))
+        await asyncio.sleep(0.35)  # idle for longer than follow_s
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await batcher.submit("z")
+        return rec, loop.time() - start
+
+    rec, lone = asyncio.run(scenario())
+    assert rec.batches == [["x"], ["y", "x2"], ["z"]]
+    assert lone < 0.25  # z ran (0.05 s) without waiting follow_s (0.3 s)

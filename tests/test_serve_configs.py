@@ -296,3 +296,28 @@ def test_per_task_override_by_deployment_name_and_unknown_task_is_refused(other_
     raw["deployments"].append({"name": "head_sentiment", "max_ongoing_requests": 3})
     with pytest.raises(ValueError, match="'head_sentiment' does not exist.*head_topic"):
         _deploy_like_serve(ServeApplicationSchema.model_validate(raw), other_tasks_bundle)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_gives_generation_heads_their_own_options(
+    path: Path, generation_bundle: Path
+):
+    """A model with a generation task deploys with the shipped configs unchanged: its head gets
+    generation_head_options on top of head_options, the other heads only head_options; on
+    cluster.yaml it asks for part of a GPU and decodes on cuda, on local.yaml it stays on CPU."""
+    from ray.serve._private.build_app import build_app
+
+    from polytask.serve import build_app as polytask_app
+
+    (app,) = _apps(path)
+    deployed = _deploy_like_serve(app, generation_bundle)
+    heads, generation = app.args["head_options"], app.args["generation_head_options"]
+    assert deployed["head_entities"].max_ongoing_requests == generation["max_ongoing_requests"]
+    auto = deployed["head_entities"].autoscaling_config
+    assert auto.max_replicas == generation["autoscaling_config"]["max_replicas"]
+    assert deployed["head_sentiment"].max_ongoing_requests == heads["max_ongoing_requests"]
+    built = build_app(polytask_app({**app.args, "model": str(generation_bundle)}), name="x")
+    replica = {d.name: d._replica_config for d in built.deployments}["head_entities"]
+    gpus = replica.ray_actor_options.get("num_gpus", 0)
+    assert replica.init_args[2] == ("cuda" if gpus else "cpu")
+    assert (gpus > 0) == (path.name == "cluster.yaml")

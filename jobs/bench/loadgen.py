@@ -192,9 +192,15 @@ async def _safe(send: Callable[[list[str]], Awaitable[None]], batch: list[str]) 
 
 
 def http_sender(
-    host: str, port: int, paths: list[str], tasks: list[str] | None, check: bool = True
+    host: str,
+    port: int,
+    paths: list[str],
+    tasks: list[str] | None,
+    check: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> Callable[[list[str]], Awaitable[None]]:
     """One POST per path (concurrently, each on its own connection); done when all answered.
+    `extra` fields go into every body (e.g. max_new_tokens).
 
     Connections are kept per asyncio task, so each closed-loop worker reuses its own.
     """
@@ -204,6 +210,7 @@ def http_sender(
         me = id(asyncio.current_task())
         conns = pool.setdefault(me, [Connection(host, port) for _ in paths])
         body = {"inputs": batch} if tasks is None else {"inputs": batch, "tasks": tasks}
+        body.update(extra or {})
         payload = json.dumps(body).encode()
         answers = await asyncio.gather(*(c.post(p, payload) for c, p in zip(conns, paths)))
         for (status, data), conn in zip(answers, conns):
@@ -227,7 +234,12 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     import resource
 
     send = http_sender(
-        spec["host"], spec["port"], spec["paths"], spec.get("tasks"), spec.get("check", True)
+        spec["host"],
+        spec["port"],
+        spec["paths"],
+        spec.get("tasks"),
+        spec.get("check", True),
+        spec.get("body"),
     )
     result = asyncio.run(
         run_load(

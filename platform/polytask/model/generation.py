@@ -23,7 +23,7 @@ from polytask.model.network import is_seq2seq_encoder, resolve_encoder_path
 from polytask.tasks import IGNORE_INDEX, GenerationSpec, TaskSpec
 
 CHECKPOINT, NEW = "checkpoint", "new"
-OnStep = Callable[[int, list[int | None], list[bool]], bool | None]
+OnStep = Callable[[int, list[int | None], list[bool]], bool | set[int] | None]
 
 
 def resolve_decoder(spec: TaskSpec, encoder_config: Any) -> TaskSpec:
@@ -251,27 +251,38 @@ def rebuild_generation_head(meta: dict[str, Any], tokenizer: Any) -> GenerationH
 
 
 class _RowCaps:
-    """LogitsProcessor: a row that has generated its own cap of tokens may only end (EOS next)."""
+    """LogitsProcessor: a row under its own minimum may not end (no EOS); a row that has generated
+    its own cap of tokens, or that the step callback ended, may only end (EOS next)."""
 
-    def __init__(self, caps: list[int], num_beams: int, eos_id: int, prompt_length: int) -> None:
+    def __init__(
+        self, caps: list[int], mins: list[int], num_beams: int, eos_id: int, prompt_length: int
+    ) -> None:
         self.caps = torch.tensor(caps).repeat_interleave(num_beams)
+        self.mins = torch.tensor(mins).repeat_interleave(num_beams)
+        self.ended = torch.zeros(len(caps) * num_beams, dtype=torch.bool)
         self.eos_id = eos_id
         self.prompt_length = prompt_length
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         produced = input_ids.shape[1] - self.prompt_length
-        at_cap = (produced >= self.caps.to(scores.device)).unsqueeze(-1)
+        early = (produced < self.mins.to(scores.device)).unsqueeze(-1)
+        no_eos = scores.clone()
+        no_eos[:, self.eos_id] = float("-inf")
+        scores = torch.where(early, no_eos, scores)
+        at_cap = (produced >= self.caps.to(scores.device)) | self.ended.to(scores.device)
         forced = torch.full_like(scores, float("-inf"))
         forced[:, self.eos_id] = 0.0
-        return torch.where(at_cap, forced, scores)
+        return torch.where(at_cap.unsqueeze(-1), forced, scores)
 
 
 class _StepCallback:
-    """StoppingCriteria (greedy): reports each step's tokens; `False` from `on_step` stops all."""
+    """StoppingCriteria (greedy): reports each step's tokens; `False` from `on_step` stops all,
+    a set of row indices ends those rows (EOS at their next step) and lets the others go on."""
 
-    def __init__(self, on_step: OnStep, eos_id: int, batch: int) -> None:
+    def __init__(self, on_step: OnStep, eos_id: int, batch: int, caps: _RowCaps) -> None:
         self.on_step = on_step
         self.eos_id = eos_id
+        self.caps = caps
         self.done = torch.zeros(batch, dtype=torch.bool)
         self.step = 0
 
@@ -283,6 +294,9 @@ class _StepCallback:
         self.step += 1
         if keep_going is False:
             return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if isinstance(keep_going, (set, frozenset, list, tuple)):
+            for row in keep_going:
+                self.caps.ended[int(row)] = True
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -296,14 +310,17 @@ def generate(
     num_beams: int = 1,
     length_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
+    min_new_tokens: int | Sequence[int] = 0,
     on_step: OnStep | None = None,
 ) -> list[list[int]]:
     """Token ids per row (no start token, cut before EOS) from padded encoder states.
 
-    `max_new_tokens`: one cap, or one per row. `on_step(step, tokens, finished)` (greedy only) is
-    called after every decoding step with each row's new token id (None once a row has finished;
-    EOS is reported) and which rows have finished; returning False stops every row there, and
-    the ids so far are returned."""
+    `max_new_tokens`: one cap, or one per row; `min_new_tokens` (one, or one per row, at most the
+    row's cap): no EOS before that many tokens (a benchmark decodes a fixed length this way).
+    `on_step(step, tokens, finished)` (greedy only) is called after every decoding step with each
+    row's new token id (None once a row has finished; EOS is reported) and which rows have
+    finished; returning False stops every row there (the ids so far are returned), returning a
+    set of row indices ends just those rows (a streaming client went away)."""
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     batch = encoder_states.shape[0]
@@ -313,6 +330,9 @@ def generate(
         raise ValueError(f"max_new_tokens has {len(caps)} caps for {batch} rows; give one per row")
     if min(caps, default=1) < 1:
         raise ValueError("max_new_tokens must be at least 1 for every row")
+    mins = [int(min_new_tokens)] * batch if isinstance(min_new_tokens, int) else [int(m) for m in min_new_tokens]
+    if len(mins) != batch or any(m > c for m, c in zip(mins, caps)):
+        raise ValueError("min_new_tokens: give one (or one per row), each at most its row's max_new_tokens")
     if on_step is not None and num_beams > 1:
         raise ValueError("on_step streams greedy decoding only; use num_beams: 1 to stream")
     config = GenerationConfig(
@@ -328,8 +348,9 @@ def generate(
         pad_token_id=head.pad_id,
     )
     mask = encoder_mask.to(encoder_states.device)
-    processors = LogitsProcessorList([_RowCaps(caps, num_beams, head.eos_id, prompt_length=1)])
-    callback = _StepCallback(on_step, head.eos_id, batch) if on_step is not None else None
+    row_caps = _RowCaps(caps, mins, num_beams, head.eos_id, prompt_length=1)
+    processors = LogitsProcessorList([row_caps])
+    callback = _StepCallback(on_step, head.eos_id, batch, row_caps) if on_step is not None else None
     stopping = StoppingCriteriaList([callback] if callback else [])
     if head.source == CHECKPOINT:
         from transformers.modeling_outputs import BaseModelOutput

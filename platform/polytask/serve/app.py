@@ -31,7 +31,7 @@ CPU_SURGE = {"max_surge_percent": 100}
 # A Serve config's application-level `logging_config` (or `polytask serve --log-format json
 # --access-log`) replaces these keys; see `logging_options`.
 DEFAULT_LOGGING = {"enable_access_log": False}
-MAX_ONGOING = {"Ingress": 256, "Encoder": 64, "head": 64}
+MAX_ONGOING = {"Ingress": 256, "Encoder": 64, "head": 64, "generation": 128}
 # With `max_queued_requests` set on the Ingress, what the proxy answers a request it sheds: 503
 # with a Retry-After, so a client backs off instead of timing out (docs/serving.md, Overload).
 SHED = {"status_code": 503, "retry_after_s": 1}
@@ -128,13 +128,23 @@ def _served_tasks(served: _Served) -> list[str]:
 
 
 def _placements(served: _Served, tasks: list[str]) -> tuple[list[str], tuple[str, ...]]:
-    """(tasks with their own head deployment, tasks whose head runs in the Encoder)."""
+    """(tasks with their own head deployment, tasks whose head runs in the Encoder); a
+    generation head always has its own (a Decoder)."""
     unknown = sorted(set(served.args.head_placement) - set(tasks))
     if unknown:
         raise ServeArgsError(
             f"head_placement: {', '.join(unknown)} not served; served tasks: {', '.join(tasks)}"
         )
-    separate = [t for t in tasks if served.args.placement(t) == "separate"]
+    from polytask.serve.validation import is_generation
+
+    decoders = {s.name for s in served.manifest.tasks if is_generation(s)}
+    named = sorted(t for t in decoders if served.args.head_placement.get(t) == "with_encoder")
+    if named:
+        raise ServeArgsError(
+            f"head_placement: {', '.join(named)} is a generation task; its head decodes token by "
+            "token in its own Decoder deployment, so it can only be placed separate"
+        )
+    separate = [t for t in tasks if t in decoders or served.args.placement(t) == "separate"]
     return separate, tuple(t for t in tasks if t not in separate)
 
 
@@ -187,22 +197,36 @@ def _encoder(
 
 
 def _head(served: _Served, task: str, override: dict[str, Any]) -> Application:
-    """`head_<task>`: code defaults, then `args.head_options` (every head), then its override."""
-    from polytask.serve.head import Head
+    """`head_<task>`: code defaults, then `args.head_options` (every head), then, for a generation
+    task, `args.generation_head_options`, then its override. A generation head is a `Decoder`:
+    it holds streams open and gathers calls into decodes, so it takes more requests at once, and
+    decodes on cuda when its options give it a GPU."""
+    from polytask.serve.validation import is_generation
 
+    spec = next(s for s in served.manifest.tasks if s.name == task)
+    generation = is_generation(spec)
     defaults = {
         **served.common,
         "name": f"head_{task}",
         "ray_actor_options": {"num_cpus": 0.25},
-        "max_ongoing_requests": MAX_ONGOING["head"],
+        "max_ongoing_requests": MAX_ONGOING["generation" if generation else "head"],
         **HEALTH_CHECK,
         **CPU_SURGE,
     }
-    options = _merge(_merge(defaults, served.args.head_options.as_options()), override)
+    options = _merge(defaults, served.args.head_options.as_options())
+    if generation:
+        from polytask.serve.decoder import Decoder as deployment
+
+        options = _merge(options, served.args.generation_head_options.as_options())
+    else:
+        from polytask.serve.head import Head as deployment
+    options = _merge(options, override)
+    gpus = (options.get("ray_actor_options") or {}).get("num_gpus") or 0
+    init = (served.args.decode_wait_s,) if generation else ()
     return (
-        Head.options(**options)
+        deployment.options(**options)
         .options(version=head_version(served.bundle, task), _internal=True)
-        .bind(served.ref, task)
+        .bind(served.ref, task, "cuda" if gpus > 0 else "cpu", *init)
     )
 
 

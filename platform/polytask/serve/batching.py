@@ -58,6 +58,10 @@ class MicroBatcher(Generic[J, R]):
     `size(job)` counts a job's inputs; a batch holds at most `max_size` of them (a larger job
     goes alone). `wait_s` > 0 lets a batch that is not full wait that long for more jobs, but
     only while another batch is running: a lone request still leaves at once.
+    `follow_s` > 0: a batch that leaves right after the previous one ended waits that long for
+    more jobs (a decoder whose batches run for seconds: the callers it just answered send again
+    at once, and join this batch instead of waiting a whole batch for the next); a job reaching
+    an idle batcher still leaves at once.
     Exceptions in `never_split` (e.g. back-pressure) fail the whole batch without a retry.
     `on_batch(size, waits_s)` hears of each batch as it leaves: its inputs and how long each of
     its jobs waited (the replica's metrics).
@@ -71,16 +75,19 @@ class MicroBatcher(Generic[J, R]):
         max_size: int = 256,
         max_in_flight: int = 1,
         wait_s: float = 0.0,
+        follow_s: float = 0.0,
         never_split: tuple[type[BaseException], ...] = (),
         on_batch: Callable[[int, list[float]], None] | None = None,
     ) -> None:
-        if max_size < 1 or max_in_flight < 1 or wait_s < 0:
-            raise ValueError("max_size and max_in_flight must be >= 1 and wait_s >= 0")
+        if max_size < 1 or max_in_flight < 1 or wait_s < 0 or follow_s < 0:
+            raise ValueError("max_size and max_in_flight must be >= 1, wait_s and follow_s >= 0")
         self.run_batch = run_batch
         self.size = size
         self.max_size = max_size
         self.max_in_flight = max_in_flight
         self.wait_s = wait_s
+        self.follow_s = follow_s
+        self._last_end = float("-inf")
         self.never_split = never_split
         self.on_batch = on_batch
         self.stats = BatchStats()
@@ -122,8 +129,10 @@ class MicroBatcher(Generic[J, R]):
     async def _run(self, batch: list[tuple[J, asyncio.Future]]) -> None:
         try:
             busy = self._in_flight > 1  # another batch is running: more requests are coming
-            if self.wait_s > 0 and busy and sum(self.size(j) for j, _ in batch) < self.max_size:
-                await asyncio.sleep(self.wait_s)
+            following = time.perf_counter() - self._last_end < self.follow_s
+            wait_s = self.follow_s if following else self.wait_s if busy else 0.0
+            if wait_s > 0 and sum(self.size(j) for j, _ in batch) < self.max_size:
+                await asyncio.sleep(wait_s)
                 batch = self._take(batch)
             now = time.perf_counter()
             waits = [now - self._since.pop(future, now) for _, future in batch]
@@ -150,6 +159,7 @@ class MicroBatcher(Generic[J, R]):
             raise
         finally:
             self._in_flight -= 1
+            self._last_end = time.perf_counter()
             self._dispatch()
 
     async def _outcomes(self, jobs: list[J]) -> list[R | BaseException]:

@@ -27,8 +27,9 @@ HEAD_VERSIONS_KEPT = 2
 class Head:
     """One task head on CPU; bound once per task as `head_<task>`. Loads only `heads/<task>/`."""
 
-    def __init__(self, model: str, task: str) -> None:
+    def __init__(self, model: str, task: str, device: str = "cpu") -> None:
         self.task = task
+        self.device = device
         self.ref = model
         self.versions: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
         self.lock = threading.Lock()
@@ -47,7 +48,7 @@ class Head:
             path = local_bundle(ref)
             expected = fingerprint or read_manifest(path).fingerprint
             if expected not in self.versions:
-                self.versions[expected] = load_head(path, self.task, expected)
+                self.versions[expected] = load_head(path, self.task, expected, self.device)
             self.versions.move_to_end(expected)
             while len(self.versions) > HEAD_VERSIONS_KEPT:
                 self.versions.popitem(last=False)

@@ -11,13 +11,13 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -26,15 +26,22 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from polytask.errors import describe_errors
 from polytask.serve.schemas import (
     ErrorResponse,
-    PairInput,
     PredictRequest,
     PredictResponse,
     ServeArgs,
+    StreamRequest,
     TaskPredictRequest,
     TaskPredictResponse,
     TasksResponse,
 )
-from polytask.serve.validation import APIError, InputRejected, default_tasks, prepare_inputs
+from polytask.serve.validation import (
+    APIError,
+    InputRejected,
+    decode_lengths,
+    default_tasks,
+    is_generation,
+    prepare_inputs,
+)
 from polytask.tasks import TaskSpec
 
 
@@ -49,8 +56,15 @@ class IngressBackend(Protocol):
     metrics: Any  # polytask.serve.metrics.ServeMetrics
 
     async def run(
-        self, inputs: list[tuple[str, str | None]], tasks: list[str]
+        self,
+        inputs: list[tuple[str, str | None]],
+        tasks: list[str],
+        lengths: dict[str, tuple[int, int]] | None = None,
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]: ...
+
+    def stream(
+        self, item: tuple[str, str | None], task: str, lengths: tuple[int, int]
+    ) -> AsyncIterator[dict[str, Any]]: ...
 
     def model_info(self, fingerprint: str | None = None) -> dict[str, Any]: ...
 
@@ -370,19 +384,28 @@ def create_api(ingress: IngressBackend) -> FastAPI:
                 "inputs per request",
             ) from None
 
-    async def run(request: Request, items: list[str | PairInput], tasks: list[str]):
+    def answer_errors(exc: BaseException) -> APIError | None:
+        """The API error a failed model call stands for (None: a server fault)."""
+        if isinstance(exc, BackPressureError):
+            return APIError(
+                503, "overloaded", "the service is at capacity; retry shortly", {"Retry-After": "1"}
+            )
+        if isinstance(exc, InputRejected):
+            return APIError(422, "invalid_text", f"inputs[{exc.index}]: {exc.reason}")
+        return None
+
+    async def run(request: Request, body: TaskPredictRequest, tasks: list[str]):
         record = _record_of(request)
         if record is not None:
-            record.tasks, record.inputs = tasks, len(items)
-        inputs = prepare_inputs(ingress.specs, ingress.args, items, tasks)
+            record.tasks, record.inputs = tasks, len(body.inputs)
+        inputs = prepare_inputs(ingress.specs, ingress.args, body.inputs, tasks)
+        lengths = decode_lengths(
+            ingress.specs, ingress.args, tasks, body.max_new_tokens, body.min_new_tokens
+        )
         try:
-            return await within_deadline(ingress.run(inputs, tasks))
-        except BackPressureError:
-            raise APIError(
-                503, "overloaded", "the service is at capacity; retry shortly", {"Retry-After": "1"}
-            ) from None
-        except InputRejected as exc:
-            raise APIError(422, "invalid_text", f"inputs[{exc.index}]: {exc.reason}") from None
+            return await within_deadline(ingress.run(inputs, tasks, lengths))
+        except (BackPressureError, InputRejected) as exc:
+            raise answer_errors(exc) from None  # type: ignore[misc]
 
     @app.get("/healthz", summary="Liveness (no API key needed, so it tells nothing else)")
     async def healthz() -> dict[str, Any]:
@@ -407,7 +430,7 @@ def create_api(ingress: IngressBackend) -> FastAPI:
         tasks = (
             list(dict.fromkeys(body.tasks)) if body.tasks else default_tasks(ingress.specs, body.inputs)
         )
-        results, model = await run(request, body.inputs, tasks)
+        results, model = await run(request, body, tasks)
         return JSONResponse({"results": results, "model": model})
 
     @app.post(
@@ -417,7 +440,124 @@ def create_api(ingress: IngressBackend) -> FastAPI:
     )
     async def predict_task(request: Request, task: str, body: TaskPredictRequest) -> JSONResponse:
         """Run one task on every input."""
-        results, model = await run(request, body.inputs, [task])
+        results, model = await run(request, body, [task])
         return JSONResponse({"task": task, "results": [r[task] for r in results], "model": model})
 
+    @app.post(
+        "/v1/tasks/{task}/generate/stream",
+        response_model=None,
+        responses={
+            200: {
+                "content": {"text/event-stream": {}},
+                "description": "Server-sent events: `token` {id, text} per new token (text: the "
+                "answer so far), then `done` {task, result, tokens, model}, or `error` {error}.",
+            },
+            **ERROR_RESPONSES,
+        },
+    )
+    async def generate_stream(request: Request, task: str, body: StreamRequest) -> StreamingResponse:
+        """Generate one input's text for a generation task, streamed as it is decoded."""
+        record = _record_of(request)
+        if record is not None:
+            record.tasks, record.inputs = [task], 1
+        (item,) = prepare_inputs(ingress.specs, ingress.args, [body.input], [task])
+        spec = ingress.specs[task]
+        if not is_generation(spec):
+            raise APIError(
+                422,
+                "not_generation",
+                f"task '{task}' is a {spec.kind} task; only generation tasks stream: use "
+                f"POST /v1/tasks/{task}/predict",
+            )
+        if spec.generation.num_beams > 1:
+            raise APIError(
+                422,
+                "not_streamable",
+                f"task '{task}' decodes with beam search (num_beams {spec.generation.num_beams}), "
+                f"whose text is only known at the end: use POST /v1/tasks/{task}/predict",
+            )
+        lengths = decode_lengths(
+            ingress.specs, ingress.args, [task], body.max_new_tokens, body.min_new_tokens
+        )[task]
+        events = ingress.stream(item, task, lengths)
+        deadline = asyncio.get_running_loop().time() + deadline_s
+        try:  # the first event before the 200: a refused input still gets its JSON 4xx
+            first = await within_deadline(anext(events))
+        except (BackPressureError, InputRejected) as exc:
+            await events.aclose()
+            raise answer_errors(exc) from None  # type: ignore[misc]
+        except BaseException:
+            await events.aclose()
+            raise
+        return StreamingResponse(
+            _sse(task, first, events, deadline, deadline_s, answer_errors, ingress),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
     return app
+
+
+def _event(name: str, data: dict[str, Any]) -> bytes:
+    import json
+
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+async def _sse(
+    task: str,
+    first: dict[str, Any],
+    events: AsyncIterator[dict[str, Any]],
+    deadline: float,
+    deadline_s: float,
+    answer_errors: Callable[[BaseException], APIError | None],
+    ingress: IngressBackend,
+) -> AsyncIterator[bytes]:
+    """The Decoder's events as server-sent events, within the request deadline. A client that
+    goes away cancels this generator: the decode of its input stops (logged, and counted as a
+    cancelled stream by the head)."""
+    event: dict[str, Any] | None = first
+    tokens = 0
+    finished = False
+    try:
+        while event is not None:
+            if "answer" in event:
+                model = {**ingress.model_info(event["fingerprint"]), "ref": event["model"]}
+                body = {"task": task, "result": event["answer"], "tokens": event["tokens"]}
+                yield _event("done", {**body, "model": model})
+                finished = True
+                return
+            tokens += 1
+            yield _event("token", {"id": event["id"], "text": event["text"]})
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                async with asyncio.timeout(max(left, 0.0)):
+                    event = await anext(events, None)
+            except TimeoutError:
+                finished = True
+                yield _event(
+                    "error",
+                    {
+                        "error": {
+                            "code": "timeout",
+                            "message": f"no complete answer within {deadline_s:g} s "
+                            "(request_timeout_s); ask for fewer max_new_tokens",
+                        }
+                    },
+                )
+                return
+    except Exception as exc:  # noqa: BLE001 - the 200 is sent: the error goes in the stream
+        finished = True
+        err = answer_errors(exc) or _internal(exc)
+        if err.status >= 500:
+            logger.error("polytask stream %s failed: %s: %s", task, type(exc).__name__, exc)
+        yield _event("error", {"error": {"code": err.code, "message": err.message}})
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+        if not finished:
+            logger.warning(
+                "polytask stream %s: the client disconnected after %d token(s); its decode "
+                "was cancelled",
+                task,
+                tokens,
+            )

@@ -16,7 +16,8 @@ import asyncio
 import os
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray import serve
@@ -31,7 +32,7 @@ from polytask.serve.metrics import ServeMetrics
 from polytask.serve.refs import local_bundle, model_from_config, pin_model_uri
 from polytask.serve.replica import replica_identity
 from polytask.serve.schemas import ServeArgs
-from polytask.serve.validation import APIError
+from polytask.serve.validation import APIError, is_generation
 
 # A request whose replica died is sent once more after a random pause of up to this (spreading
 # the retries of a failed batch), if at least RETRY_MIN_LEFT_S of its deadline is left then.
@@ -48,6 +49,7 @@ class _Job:
     inputs: list[tuple[str, str | None]]
     tasks: list[str]
     deadline: float
+    lengths: dict[str, tuple[int, int]] = field(default_factory=dict)  # generation task → max, min
 
 
 class _ReplicaGone(Exception):
@@ -164,7 +166,10 @@ class Ingress:
         self.health.check()
 
     async def run(
-        self, inputs: list[tuple[str, str | None]], tasks: list[str]
+        self,
+        inputs: list[tuple[str, str | None]],
+        tasks: list[str],
+        lengths: dict[str, tuple[int, int]] | None = None,
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """One validated request → (one {task: answer} per input, model info), answered from
         a batch shared with the requests that arrived while the previous batch ran.
@@ -172,8 +177,9 @@ class Ingress:
         Predictions have no side effects, so a request whose Encoder or head replica died under
         it is sent once more (Serve routes it to a live or replacement replica) after a random
         pause, if its deadline (request_timeout_s from now) leaves time; otherwise, or if that
-        fails too, it gets 503 with Retry-After."""
-        job = _Job(inputs, tasks, time.monotonic() + self.args.request_timeout_s)
+        fails too, it gets 503 with Retry-After. `lengths`: (max_new_tokens, min_new_tokens) of
+        each generation task asked for."""
+        job = _Job(inputs, tasks, time.monotonic() + self.args.request_timeout_s, lengths or {})
         try:
             return await self.batcher.submit(job)
         except _ReplicaGone:
@@ -191,6 +197,33 @@ class Ingress:
             raise _unavailable(
                 "a model replica died under this request and none answered its retry in time"
             ) from None
+
+    async def stream(
+        self, item: tuple[str, str | None], task: str, lengths: tuple[int, int]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One input of a generation task: the Decoder's events (a token each, then the answer)
+        as they come; closing this generator cancels the decode's share for this input."""
+        text, pair = item
+        spec = self.specs[task]
+        encoded = self.encoder.encode.remote([text], [pair or ""] if spec.pair else None, False, True)
+        events = self.heads[task].options(stream=True).stream.remote(encoded, *lengths)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            events.cancel()
+
+    def _lengths(self, task: str, jobs: list[tuple[_Job, int]]) -> dict[str, list[int]]:
+        """A generation head's per-input max/min new tokens (each request's own); {} otherwise."""
+        spec = self.specs[task]
+        if not is_generation(spec):
+            return {}
+        default = (spec.generation.max_new_tokens, 0)
+        per_input = [job.lengths.get(task, default) for job, n in jobs for _ in range(n)]
+        return {
+            "max_new_tokens": [most for most, _ in per_input],
+            "min_new_tokens": [least for _, least in per_input],
+        }
 
     async def _run_batch(
         self, jobs: list[_Job]
@@ -227,7 +260,7 @@ class Ingress:
                 texts += [text for text, _ in job.inputs]
                 pairs += [pair or "" for _, pair in job.inputs]
                 pooled += ["sentence" in levels] * len(job.inputs)
-                tokens += ["token" in levels] * len(job.inputs)
+                tokens += [bool(levels & {"token", "sequence"})] * len(job.inputs)
             if not texts:
                 continue
             view_tasks = dict.fromkeys(
@@ -252,6 +285,7 @@ class Ingress:
                         encoded,
                         texts if indices is None else [texts[i] for i in indices],
                         indices,
+                        **self._lengths(task, [(jobs[j], n) for j, _, n in mine]),
                     )
                 calls.append((task, mine, response))
                 sent.append(response)

@@ -25,14 +25,19 @@ METRICS = {
     "polytask_rejected": "requests answered 4xx/5xx, by the error code in the JSON body (reason)",
     "polytask_request_latency_s": "end-to-end seconds in the Ingress of answered (200) requests, "
     "by task",
-    "polytask_stage_latency_s": "seconds per stage: ingress_queue and encoder_queue (micro-batcher "
-    "wait, per request), tokenize and encoder_forward (per pass), head (per head call; "
-    "head_<task> for a head placed with_encoder)",
-    "polytask_batch_inputs": "inputs per micro-batch, by batcher (ingress, encoder)",
+    "polytask_stage_latency_s": "seconds per stage: ingress_queue, encoder_queue and decoder_queue "
+    "(micro-batcher wait, per request), tokenize and encoder_forward (per pass), head (per head "
+    "call; head_<task> for a head placed with_encoder)",
+    "polytask_batch_inputs": "inputs per micro-batch, by batcher (ingress, encoder, decoder)",
     "polytask_encoder_pass_inputs": "inputs per encoder forward pass (after length-sorting and "
     "cutting at max_batch_size)",
     "polytask_failures_in_a_row": "gauge: failed calls in a row no input explains, per replica "
     "(3 makes check_health fail)",
+    "polytask_generated_tokens": "new tokens a generation head decoded (EOS excluded; greedy tasks), "
+    "by task",
+    "polytask_decode_seconds": "seconds per decode (one batch of inputs, all its steps), by task",
+    "polytask_streams": "streamed generations (POST /v1/tasks/{task}/generate/stream) as they "
+    "ended, by task and outcome (completed, cancelled: the client went away, failed)",
 }
 
 
@@ -58,9 +63,12 @@ class ServeMetrics:
         self.failures = Gauge(
             "polytask_failures_in_a_row", METRICS["polytask_failures_in_a_row"], ("model",)
         )
+        self.tokens = counter("polytask_generated_tokens", ("task",))
+        self.decode = histogram("polytask_decode_seconds", LATENCY_BUCKETS_S, ("task",))
+        self.streams = counter("polytask_streams", ("task", "outcome"))
         self.all = (
             self.requests, self.inputs, self.rejected, self.latency, self.stage, self.batch,
-            self.passes, self.failures,
+            self.passes, self.failures, self.tokens, self.decode, self.streams,
         )  # fmt: skip
         self.set_model(model)
 
@@ -89,6 +97,12 @@ class ServeMetrics:
         stage = {"stage": f"{batcher}_queue"}
         for wait in waits_s:
             self.stage.observe(wait, stage)
+
+    def decoded(self, task: str, seconds: float, tokens: int) -> None:
+        """A generation head finished one decode of `tokens` new tokens."""
+        self.decode.observe(seconds, {"task": task})
+        if tokens:
+            self.tokens.inc(tokens, {"task": task})
 
     def stages(self, seconds: dict[str, float]) -> None:
         for stage, value in seconds.items():

@@ -65,6 +65,17 @@ class HeadOptions(BaseModel):
         return self.model_dump(exclude_none=True, exclude={"placement"})
 
 
+class GenerationHeadOptions(HeadOptions):
+    """Options for the heads of generation tasks only, applied after `head_options`: a decoder
+    steps once per new token for its whole batch, so it may ask for a GPU (`num_gpus` > 0 makes it
+    decode on cuda)."""
+
+    @field_validator("ray_actor_options")
+    @classmethod
+    def _cpu_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return value
+
+
 class ServeArgs(BaseModel):
     """Args of `polytask.serve:build_app` (the `args:` block of a Serve config)."""
 
@@ -126,6 +137,25 @@ class ServeArgs(BaseModel):
         description="Ray Serve env levers this app needs (docs/serving.md, Throughput levers); "
         "`polytask serve` sets them before it starts Ray, a cluster must have them in its pods' "
         "env. Unset: polytask's defaults where `polytask serve` starts Ray, none required.",
+    )
+    generation_head_options: GenerationHeadOptions = Field(
+        default_factory=GenerationHeadOptions,
+        description="Applied after head_options to the heads of generation tasks only.",
+    )
+    decode_wait_s: float = Field(
+        0.05,
+        ge=0,
+        le=10,
+        description="A generation head's decode that starts right after another waits this long "
+        "for the requests its just-answered clients send next, so they join it; a request "
+        "reaching an idle head never waits.",
+    )
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Most new tokens a request may ask a generation task for (max_new_tokens in "
+        "the body); unset: each task's own max_new_tokens from the bundle.",
     )
     cpu_variant: str | None = Field(
         None,
@@ -207,7 +237,23 @@ Input = Annotated[
 ]
 
 
-class TaskPredictRequest(BaseModel):
+class GenerationFields(BaseModel):
+    """Per-request decoding lengths of generation tasks (other tasks ignore them)."""
+
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="At most this many new tokens per input (default and limit: the task's "
+        "max_new_tokens, or the server's max_new_tokens setting).",
+    )
+    min_new_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="No end-of-text before this many tokens (at most max_new_tokens).",
+    )
+
+
+class TaskPredictRequest(GenerationFields):
     """Body of POST /v1/tasks/{task}/predict."""
 
     model_config = ConfigDict(extra="forbid")
@@ -217,6 +263,14 @@ class TaskPredictRequest(BaseModel):
         description='Strings, or {"text": ..., "text_pair": ...} objects (pair tasks).',
         examples=[["the movie was great", "alice flew to paris"]],
     )
+
+
+class StreamRequest(GenerationFields):
+    """Body of POST /v1/tasks/{task}/generate/stream: one input, its text streamed as decoded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: Input = Field(description='A string, or {"text": ..., "text_pair": ...}.')
 
 
 class PredictRequest(TaskPredictRequest):
@@ -240,7 +294,7 @@ class PredictResponse(BaseModel):
     results: list[dict[str, dict[str, Any]]] = Field(
         description="One {task: answer} per input, in input order. Answers: classification "
         "{label, score, probabilities}; multilabel {labels, probabilities}; token_classification "
-        "{entities: [{type, text, start, end, score}]}; regression {value}."
+        "{entities: [{type, text, start, end, score}]}; regression {value}; generation {text}."
     )
     model: ModelInfo
 

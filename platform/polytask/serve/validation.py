@@ -134,3 +134,48 @@ def _fit(text: str, where: str, args: ServeArgs) -> str:
         f"{where} has {len(text)} characters; the limit is {limit}: shorten it, or ask the "
         "operator for overflow: truncate",
     )
+
+
+def is_generation(spec: TaskSpec) -> bool:
+    return spec.generation is not None and spec.task_kind.level == "sequence"
+
+
+def decode_limit(spec: TaskSpec, args: ServeArgs) -> int:
+    """Most new tokens one input may ask task `spec` for: the server's setting, else the task's."""
+    own = spec.generation.max_new_tokens if spec.generation is not None else 1
+    return args.max_new_tokens or own
+
+
+def decode_lengths(
+    specs: dict[str, TaskSpec],
+    args: ServeArgs,
+    tasks: list[str],
+    max_new_tokens: int | None,
+    min_new_tokens: int | None,
+) -> dict[str, tuple[int, int]]:
+    """(max_new_tokens, min_new_tokens) per requested generation task; a request over a task's
+    limit is refused (422) naming the body field and the limit, before any model work."""
+    out = {}
+    for task in tasks:
+        spec = specs[task]
+        if not is_generation(spec):
+            continue
+        limit = decode_limit(spec, args)
+        if max_new_tokens is not None and max_new_tokens > limit:
+            raise APIError(
+                422,
+                "max_new_tokens_too_large",
+                f"body.max_new_tokens: {max_new_tokens} is over the limit {limit} of task "
+                f"'{task}'; ask for at most {limit} new tokens",
+            )
+        longest = max_new_tokens or min(spec.generation.max_new_tokens, limit)
+        shortest = min_new_tokens or 0
+        if shortest > longest:
+            raise APIError(
+                422,
+                "min_new_tokens_too_large",
+                f"body.min_new_tokens: {shortest} is over max_new_tokens {longest} of task "
+                f"'{task}'; ask for at most {longest}",
+            )
+        out[task] = (longest, shortest)
+    return out
