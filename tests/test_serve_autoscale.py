@@ -4,7 +4,7 @@ delay has passed. Replica counts come from Serve's status API (`serve.status()`)
 
 The app is what `polytask serve MODEL --config CONFIG` deploys: CONFIG is serve_configs/local.yaml
 with short delays and a low target merged into its autoscaling_configs (`SCENARIO` in
-jobs/bench/autoscale_timeline.py, which plots this scenario for the README). Why the target is in
+jobs/bench/autoscale_timeline.py, which plots this scenario for docs/benchmarks.md). Why the target is in
 batches, and low: the Ingress gathers concurrent requests into batches and runs at most
 `ingress_batches_in_flight` (2) at once, each one Encoder call and one call per requested head, so
 Serve's "ongoing requests" of the Encoder and of a head count batches in flight, at most 2 per

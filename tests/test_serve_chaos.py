@@ -1,7 +1,7 @@
 """Chaos over real HTTP: hostile inputs and killed replica processes while good clients keep
 sending. One Serve app for the module (the untrained demo bundle: no training needed).
 
-Each test prints a `chaos:` line with its figures (README, "Hardening"); run with `-s` to see them.
+Each test prints a `chaos:` line with its figures (docs/reliability.md); run with `-s` to see them.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ APP_NAME = "polytask"
 # Replacement replicas of cheap CPU deployments start before the old ones stop (no gap in a
 # rolling update); the Encoder keeps Serve's default because a surge there needs a spare GPU.
 CPU_SURGE = {"max_surge_percent": 100}
-# Measured defaults (README, "Serving levers"): no per-request access log line on the hot path
+# Measured defaults (docs/serving.md, "Throughput levers"): no per-request access log line on the hot path
 # (errors are still logged), and room for the requests an Ingress gathers into one batch.
 # A Serve config's application-level `logging_config` (or `polytask serve --log-format json
 # --access-log`) replaces these keys; see `logging_options`.

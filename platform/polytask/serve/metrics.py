@@ -16,7 +16,7 @@ LATENCY_BUCKETS_S = [
 # Inputs: powers of two up to the largest Ingress batch (batch_max_inputs, default 256).
 SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 
-# name (without Ray's `ray_` prefix) → one line for the README and the dashboard test.
+# name (without Ray's `ray_` prefix) → one line for docs/observability.md and the dashboard test.
 METRICS = {
     "polytask_requests": "prediction requests (POST) answered by the Ingress, by task and status "
     "code; a request for two tasks counts once for each, task=none if rejected before its tasks "
