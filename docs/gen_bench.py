@@ -31,14 +31,14 @@ def _load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _bench_report() -> Any:
-    """jobs/bench/report.py renders the serving benchmark (it also writes its results.md)."""
+def _bench_module(name: str) -> Any:
+    """A jobs/bench module that renders its own benchmark (it also writes its results.md)."""
+    import importlib
+
     bench = str(ROOT / "jobs" / "bench")
     if bench not in sys.path:
         sys.path.insert(0, bench)
-    import report
-
-    return report
+    return importlib.import_module(name)
 
 
 def _demote(markdown: str, levels: int = 2) -> str:
@@ -62,7 +62,12 @@ def _pct(value: float) -> str:
 
 def serve(root: Path) -> Section:
     path = root / "serve" / "results.json"
-    return Section(_demote(_bench_report().markdown(_load(path))), [path])
+    return Section(_demote(_bench_module("report").markdown(_load(path))), [path])
+
+
+def generation_serve(root: Path) -> Section:
+    path = root / "generation_serve" / "results.json"
+    return Section(_demote(_bench_module("generation_serve_bench").markdown(_load(path))), [path])
 
 
 def metrics_cost(root: Path) -> Section:
@@ -189,6 +194,7 @@ SECTIONS: dict[str, Callable[[Path], Section]] = {
     "train_overhead": train_overhead,
     "quality": _prepared_table("quality_reduced"),
     "generation_quality": _prepared_table("generation_quality"),
+    "generation_serve": generation_serve,
     "compress": _prepared_table("compress"),
 }
 

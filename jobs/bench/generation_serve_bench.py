@@ -291,6 +291,11 @@ def write_results(result: dict[str, Any], out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(result))
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The results table (results.md, and the docs' benchmarks page through docs/gen_bench.py)."""
     n = result["settings"]["new_tokens"]
     lines = [
         "# Generation serving: tokens/s served vs in-process",
@@ -332,7 +337,7 @@ def write_results(result: dict[str, Any], out: Path) -> None:
         machine_markdown(result["machine"]),
         "",
     ]
-    (out / "results.md").write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
