@@ -188,11 +188,25 @@ def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_store:
     return uri
 
 
+# Below the kernel's ephemeral range (32768+), where the OS hands out ports to every `bind(0)`
+# (Ray's gRPC servers, outgoing connections): a port picked there can be taken before Serve's
+# proxy binds it. Above Ray's worker ports (10002-19999), below direct ingress's (30000+).
+PORT_RANGE = (20000, 29999)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (for Serve's HTTP proxy, the dashboard)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    import random
+
+    for _ in range(100):
+        port = random.randint(*PORT_RANGE)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORT_RANGE} on 127.0.0.1")
 
 
 @pytest.fixture(scope="session")
