@@ -34,7 +34,9 @@ def test_benchmarks_page_places_every_section() -> None:
 
 def test_no_page_types_a_benchmark_figure() -> None:
     measured = set().union(*(gen_bench.figures(s.markdown) for s in SECTIONS.values()))
-    assert {"2.02×", "38%", "240.2"} <= measured  # the extractor still finds figures
+    sample = "| target | 1.87× faster, 38% of 240.2 inputs/s |"
+    assert gen_bench.figures(sample) >= {"1.87×", "38%", "240.2"}  # the extractor finds figures
+    assert len(measured) > 50  # and finds them in the generated tables
     typed = {
         str(path.relative_to(ROOT)): sorted(gen_bench.figures(path.read_text()) & measured)
         for path in HAND_WRITTEN

@@ -421,9 +421,9 @@ def levers_markdown(result: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {lever_set} | {system.split('[')[0]} | {placement} | {r['inputs_per_request']} | "
             f"{r['concurrency']} | {tput:.1f} | {_pct(tput / limit if limit else None)} | "
-            f"{_num(over_b, 2)} | {_num(r['latency_ms']['p50'])} | {_num(r['latency_ms']['p99'])} "
+            f"{_num(over_b, 2)}× | {_num(r['latency_ms']['p50'])} | {_num(r['latency_ms']['p99'])} "
             f"| {r['errors']} | "
-            + " | ".join(_num(hops[h], 2) for h in ("proxy", "Ingress", "Encoder", "heads", "client", "other"))
+            + " | ".join(_num(hops[h], 1) for h in ("proxy", "Ingress", "Encoder", "heads", "client", "other"))
             + f" | {'yes' if r.get('busy') else ''} |"
         )
     return lines
