@@ -243,6 +243,7 @@ def test_serve_bench_tiny_end_to_end(tmp_path):
         pad["arrival_dynamic"]["padded_tokens_per_input"]
         < pad["arrival_max_length"]["padded_tokens_per_input"]
     )
+    assert pad["arrival_planned"]["inputs_per_s"] > 0 and pad["planned_over_dynamic"] > 0
     for key in ("1@1", "1@4", "16@1", "16@4"):
         assert result["ratios"][key]["over_limit"] > 0
         assert result["ratios"][key]["over_baseline"] > 0
@@ -258,6 +259,7 @@ def test_serve_bench_tiny_end_to_end(tmp_path):
     table = (out / "results.md").read_text()
     assert "| polytask | 16 | 4 |" in table and "| noop | 1 | 1 |" in table
     assert "| baseline | 1 | 1 |" in table and "## Targets" in table
+    assert "in the Encoder's planned passes" in table
     assert "| default | polytask | with_encoder | 1 | 4 |" in table
     for png in ("throughput.png", "latency.png"):
         assert (out / png).read_bytes()[:8] == PNG

@@ -36,12 +36,14 @@ def throughput(
     heads: bool = True,
 ) -> dict[str, float]:
     """Inputs/s over batches cut from `texts` in the given order, visited in a seeded random
-    order until `seconds` have passed; `heads=False`: encoder only, with the mean padded length."""
+    order until `seconds` have passed; `heads=False`: encoder only, with the mean padded length
+    (`padding="planned"`: each batch in the Encoder's planned passes, no padded length)."""
     import torch
 
-    from polytask.model.inference import encode_batch, run_head
+    from polytask.model.inference import encode_batch, pass_overhead_tokens, run_head
 
     model, tokenizer, manifest = bundle_parts
+    overhead = pass_overhead_tokens(model.encoder, manifest.max_length)
     batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
     order = np.random.default_rng(0).permutation(len(batches))
     levels = {model.specs[t].task_kind.level for t in tasks}
@@ -50,7 +52,7 @@ def throughput(
     with torch.inference_mode():
         for index in itertools.cycle(order):
             batch = batches[index]
-            if heads:  # exactly what a served request runs (Predictor's code path)
+            if heads or padding == "planned":  # what a served request runs (Predictor's path)
                 items = encode_batch(
                     model.encoder,
                     tokenizer,
@@ -58,10 +60,11 @@ def throughput(
                     None,
                     max_length=manifest.max_length,
                     pooling=model.pooling,
-                    need_pooled="sentence" in levels,
-                    need_tokens="token" in levels,
+                    need_pooled=heads and "sentence" in levels,
+                    need_tokens=heads and "token" in levels,
+                    overhead_tokens=overhead,
                 )
-                for task in tasks:
+                for task in tasks if heads else ():
                     run_head(model.heads[task], model.specs[task], items, batch)
             else:
                 enc = tokenizer(
@@ -96,6 +99,9 @@ class ParallelLimit:
             proc.start()
             self.conns.append(here)
             self.procs.append(proc)
+        for conn in self.conns:  # loaded: no start-up competes with a measurement
+            if not conn.poll(600) or conn.recv() != "ready":
+                raise RuntimeError("a limit process did not load the bundle in 600 s")
 
     def throughput(self, texts: list[str], tasks: list[str], batch_size: int, seconds: float) -> float:
         """Inputs/s of all the processes together, each running `throughput` over `texts`."""
@@ -117,6 +123,7 @@ class ParallelLimit:
 
 def _worker(bundle: str, barrier: Any, conn: Any) -> None:
     parts = _load(bundle)
+    conn.send("ready")
     while (job := conn.recv()) is not None:
         texts, tasks, batch_size, seconds = job
         throughput(parts, texts, tasks, batch_size, seconds / 4)
@@ -154,6 +161,7 @@ def measure_limit(
         best = max(by_config, key=by_config.__getitem__)
         sorted_enc = throughput(parts, ordered, tasks, batch_size, seconds, heads=False)
         arrival = throughput(parts, texts, tasks, batch_size, seconds, heads=False)
+        planned = throughput(parts, texts, tasks, batch_size, seconds, "planned", heads=False)
         fixed = throughput(parts, texts, tasks, batch_size, seconds, "max_length", heads=False)
     finally:
         torch.set_num_threads(previous)
@@ -164,11 +172,14 @@ def measure_limit(
         "batch_size": batch_size,
         "tasks": tasks,
         "what": "tokenize + encoder forward + every head + decoded answers, length-sorted "
-        "batches padded to their own longest input, torch.inference_mode, no HTTP and no Ray",
+        "batches cut into passes as the Encoder cuts them, each padded to its own longest "
+        "input, torch.inference_mode, no HTTP and no Ray",
         "padding": {
             "max_length": parts[2].max_length,
             "sorted_dynamic": sorted_enc,
             "arrival_dynamic": arrival,
+            "arrival_planned": planned,
+            "planned_over_dynamic": planned["inputs_per_s"] / arrival["inputs_per_s"],
             "arrival_max_length": fixed,
             "dynamic_over_max_length": arrival["inputs_per_s"] / fixed["inputs_per_s"],
         },

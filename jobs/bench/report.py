@@ -287,6 +287,13 @@ def markdown(result: dict[str, Any]) -> str:
             f"max_length={pad['max_length']} {pad['arrival_max_length']['inputs_per_s']:.1f} "
             f"({pad['arrival_max_length']['padded_tokens_per_input']:.1f} tokens/input): dynamic "
             f"padding is **{pad['dynamic_over_max_length']:.2f}×**."
+            + (
+                f" Arrival order in the Encoder's planned passes (cut where padding costs more "
+                f"than a pass): {pad['arrival_planned']['inputs_per_s']:.1f} inputs/s, "
+                f"**{pad['planned_over_dynamic']:.2f}×** one padded pass per batch."
+                if "arrival_planned" in pad
+                else ""
+            )
         ),
         "",
         "## Systems",

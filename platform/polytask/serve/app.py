@@ -187,7 +187,9 @@ def _encoder(
         "max_ongoing_requests": MAX_ONGOING["Encoder"],
         **HEALTH_CHECK,
     }
-    settings = (args.device, args.max_batch_size, args.batch_wait_timeout_s)
+    settings = (
+        args.device, args.max_batch_size, args.batch_wait_timeout_s, args.pass_overhead_tokens
+    )
     version = encoder_version(served.manifest, *settings, heads=colocated)
     return (
         Encoder.options(**_merge(defaults, override))

@@ -34,6 +34,11 @@ class _EncoderState:
     pooling: str
     max_length: int
     heads: ColocatedHeads  # the heads placed with_encoder, loaded for this encoder
+    pass_overhead: float  # a forward pass's fixed cost in padded tokens (plan_passes)
+
+
+# (each pass's inputs, stage seconds) per text view of one batch
+_Passes = list[tuple[list[int], dict[str, float]]]
 
 
 @dataclass
@@ -55,7 +60,8 @@ class _EncodeCall:
 @serve.deployment(name="Encoder")
 class Encoder:
     """Tokenize + encoder forward; calls arriving while a forward runs (from any Ingress replica)
-    are encoded together, length-sorted and cut into passes of at most `max_batch_size` inputs."""
+    are encoded together: tokenized once, length-sorted and cut into passes of at most
+    `max_batch_size` inputs wherever padding would cost more than another pass."""
 
     def __init__(
         self,
@@ -63,9 +69,11 @@ class Encoder:
         device: str = "cpu",
         max_batch_size: int = 32,
         batch_wait_timeout_s: float = 0.005,
+        pass_overhead_tokens: float | None = None,
         heads: tuple[str, ...] = (),
     ) -> None:
-        """`heads`: the tasks whose heads run here, on this replica's output (`with_encoder`)."""
+        """`heads`: the tasks whose heads run here, on this replica's output (`with_encoder`);
+        `pass_overhead_tokens`: None measures it whenever the replica loads encoder weights."""
         import torch
 
         if device == "cuda" and not torch.cuda.is_available():
@@ -75,6 +83,7 @@ class Encoder:
             )
         self.device = device
         self.max_batch_size = max_batch_size
+        self.pass_overhead_tokens = pass_overhead_tokens
         self.health = Health("Encoder")
         self.calls = 0
         self.inputs = 0
@@ -95,6 +104,7 @@ class Encoder:
 
     def _load(self, ref: str) -> _EncoderState:
         from polytask.model.bundle import BundleError, load_encoder_part, read_manifest
+        from polytask.model.inference import pass_overhead_tokens
 
         path = local_bundle(ref)
         manifest = read_manifest(path)
@@ -106,8 +116,12 @@ class Encoder:
                 f"{manifest.fingerprint}; the bundle was modified or is incomplete"
             )
         heads = ColocatedHeads.load(path, self.colocated, fingerprint)
+        overhead = self.pass_overhead_tokens
+        if overhead is None:
+            overhead = pass_overhead_tokens(encoder, manifest.max_length, self.device)
         return _EncoderState(
-            ref, encoder, tokenizer, fingerprint, manifest.pooling, manifest.max_length, heads
+            ref, encoder, tokenizer, fingerprint, manifest.pooling, manifest.max_length, heads,
+            overhead,
         )
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -163,6 +177,7 @@ class Encoder:
             "largest_batch": batches["largest_batch"],
             "batch_sizes": batches["batch_sizes"],
             "pass_sizes": list(self.passes[-100:]),
+            "pass_overhead_tokens": self.state.pass_overhead,
             "fingerprint": self.state.fingerprint,
             "model": self.state.ref,
             "failures_in_a_row": self.health.failures,
@@ -213,12 +228,13 @@ class Encoder:
         """All calls of a batch with one model version, in one worker thread."""
         state = self.state
         items = [item for call in calls for item in call.items]
-        passes: list[tuple[int, dict[str, float]]] = []  # (inputs, stage seconds) per pass
+        passes: _Passes = []
         try:
             encoded = await asyncio.to_thread(self._watched_forward, state, items, passes)
         finally:
-            for size, seconds in passes:
-                self.metrics.passes.observe(size)
+            for sizes, seconds in passes:
+                for size in sizes:
+                    self.metrics.passes.observe(size)
                 self.metrics.stages(seconds)
         out, start = [], 0
         for call in calls:
@@ -227,51 +243,53 @@ class Encoder:
         return out
 
     def _watched_forward(
-        self, state: _EncoderState, items: list[_Item], passes: list[tuple[int, dict[str, float]]]
+        self, state: _EncoderState, items: list[_Item], passes: _Passes
     ) -> list[Any]:
         with self.health.watch(not_ours=(InputRejected,)):
             return self._forward(state, items, passes)
 
     def _forward(
-        self, state: _EncoderState, items: list[_Item], passes: list[tuple[int, dict[str, float]]]
+        self, state: _EncoderState, items: list[_Item], passes: _Passes
     ) -> list[Any]:
-        """Singles and pairs apart, each length-sorted and cut into passes padded to their own
-        longest input (what the in-process limit does); `passes` gets each pass's size and
-        stage seconds (recorded by the caller, on the replica's event loop)."""
+        """Singles and pairs apart, each tokenized once and forwarded in passes `plan_passes`
+        cuts (padding weighed against the pass cost this replica measured); `passes` gets each
+        view's pass sizes and stage seconds (recorded by the caller, on the replica's event loop)."""
         from polytask.model.inference import encode_batch
 
         results: list[Any] = [None] * len(items)
         for pair_view in (False, True):
             idx = [i for i, it in enumerate(items) if (it.pair is not None) == pair_view]
-            idx.sort(key=lambda i: len(items[i].text) + len(items[i].pair or ""))
-            for start in range(0, len(idx), self.max_batch_size):
-                chunk = idx[start : start + self.max_batch_size]
-                self.passes.append(len(chunk))
-                del self.passes[:-1000]
-                seconds: dict[str, float] = {}
-                try:
-                    encoded = encode_batch(
-                        state.encoder,
-                        state.tokenizer,
-                        [items[i].text for i in chunk],
-                        [items[i].pair or "" for i in chunk] if pair_view else None,
-                        max_length=state.max_length,
-                        pooling=state.pooling,
-                        need_pooled=any(items[i].need_pooled for i in chunk),
-                        need_tokens=any(items[i].need_tokens for i in chunk),
-                        device=self.device,
-                        timings=seconds,
-                    )
-                    passes.append((len(chunk), seconds))
-                except Exception:
-                    _blame_input(state, items, chunk)
-                    raise
-                for i, enc in zip(chunk, encoded):
-                    if not items[i].need_pooled:
-                        enc.pooled = None
-                    if not items[i].need_tokens:
-                        enc.tokens = enc.word_ids = enc.word_spans = None
-                    results[i] = enc
+            if not idx:
+                continue
+            seconds: dict[str, float] = {}
+            sizes: list[int] = []
+            try:
+                encoded = encode_batch(
+                    state.encoder,
+                    state.tokenizer,
+                    [items[i].text for i in idx],
+                    [items[i].pair or "" for i in idx] if pair_view else None,
+                    max_length=state.max_length,
+                    pooling=state.pooling,
+                    need_pooled=any(items[i].need_pooled for i in idx),
+                    need_tokens=any(items[i].need_tokens for i in idx),
+                    device=self.device,
+                    max_pass_inputs=self.max_batch_size,
+                    overhead_tokens=state.pass_overhead,
+                    timings=seconds,
+                    pass_sizes=sizes,
+                )
+            except Exception:
+                _blame_input(state, items, idx)
+                raise
+            self.passes = (self.passes + sizes)[-1000:]
+            passes.append((sizes, seconds))
+            for i, enc in zip(idx, encoded):
+                if not items[i].need_pooled:
+                    enc.pooled = None
+                if not items[i].need_tokens:
+                    enc.tokens = enc.word_ids = enc.word_spans = None
+                results[i] = enc
         return results
 
 

@@ -26,11 +26,11 @@ METRICS = {
     "polytask_request_latency_s": "end-to-end seconds in the Ingress of answered (200) requests, "
     "by task",
     "polytask_stage_latency_s": "seconds per stage: ingress_queue, encoder_queue and decoder_queue "
-    "(micro-batcher wait, per request), tokenize and encoder_forward (per pass), head (per head "
-    "call; head_<task> for a head placed with_encoder)",
+    "(micro-batcher wait, per request), tokenize and encoder_forward (per Encoder batch and text "
+    "view), head (per head call; head_<task> for a head placed with_encoder)",
     "polytask_batch_inputs": "inputs per micro-batch, by batcher (ingress, encoder, decoder)",
     "polytask_encoder_pass_inputs": "inputs per encoder forward pass (after length-sorting and "
-    "cutting at max_batch_size)",
+    "cutting where padding costs more than a pass)",
     "polytask_failures_in_a_row": "gauge: failed calls in a row no input explains, per replica "
     "(3 makes check_health fail)",
     "polytask_generated_tokens": "new tokens a generation head decoded (EOS excluded; greedy tasks), "

@@ -90,6 +90,14 @@ class ServeArgs(BaseModel):
     max_batch_size: int = Field(
         32, ge=1, le=4096, description="Inputs per encoder forward pass (length-sorted)."
     )
+    pass_overhead_tokens: float | None = Field(
+        None,
+        ge=0,
+        description="A forward pass's fixed cost in padded tokens: the Encoder cuts a "
+        "length-sorted batch into another pass where padding would cost more. Unset: each "
+        "Encoder replica measures it when it loads the weights (tens of tokens on a CPU core; "
+        "so large on a GPU that passes stay max_batch_size).",
+    )
     batch_wait_timeout_s: float = Field(
         0.005,
         ge=0,

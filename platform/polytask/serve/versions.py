@@ -42,6 +42,7 @@ def encoder_version(
     device: str,
     max_batch_size: int,
     batch_wait_s: float,
+    pass_overhead_tokens: float | None = None,
     heads: tuple[str, ...] = (),
 ) -> str:
     """Same encoder weights and settings ⇒ same version, whichever model version carries them;
@@ -57,6 +58,7 @@ def encoder_version(
             "device": device,
             "max_batch_size": max_batch_size,
             "batch_wait_s": batch_wait_s,
+            "pass_overhead_tokens": pass_overhead_tokens,
             **({"heads": list(heads)} if heads else {}),
         },
     )
