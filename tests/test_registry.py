@@ -227,7 +227,8 @@ def test_concurrent_promotions_leave_the_best_as_champion(store, tmp_path):
     import random
     import threading
 
-    from polytask.tracking.registry import LOCK_SUFFIX, settle_champion
+    from polytask.tracking.lock import LOCK_SUFFIX
+    from polytask.tracking.registry import settle_champion
 
     name = "reg-race"
     c = client()
@@ -261,15 +262,16 @@ def test_concurrent_promotions_leave_the_best_as_champion(store, tmp_path):
 
 
 def test_a_lock_left_by_a_dead_writer_is_broken(store, tmp_path, monkeypatch):
+    from polytask.tracking import lock as locks
     from polytask.tracking import registry
 
     c = client()
     name = "reg-stale"
     version = _version(c, name, tmp_path, 0.5)
-    c.create_registered_model(f"{name}{registry.LOCK_SUFFIX}")  # its writer died holding it
-    monkeypatch.setattr(registry, "LOCK_LEASE_S", 0.0)
+    c.create_registered_model(f"{name}{locks.LOCK_SUFFIX}")  # its writer died holding it
+    monkeypatch.setattr(locks, "LOCK_LEASE_S", 0.0)
     assert registry.settle_champion(c, name, version, "if_better")[0] is True
-    assert [r["name"] for r in list_versions(None)].count(f"{name}{registry.LOCK_SUFFIX}") == 0
+    assert [r["name"] for r in list_versions(None)].count(f"{name}{locks.LOCK_SUFFIX}") == 0
 
 
 class SlowRegistry:
@@ -299,14 +301,14 @@ def test_two_writers_on_a_slow_registry_hold_the_lock_one_at_a_time(store, monke
     import threading
     import time
 
-    from polytask.tracking import registry
+    from polytask.tracking import lock as locks
 
-    monkeypatch.setattr(registry, "LOCK_LEASE_S", 1.0)
+    monkeypatch.setattr(locks, "LOCK_LEASE_S", 1.0)
     name, holding, most, held_by = "reg-lease", [0], [0], []
     guard = threading.Lock()
 
     def writer(i: int) -> None:
-        with registry.promotion_lock(SlowRegistry(client(), 0.05), name, timeout_s=20):
+        with locks.promotion_lock(SlowRegistry(client(), 0.05), name, timeout_s=20):
             with guard:
                 holding[0] += 1
                 most[0] = max(most[0], holding[0])
@@ -321,23 +323,23 @@ def test_two_writers_on_a_slow_registry_hold_the_lock_one_at_a_time(store, monke
     for t in threads:
         t.join(timeout=60)
     assert sorted(held_by) == [0, 1] and most[0] == 1
-    assert not client().search_registered_models(f"name = '{name}{registry.LOCK_SUFFIX}'")
+    assert not client().search_registered_models(f"name = '{name}{locks.LOCK_SUFFIX}'")
 
 
 def test_release_leaves_another_writers_lock_alone(store):
     import time
 
-    from polytask.tracking import registry
+    from polytask.tracking import lock as locks
     from polytask.tracking.tags import LOCK_LEASE_TAG, LOCK_OWNER_TAG
 
     c, name = client(), "reg-owner"
-    lock = f"{name}{registry.LOCK_SUFFIX}"
-    with registry.promotion_lock(c, name) as lease:
+    lock = f"{name}{locks.LOCK_SUFFIX}"
+    with locks.promotion_lock(c, name) as lease:
         lease.check()  # held: no error
         c.delete_registered_model(lock)  # broken meanwhile, and taken by another writer
         other = {LOCK_OWNER_TAG: "pid 7 on elsewhere", LOCK_LEASE_TAG: repr(time.time() + 60)}
         c.create_registered_model(lock, tags=other)
-        with pytest.raises(registry.PromotionLockLost, match="pid 7 on elsewhere"):
+        with pytest.raises(locks.PromotionLockLost, match="pid 7 on elsewhere"):
             lease.check()  # so the alias is not moved
     assert c.get_registered_model(lock).tags[LOCK_OWNER_TAG] == "pid 7 on elsewhere"
     c.delete_registered_model(lock)
@@ -346,14 +348,15 @@ def test_release_leaves_another_writers_lock_alone(store):
 def test_a_writer_that_gives_up_waiting_says_so_in_the_promotion_tag(store, tmp_path, monkeypatch):
     import time
 
+    from polytask.tracking import lock as locks
     from polytask.tracking import registry
     from polytask.tracking.tags import LOCK_LEASE_TAG, LOCK_OWNER_TAG
 
     c, name = client(), "reg-waiter"
     version = _version(c, name, tmp_path, 0.5)
     held = {LOCK_OWNER_TAG: "pid 9 on busy-host", LOCK_LEASE_TAG: repr(time.time() + 60)}
-    c.create_registered_model(f"{name}{registry.LOCK_SUFFIX}", tags=held)
-    monkeypatch.setattr(registry, "LOCK_WAIT_S", 0.3)
+    c.create_registered_model(f"{name}{locks.LOCK_SUFFIX}", tags=held)
+    monkeypatch.setattr(locks, "LOCK_WAIT_S", 0.3)
     won, reason = registry.settle_champion(c, name, version, "if_better")
     assert won is False and _champion(c, name) is None
     tag = c.get_model_version(name, version).tags[registry.PROMOTION_TAG]
