@@ -132,12 +132,11 @@ def encode_batch(
         for row, i in enumerate(chunk):
             if need_pooled:
                 out[i].pooled = pooled[row]
-            if states is not None:
-                n = lengths[i]
-                word_ids = enc.word_ids(i)[:n]
-                out[i].tokens = states[row, :n]
+            if states is not None:  # unpadded tokenization: word ids and offsets are input i's
+                word_ids = enc.word_ids(i)
+                out[i].tokens = states[row, : lengths[i]]
                 out[i].word_ids = word_ids
-                out[i].word_spans = _word_spans(word_ids, offsets[i][:n])
+                out[i].word_spans = _word_spans(word_ids, offsets[i])
         if pass_sizes is not None:
             pass_sizes.append(len(chunk))
     if timings is not None:
