@@ -431,6 +431,69 @@ def test_downloads_killed_halfway_leave_no_partial_behind(trained_bundle, run_id
     assert not busy.exists()
 
 
+def test_the_digest_checked_comes_from_the_registry_and_is_hashed_once_per_node(
+    trained_bundle, run_id, monkeypatch, tmp_path
+):
+    """Weights swapped in the shared cache together with anything stored inside the entry are
+    still caught (the expected digest is the version's tag); a node hashes an unchanged entry
+    once, and a new node (its own marker folder) hashes it again."""
+    import json
+
+    from polytask.tracking import integrity, registry
+    from polytask.tracking.tags import BUNDLE_DIGEST_TAG
+
+    register_bundle(trained_bundle, "reg-digest", run_id, objective=0.5)
+    tag = client().get_model_version("reg-digest", "1").tags[BUNDLE_DIGEST_TAG]
+    assert tag == integrity.bundle_digest(trained_bundle)
+    monkeypatch.setenv("POLYTASK_NODE_DIR", str(tmp_path / "node-a"))
+    bundle = resolve_bundle("models:/reg-digest/1")
+    hashed: list = []
+    real = registry.bundle_digest
+    monkeypatch.setattr(registry, "bundle_digest", lambda f: hashed.append(f) or real(f))
+    assert resolve_bundle("models:/reg-digest/1") == bundle and hashed == []  # marker, no hash
+    monkeypatch.setenv("POLYTASK_NODE_DIR", str(tmp_path / "node-b"))
+    assert resolve_bundle("models:/reg-digest/1") == bundle and len(hashed) == 1
+    assert resolve_bundle("models:/reg-digest/1") == bundle and len(hashed) == 1
+
+    weights = next(bundle.rglob("*.safetensors"))
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-64] + b"\1" * 64)  # a RayJob swaps the weights and the record
+    entry = next(p for p in bundle.parents if (p / registry.CACHE_DIGEST_FILE).is_file())
+    record = json.loads((entry / registry.CACHE_DIGEST_FILE).read_text())
+    (entry / registry.CACHE_DIGEST_FILE).write_text(json.dumps({**record, "sha256": "forged"}))
+    assert resolve_bundle("models:/reg-digest/1") == bundle
+    assert weights.read_bytes() == good  # downloaded again: it failed the registry's digest
+
+
+def test_a_download_that_differs_from_the_registry_digest_is_refused(trained_bundle, run_id):
+    from polytask.tracking.tags import BUNDLE_DIGEST_TAG
+
+    register_bundle(trained_bundle, "reg-forged", run_id, objective=0.5)
+    c = client()
+    c.set_model_version_tag("reg-forged", "1", BUNDLE_DIGEST_TAG, "0" * 64)
+    with pytest.raises(ValueError, match=f"registry says {'0' * 64}"):
+        resolve_bundle("models:/reg-forged/1")
+
+
+def test_a_cache_lock_wait_is_bounded_and_names_the_lock(trained_bundle, run_id, monkeypatch):
+    import fcntl
+    import hashlib
+
+    from polytask.config import default_home
+    from polytask.tracking.integrity import CacheLockTimeout
+
+    register_bundle(trained_bundle, "reg-hung", run_id, objective=0.5)
+    root = default_home() / "models" / hashlib.sha256(tracking_uri().encode()).hexdigest()[:16]
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / "models__reg-hung_1.lock"
+    monkeypatch.setenv("POLYTASK_CACHE_LOCK_WAIT_S", "0.3")
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a download hung while holding it
+        with pytest.raises(CacheLockTimeout, match=f"{lock}.*delete {lock}"):
+            resolve_bundle("models:/reg-hung/1")
+    assert resolve_bundle("models:/reg-hung/1").is_dir()
+
+
 @pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
 def test_a_bundle_path_leading_out_of_the_model_is_refused(tmp_path, trained_bundle, how):
     """An MLmodel (or a link in the download) must not make a replica load files from outside
