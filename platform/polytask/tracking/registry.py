@@ -23,7 +23,7 @@ from polytask.tracking.integrity import (
     node_verified,
     registry_digest,
 )
-from polytask.tracking.lock import LOCK_SUFFIX, PromotionLockTimeout, promotion_lock
+from polytask.tracking.lock import PromotionLockTimeout, is_lock_name, promotion_lock
 from polytask.tracking.tags import (
     BASE_VERSION_TAG,
     BUNDLE_DIGEST_TAG,
@@ -342,7 +342,7 @@ def list_versions(name: str | None = None) -> list[dict[str, Any]]:
     if name is None:
         rows = []
         for rm in c.search_registered_models():
-            if rm.name.endswith(LOCK_SUFFIX):
+            if is_lock_name(rm.name):
                 continue
             versions = c.search_model_versions(f"name = '{_quote(rm.name)}'")
             rows.append(
