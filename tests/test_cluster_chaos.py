@@ -39,3 +39,15 @@ def test_gcs_sigkilled_and_restarted_on_redis_keeps_the_app_its_replicas_and_cac
     assert got["replicas_unchanged"] and got["cache_untouched"], got
     assert got["model_before"] == got["model_after"] == "models:/chaos/1"
     assert got["app_status_after"].endswith("RUNNING")
+
+
+def test_a_worker_node_lost_under_load_costs_only_requests_sent_to_it(tmp_path):
+    """Removing a worker node fails only requests sent before Ray noticed the node was gone
+    (in flight on it, or routed to its replicas meanwhile), never one after the replicas are
+    back; the replicas return on the node that is left and it keeps serving."""
+    got = _run("node_loss.py", tmp_path / "node.json", "--clients", "8", "--settle", "20")
+    phases = got["phases"]
+    assert phases["before"]["failed"] == 0 and phases["after"]["failed"] == 0, phases
+    assert got["failed"] <= got["started_before_noticed"], got
+    assert got["replicas_back_s"] >= got["node_death_noticed_s"] > 0
+    assert got["encoder_nodes_after"] == 1 and got["requests_per_s_after"] > 0

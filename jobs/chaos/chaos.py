@@ -117,13 +117,19 @@ def register_tiny_model(root: Path) -> tuple[str, str]:
     return store, f"models:/{MODEL}/{version}"
 
 
-def deploy(model: str, http_port: int, replicas: int = 1, encoder_cpus: float = 0.5) -> str:
-    """The polytask app on the connected cluster; returns its base URL."""
+def deploy(
+    model: str, http_port: int, replicas: int = 1, encoder_cpus: float = 0.5,
+    proxy_location: str = "EveryNode",
+) -> str:
+    """The polytask app on the connected cluster; returns its base URL. Nodes of one local
+    cluster share 127.0.0.1, so a multi-node one runs its HTTP proxy on the head only."""
     from ray import serve
 
     from polytask.serve.app import compose
 
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    serve.start(
+        proxy_location=proxy_location, http_options={"host": "127.0.0.1", "port": http_port}
+    )
     quick = {"num_replicas": replicas, "graceful_shutdown_wait_loop_s": 0.1}
     small = {**quick, "ray_actor_options": {"num_cpus": 0.1}}
     options = {name: small for name in ("Ingress", "head_sentiment", "head_ner")}
@@ -135,12 +141,12 @@ def deploy(model: str, http_port: int, replicas: int = 1, encoder_cpus: float = 
 DEPLOYMENTS = ("Ingress", "Encoder", "head_sentiment", "head_ner")
 
 
-def stats(deployment: str) -> dict[str, Any]:
+def stats(deployment: str, timeout_s: float = 60) -> dict[str, Any]:
     """A deployment's `stats` (one replica answers): its actor id, pid, model reference."""
     from ray import serve
 
     handle = serve.get_deployment_handle(deployment, "polytask")
-    return handle.stats.remote().result(timeout_s=60)
+    return handle.stats.remote().result(timeout_s=timeout_s)
 
 
 def identities() -> dict[str, dict[str, Any]]:
@@ -151,6 +157,16 @@ def identities() -> dict[str, dict[str, Any]]:
         out[name] = {"actor_id": got.get("actor_id"), "pid": got.get("pid")}
         if "model" in got:
             out[name]["model"] = got["model"]
+    return out
+
+
+def running_replicas(app: str = "polytask") -> dict[str, int]:
+    """Each deployment's RUNNING replica count, from the Serve controller."""
+    from ray import serve
+
+    out = {}
+    for name, d in serve.status().applications[app].deployments.items():
+        out[name] = sum(n for state, n in d.replica_states.items() if str(state).endswith("RUNNING"))
     return out
 
 
