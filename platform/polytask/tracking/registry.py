@@ -226,8 +226,12 @@ def create_version(name: str, model_uri: str, run_id: str, tags: dict[str, str],
     digest = registry_digest(c, model_uri)
     if digest is not None:
         tags = {**tags, BUNDLE_DIGEST_TAG: digest}
+    # A tracking server wants the logged model's id beside a `models:/m-…` source.
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     with use_tracking_uri(uri):
-        return c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags)
+        return c.create_model_version(
+            name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id
+        )
 
 
 def settle_champion(
