@@ -135,9 +135,7 @@ def _placements(served: _Served, tasks: list[str]) -> tuple[list[str], tuple[str
         raise ServeArgsError(
             f"head_placement: {', '.join(unknown)} not served; served tasks: {', '.join(tasks)}"
         )
-    from polytask.serve.validation import is_generation
-
-    decoders = {s.name for s in served.manifest.tasks if is_generation(s)}
+    decoders = {s.name for s in served.manifest.tasks if s.is_generation}
     named = sorted(t for t in decoders if served.args.head_placement.get(t) == "with_encoder")
     if named:
         raise ServeArgsError(
@@ -203,10 +201,8 @@ def _head(served: _Served, task: str, override: dict[str, Any]) -> Application:
     task, `args.generation_head_options`, then its override. A generation head is a `Decoder`:
     it holds streams open and gathers calls into decodes, so it takes more requests at once, and
     decodes on cuda when its options give it a GPU."""
-    from polytask.serve.validation import is_generation
-
     spec = next(s for s in served.manifest.tasks if s.name == task)
-    generation = is_generation(spec)
+    generation = spec.is_generation
     defaults = {
         **served.common,
         "name": f"head_{task}",

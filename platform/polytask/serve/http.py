@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from polytask.errors import describe_errors
+from polytask.model.plan import request_tasks
 from polytask.serve.schemas import (
     ErrorResponse,
     PredictRequest,
@@ -38,8 +39,6 @@ from polytask.serve.validation import (
     APIError,
     InputRejected,
     decode_lengths,
-    default_tasks,
-    is_generation,
     prepare_inputs,
 )
 from polytask.tasks import TaskSpec
@@ -427,9 +426,7 @@ def create_api(ingress: IngressBackend) -> FastAPI:
     )
     async def predict(request: Request, body: PredictRequest) -> JSONResponse:
         """Run the requested tasks (default: all) on every input."""
-        tasks = (
-            list(dict.fromkeys(body.tasks)) if body.tasks else default_tasks(ingress.specs, body.inputs)
-        )
+        tasks = request_tasks(ingress.specs, body.inputs, body.tasks)
         results, model = await run(request, body, tasks)
         return JSONResponse({"results": results, "model": model})
 
@@ -462,7 +459,7 @@ def create_api(ingress: IngressBackend) -> FastAPI:
             record.tasks, record.inputs = [task], 1
         (item,) = prepare_inputs(ingress.specs, ingress.args, [body.input], [task])
         spec = ingress.specs[task]
-        if not is_generation(spec):
+        if not spec.is_generation:
             raise APIError(
                 422,
                 "not_generation",
