@@ -6,7 +6,7 @@ polytask serve MODEL --config serve_configs/local.yaml
 """
 
 from polytask.serve.app import build_app, compose, load_serve_config, run_server
-from polytask.serve.schemas import ServeArgs, ServeArgsError, parse_args
+from polytask.serve.args import ServeArgs, ServeArgsError, parse_args
 
 __all__ = [
     "ServeArgs",

@@ -17,9 +17,9 @@ from ray import serve
 from ray.serve import Application
 
 from polytask.model.manifest import Manifest
+from polytask.serve.args import ServeArgs, ServeArgsError, parse_args
 from polytask.serve.levers import DEFAULT_LEVERS, LeverError, apply_levers, require_levers
 from polytask.serve.refs import local_bundle, served_ref
-from polytask.serve.schemas import ServeArgs, ServeArgsError, parse_args
 from polytask.serve.versions import encoder_version, head_version
 
 APP_NAME = "polytask"

@@ -25,11 +25,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from polytask.errors import describe_errors
 from polytask.model.plan import request_tasks
+from polytask.serve.args import ServeArgs
 from polytask.serve.schemas import (
     ErrorResponse,
     PredictRequest,
     PredictResponse,
-    ServeArgs,
     StreamRequest,
     TaskPredictRequest,
     TaskPredictResponse,

@@ -25,6 +25,7 @@ from ray.serve.handle import DeploymentHandle
 
 from polytask.model.manifest import Manifest, read_manifest  # not bundle: no torch here
 from polytask.model.plan import plan_requests
+from polytask.serve.args import ServeArgs
 from polytask.serve.batching import MicroBatcher
 from polytask.serve.colocated import colocated_answer
 from polytask.serve.health import Health, stuck_after
@@ -32,7 +33,6 @@ from polytask.serve.levers import active_levers, require_levers
 from polytask.serve.metrics import ServeMetrics
 from polytask.serve.refs import local_bundle, model_from_config, pin_model_uri
 from polytask.serve.replica import replica_identity
-from polytask.serve.schemas import ServeArgs
 from polytask.serve.validation import APIError
 
 # A request whose replica died is sent once more after a random pause of up to this (spreading

@@ -16,7 +16,7 @@ from pathlib import Path
 from ray import serve
 
 from polytask.serve.app import APP_NAME, app_from_config, compose, logging_options
-from polytask.serve.schemas import ServeArgsError, parse_args
+from polytask.serve.args import ServeArgsError, parse_args
 
 
 @dataclass

@@ -14,7 +14,8 @@ import re
 import unicodedata
 
 from polytask.model.inputs import split_input
-from polytask.serve.schemas import PairInput, ServeArgs
+from polytask.serve.args import ServeArgs
+from polytask.serve.schemas import PairInput
 from polytask.tasks import TaskSpec
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
