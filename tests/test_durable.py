@@ -26,7 +26,7 @@ HELD = "holding pid"
 
 
 def _start_held(cmd: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, list[str]]:
-    """Start `cmd`, wait (up to 240 s) until it prints that it is held, return it and its lines."""
+    """Start `cmd`, wait (up to 600 s) until it prints that it is held, return it and its lines."""
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
@@ -41,7 +41,7 @@ def _start_held(cmd: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, 
                 held.set()
 
     threading.Thread(target=read, daemon=True).start()
-    if not held.wait(240):
+    if not held.wait(600):  # a loaded machine takes minutes to start Ray and load the model
         proc.kill()
         pytest.fail("the writer never reached its hold point:\n" + "".join(lines)[-4000:])
     return proc, lines
@@ -93,7 +93,7 @@ def test_killed_predict_leaves_the_previous_output_and_the_next_run_sweeps_its_p
     env = _env(RAY_ADDRESS=ray_cluster.address)
 
     def run_to_end() -> None:
-        done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     def read_out() -> list:
@@ -116,7 +116,7 @@ def test_killed_predict_leaves_the_previous_output_and_the_next_run_sweeps_its_p
 
     # A run that fails (its input gone) never touches the output either.
     moved = src.rename(tmp_path / "away.jsonl")
-    failed = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
+    failed = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900)
     assert failed.returncode != 0 and out.read_bytes() == good
     moved.rename(src)
 
@@ -173,7 +173,7 @@ def test_killed_bundle_save_leaves_a_complete_bundle_or_a_recoverable_one(
         assert read_manifest(path).to_dict() == before
     load_bundle(path)
     done = subprocess.run([sys.executable, "-c", SAVE, str(path), "none"], check=False, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
     assert read_manifest(path).source == "v2"
