@@ -146,3 +146,41 @@ def test_position_limits_by_decoder_kind() -> None:
     assert position_limit(_new_head().decoder) == 63
     assert position_limit(_bart_head().decoder) == 63
     assert position_limit(_t5_head().decoder) is None  # relative positions
+
+
+def test_the_step_loop_hands_tokens_to_asyncio_and_stops_cancelled_rows() -> None:
+    import asyncio
+
+    from polytask.serve.decode_loop import DecodeLoop, Waiter
+
+    head = _new_head()
+    states, caps = _inputs(6)
+    want = _static(head, states, caps)
+    loop_thread = DecodeLoop(max_rows=2, threads=1)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        waiters = [Waiter(loop, stream=True) for _ in states]
+        rows = [Row(s, c, on_token=w.on_token, on_done=w.on_done) for s, c, w in zip(states, caps, waiters)]
+        long = Row(states[0], 60, least=60, on_done=Waiter(loop, False).on_done)
+        for row in rows:
+            loop_thread.submit(head, row)
+        ended = await asyncio.gather(*(w.done for w in waiters))
+        assert [ids for ids, _ in ended] == want
+        streamed = [waiters[0].tokens.get_nowait() for _ in range(waiters[0].tokens.qsize())]
+        assert streamed == want[0]
+        assert loop_thread.snapshot()["rows_per_step"] <= 2  # the row limit held
+        loop_thread.submit(head, long)
+        await asyncio.sleep(0.05)
+        long.cancelled = True
+        began = time.monotonic()
+        while loop_thread.in_flight and time.monotonic() - began < 1:
+            await asyncio.sleep(0.01)
+        assert loop_thread.in_flight == 0 and long.produced < 60
+
+    import time
+
+    try:
+        asyncio.run(run())
+    finally:
+        loop_thread.stop()

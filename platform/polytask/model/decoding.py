@@ -52,6 +52,7 @@ class Row:
     history: list[int] = field(default_factory=list)  # every token fed (n-gram blocking reads it)
     generator: torch.Generator | None = None
     admitted_at: float | None = None
+    error: BaseException | None = None  # why it "failed" (its input could not be decoded)
 
     @property
     def reserve(self) -> int:
@@ -128,6 +129,12 @@ class StepBatch:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def close(self) -> None:
+        """Take the position hook off the head (the batch is done with it)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     @property
     def cached_tokens(self) -> int:
@@ -279,7 +286,7 @@ class StepBatch:
             if token != self.rules.pad:
                 row.ids.append(token)
             ended = "cap" if row.produced >= row.cap else None
-            out.append((row, token, ended))
+            out.append((row, None if token == self.rules.pad else token, ended))
             if ended is None:
                 keep.append(i)
         self.pick_s += time.perf_counter() - began
@@ -425,4 +432,5 @@ def decode_rows(head: Any, rows: list[Row], max_rows: int = 64) -> list[list[int
         for row, _, ended in events:
             if ended is not None:
                 done[id(row)] = list(row.ids)
+    batch.close()
     return [done[id(row)] for row in rows]
