@@ -184,3 +184,25 @@ def test_the_step_loop_hands_tokens_to_asyncio_and_stops_cancelled_rows() -> Non
         asyncio.run(run())
     finally:
         loop_thread.stop()
+
+
+def test_a_task_asking_more_tokens_than_its_decoder_has_positions_is_refused_naming_the_key() -> None:
+    from polytask.config import ConfigError
+    from polytask.model.decoding import check_position_limits
+    from polytask.tasks import GenerationSpec, TaskSpec
+
+    specs = [
+        TaskSpec("sentiment", "classification", ["neg", "pos"]),
+        TaskSpec("summary", "generation", [], generation=GenerationSpec(max_new_tokens=100)),
+        TaskSpec("title", "generation", [], generation=GenerationSpec(max_new_tokens=100)),
+    ]
+    heads = {"summary": _bart_head(), "title": _t5_head()}  # T5: relative positions, no limit
+    with pytest.raises(ConfigError) as caught:
+        check_position_limits(specs, heads)
+    (problem,) = caught.value.problems
+    assert problem == (
+        "tasks[1].generation.max_new_tokens: 100 is over the 63 new tokens task 'summary's "
+        "decoder has positions for (max_position_embeddings 64); set it to at most 63"
+    )
+    fits = TaskSpec("summary", "generation", [], generation=GenerationSpec(max_new_tokens=63))
+    check_position_limits([specs[0], fits], heads)

@@ -95,13 +95,30 @@ class Rules:
 
 
 def position_limit(decoder: Any) -> int | None:
-    """Most new tokens a decoder can produce (its learned/sinusoidal position table less the
-    start token), or None for relative-position decoders (T5), which have no such limit."""
+    """Most new tokens `decoder` can produce (see `model.positions.position_limit`)."""
+    from polytask.model.positions import position_limit as of_config
+
     config = getattr(decoder, "config", None)
-    if config is None or getattr(config, "model_type", "") in {"t5", "mt5", "umt5", "longt5"}:
-        return None
-    most = getattr(config, "max_position_embeddings", None)
-    return None if most is None else int(most) - 1
+    return None if config is None else of_config(config)
+
+
+def check_position_limits(specs: Sequence[Any], heads: dict[str, Any]) -> None:
+    """Refuse (ConfigError naming `tasks[i].generation.max_new_tokens`) a task that asks for
+    more new tokens than its decoder has positions for; `specs` in the config's task order."""
+    from polytask.config import ConfigError
+
+    problems = []
+    for i, spec in enumerate(specs):
+        head = heads.get(spec.name)
+        limit = position_limit(head.decoder) if head is not None else None
+        if limit is not None and spec.generation.max_new_tokens > limit:
+            problems.append(
+                f"tasks[{i}].generation.max_new_tokens: {spec.generation.max_new_tokens} is over "
+                f"the {limit} new tokens task '{spec.name}'s decoder has positions for "
+                f"(max_position_embeddings {limit + 1}); set it to at most {limit}"
+            )
+    if problems:
+        raise ConfigError(problems)
 
 
 class StepBatch:

@@ -224,7 +224,8 @@ def _head(served: _Served, task: str, override: dict[str, Any]) -> Application:
         from polytask.serve.head import Head as deployment
     options = _merge(options, override)
     gpus = (options.get("ray_actor_options") or {}).get("num_gpus") or 0
-    init = (served.args.decode_wait_s,) if generation else ()
+    decoding = served.args.generation_head_options.decoding()
+    init = (served.args.decode_wait_s, decoding) if generation else ()
     return (
         deployment.options(**options)
         .options(version=head_version(served.bundle, task), _internal=True)
