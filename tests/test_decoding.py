@@ -206,3 +206,20 @@ def test_a_task_asking_more_tokens_than_its_decoder_has_positions_is_refused_nam
     )
     fits = TaskSpec("summary", "generation", [], generation=GenerationSpec(max_new_tokens=63))
     check_position_limits([specs[0], fits], heads)
+
+
+def test_beam_search_stops_when_its_caller_is_cancelled() -> None:
+    head = _t5_head()
+    states, _ = _inputs(2)
+    padded = torch.stack([s[:3] for s in states])
+    mask = torch.ones(2, 3, dtype=torch.long)
+    steps = []
+
+    def stop() -> bool:
+        steps.append(1)
+        return len(steps) >= 3
+
+    out = generate(head, padded, mask, max_new_tokens=40, min_new_tokens=40, num_beams=3, stop=stop)
+    assert len(steps) == 3 and all(len(ids) <= 3 for ids in out)
+    full = generate(head, padded, mask, max_new_tokens=40, min_new_tokens=40, num_beams=3)
+    assert all(len(ids) == 40 for ids in full)

@@ -72,21 +72,28 @@ def test_one_request_answers_a_label_and_text_equal_to_the_predictor(app, genera
     assert _stats("Encoder")["calls"] == encoder_calls + 1  # one Encoder pass for both tasks
 
 
-def test_requests_during_a_decode_join_the_next_batch(app):
-    """Each request decodes 60 tokens; those sent while one decodes go together in the next."""
+def test_rows_decode_together_and_a_short_answer_leaves_before_long_ones(app):
+    """Eight 60-token requests decode as rows of one step loop; a 2-token request sent while
+    they decode joins at the next step and answers long before them."""
     body = {"inputs": ["bob met carol in oslo"], "max_new_tokens": 60, "min_new_tokens": 60}
+    short = {"inputs": ["oslo"], "max_new_tokens": 2, "min_new_tokens": 2}
     before = _stats("head_entities")
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(
-            pool.map(lambda _: app.post("/v1/tasks/entities/predict", json=body), range(8))
-        )
-    assert [r.status_code for r in answers] == [200] * 8, answers[0].text
+    with ThreadPoolExecutor(9) as pool:
+        longs = [pool.submit(app.post, "/v1/tasks/entities/predict", json=body) for _ in range(8)]
+        time.sleep(0.5)
+        sent = time.monotonic()
+        quick = app.post("/v1/tasks/entities/predict", json=short)
+        quick_s = time.monotonic() - sent
+        answers = [f.result() for f in longs]
+        long_s = time.monotonic() - sent
+    assert quick.status_code == 200 and [r.status_code for r in answers] == [200] * 8, answers[0].text
     texts = {r.json()["results"][0]["text"] for r in answers}
-    assert len(texts) == 1  # the same input decodes the same in every batch
+    assert len(texts) == 1  # the same input decodes the same whatever rows it decodes beside
     after = _stats("head_entities")
-    assert after["batches"] - before["batches"] < 8
-    assert max(after["batch_sizes"][before["batches"] - after["batches"] :]) > 1
-    assert after["tokens"] - before["tokens"] <= 8 * 60
+    assert after["loop"]["admitted"] - before["loop"]["admitted"] == 9
+    assert after["tokens"] - before["tokens"] <= 8 * 60 + 2  # no row decoded past its end
+    assert after["loop"]["rows_per_step"] > 1
+    assert quick_s < long_s / 2, (quick_s, long_s)
 
 
 def test_the_stream_gives_the_tokens_of_the_plain_answer(app):
@@ -129,6 +136,21 @@ def test_a_client_that_disconnects_mid_stream_stops_the_decode(app):
     assert after["steps"] - before["steps"] < LIMIT, seen  # the decode stopped early
 
 
+def test_a_row_past_its_deadline_leaves_at_the_next_step(app):
+    from ray import serve
+
+    encoder = serve.get_deployment_handle("Encoder", "polytask")
+    head = serve.get_deployment_handle("head_entities", "polytask")
+    encoded = encoder.encode.remote(TEXTS[:1], None, False, True).result()
+    before = _stats("head_entities")
+    with pytest.raises(Exception, match="deadline"):
+        head.predict.remote(encoded, TEXTS[:1], None, LIMIT, LIMIT, None, 0.3).result()
+    after = _stats("head_entities")
+    assert after["in_flight"] == 0
+    assert after["loop"]["ended"]["deadline"] == before["loop"]["ended"].get("deadline", 0) + 1
+    assert after["tokens"] - before["tokens"] < LIMIT
+
+
 def test_max_new_tokens_over_the_limit_is_refused_naming_the_field(app):
     for path, body in [
         ("/v1/predict", {"inputs": ["a b c"], "max_new_tokens": LIMIT + 1}),
@@ -145,7 +167,7 @@ def test_max_new_tokens_over_the_limit_is_refused_naming_the_field(app):
 
 def test_a_bad_input_fails_alone(app):
     """Over HTTP, a refused text fails only its request; inside the head, an input whose states
-    cannot be decoded fails only its own call, not the decode batch it joined."""
+    cannot be decoded fails only its own call, not the rows decoding beside it."""
     import numpy as np
     from ray import serve
 
@@ -175,7 +197,7 @@ def test_a_bad_input_fails_alone(app):
     with pytest.raises(Exception, match="size|shape|dimension"):
         fails.result()
     assert len(busy.result()["answers"]) == 2
-    assert _stats("head_entities")["split_batches"] == before["split_batches"] + 1
+    assert _stats("head_entities")["loop"]["ended"]["failed"] == before["loop"]["ended"].get("failed", 0) + 1
 
 
 def test_generate_ends_single_rows_and_holds_the_minimum(generation_bundle):
