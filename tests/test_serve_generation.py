@@ -69,7 +69,9 @@ def test_one_request_answers_a_label_and_text_equal_to_the_predictor(app, genera
         assert got["sentiment"]["label"] == expected["sentiment"]["label"]
         assert got["entities"] == expected["entities"]  # {"text": ...}
         assert isinstance(got["entities"]["text"], str)
-    assert _stats("Encoder")["calls"] == encoder_calls + 1  # one Encoder pass for both tasks
+    # one Encoder call for the batched classification, one for the generation rows, which go
+    # straight to the Decoder (no classification request waits behind a decode)
+    assert _stats("Encoder")["calls"] == encoder_calls + 2
 
 
 def test_rows_decode_together_and_a_short_answer_leaves_before_long_ones(app):
@@ -151,6 +153,46 @@ def test_a_row_past_its_deadline_leaves_at_the_next_step(app):
     assert after["tokens"] - before["tokens"] < LIMIT
 
 
+def test_clients_that_hang_up_stop_their_rows_and_a_short_request_answers_fast(app):
+    """16 clients ask for long decodes on the predict route and hang up: Serve cancels their
+    requests, the Ingress its Decoder calls, and their rows leave at the next step."""
+    body = {"inputs": [TEXTS[2]], "max_new_tokens": LIMIT, "min_new_tokens": LIMIT}
+    before = _stats("head_entities")
+
+    def hang_up(_: int) -> None:
+        with pytest.raises(httpx.TimeoutException):
+            app.post("/v1/tasks/entities/predict", json=body, timeout=1.0)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(hang_up, range(16)))
+    gone = time.monotonic()
+    while _stats("head_entities")["in_flight"] and time.monotonic() - gone < 5:
+        time.sleep(0.05)
+    drained_s = time.monotonic() - gone
+    after = _stats("head_entities")
+    assert after["in_flight"] == 0 and drained_s < 1.0, (drained_s, after["loop"])
+    assert after["loop"]["ended"]["cancelled"] - before["loop"]["ended"].get("cancelled", 0) == 16
+    assert after["tokens"] - before["tokens"] < 16 * LIMIT / 2
+    sent = time.monotonic()
+    r = app.post("/v1/tasks/entities/predict", json={"inputs": ["oslo"], "max_new_tokens": 4})
+    assert r.status_code == 200 and time.monotonic() - sent < 1.0
+
+
+def test_a_classification_request_never_waits_for_a_decode(app):
+    long = {"inputs": [TEXTS[0]], "max_new_tokens": LIMIT, "min_new_tokens": LIMIT}
+    with ThreadPoolExecutor(4) as pool:
+        decoding = [pool.submit(app.post, "/v1/tasks/entities/predict", json=long) for _ in range(4)]
+        time.sleep(0.5)
+        sent = time.monotonic()
+        r = app.post("/v1/tasks/sentiment/predict", json={"inputs": TEXTS})
+        took = time.monotonic() - sent
+        still_decoding = _stats("head_entities")["in_flight"]
+        results = [f.result() for f in decoding]
+    assert r.status_code == 200 and still_decoding > 0, (took, still_decoding)
+    assert all(x.status_code == 200 for x in results)
+    assert took < 2.0, took
+
+
 def test_max_new_tokens_over_the_limit_is_refused_naming_the_field(app):
     for path, body in [
         ("/v1/predict", {"inputs": ["a b c"], "max_new_tokens": LIMIT + 1}),
@@ -223,3 +265,20 @@ def test_generate_ends_single_rows_and_holds_the_minimum(generation_bundle):
     assert len(ids[0]) <= 2 and head.eos_id not in seen[9][1:]
     with pytest.raises(ValueError, match="min_new_tokens"):
         generate(head, states, mask, max_new_tokens=4, min_new_tokens=5)
+
+
+def test_sampling_with_a_seed_draws_the_same_text(app):
+    body = {"inputs": [TEXTS[0]], "max_new_tokens": 12, "min_new_tokens": 12, "temperature": 1.5}
+    texts = [
+        app.post("/v1/tasks/entities/predict", json={**body, "seed": seed}).json()["results"][0]["text"]
+        for seed in (7, 7, 8)
+    ]
+    assert texts[0] == texts[1] and texts[0] != texts[2], texts
+
+
+def test_a_server_limit_over_the_decoders_positions_is_refused(generation_bundle):
+    from polytask.serve import compose
+    from polytask.serve.schemas import ServeArgsError
+
+    with pytest.raises(ServeArgsError, match=r"max_new_tokens: 600 is over the 511 new tokens task 'entities'"):
+        compose({"model": str(generation_bundle), "max_new_tokens": 600}, {})

@@ -207,6 +207,8 @@ def _head(served: _Served, task: str, override: dict[str, Any]) -> Application:
 
     spec = next(s for s in served.manifest.tasks if s.name == task)
     generation = is_generation(spec)
+    if generation:
+        _check_positions(served, task)
     defaults = {
         **served.common,
         "name": f"head_{task}",
@@ -231,6 +233,19 @@ def _head(served: _Served, task: str, override: dict[str, Any]) -> Application:
         .options(version=head_version(served.bundle, task), _internal=True)
         .bind(served.ref, task, "cuda" if gpus > 0 else "cpu", *init)
     )
+
+
+def _check_positions(served: _Served, task: str) -> None:
+    """The serve arg `max_new_tokens` must fit the task's decoder position table."""
+    from polytask.model.positions import bundle_position_limit
+
+    most = served.args.max_new_tokens
+    limit = bundle_position_limit(served.bundle, task) if most else None
+    if most and limit is not None and most > limit:
+        raise ServeArgsError(
+            f"max_new_tokens: {most} is over the {limit} new tokens task '{task}'s decoder has "
+            f"positions for; set it to at most {limit}"
+        )
 
 
 def _ingress(

@@ -37,6 +37,7 @@ from polytask.serve.schemas import (
 from polytask.serve.validation import (
     APIError,
     InputRejected,
+    check_sampling,
     decode_lengths,
     default_tasks,
     is_generation,
@@ -402,8 +403,9 @@ def create_api(ingress: IngressBackend) -> FastAPI:
         lengths = decode_lengths(
             ingress.specs, ingress.args, tasks, body.max_new_tokens, body.min_new_tokens
         )
+        sampling = check_sampling(ingress.specs, tasks, body.sampling())
         try:
-            return await within_deadline(ingress.run(inputs, tasks, lengths))
+            return await within_deadline(ingress.run(inputs, tasks, lengths, sampling))
         except (BackPressureError, InputRejected) as exc:
             raise answer_errors(exc) from None  # type: ignore[misc]
 
@@ -479,7 +481,7 @@ def create_api(ingress: IngressBackend) -> FastAPI:
         lengths = decode_lengths(
             ingress.specs, ingress.args, [task], body.max_new_tokens, body.min_new_tokens
         )[task]
-        events = ingress.stream(item, task, lengths)
+        events = ingress.stream(item, task, lengths, check_sampling(ingress.specs, [task], body.sampling()))
         deadline = asyncio.get_running_loop().time() + deadline_s
         try:  # the first event before the 200: a refused input still gets its JSON 4xx
             first = await within_deadline(anext(events))
