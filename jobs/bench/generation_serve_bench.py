@@ -381,7 +381,7 @@ def markdown(result: dict[str, Any]) -> str:
          "output token after the first."),
         "",
         ("| c | in-process tokens/s | decode | tokens/s | TTFT p50 / p95 ms | TPOT p50 / p95 ms "
-        "| rows per step | errors | load before → after |"),
+        "| rows per step (static: per decode) | errors | load before → after |"),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     local = {m["batch"]: m for m in result["in_process"]}

@@ -412,7 +412,7 @@ def pick_tokens(rows: Sequence[Row], logits: torch.Tensor, rules: Rules) -> list
         if row.temperature <= 0:
             out.append(int(greedy[i]))
         else:
-            out.append(_sample(scores[i], row.temperature, row.top_p, row.generator))
+            out.append(_sample(scores[i].cpu(), row.temperature, row.top_p, row.generator))
     return out
 
 

@@ -109,7 +109,8 @@ class ContinuousDecoding:
         self.inputs += len(texts)  # type: ignore[attr-defined]
         began = time.perf_counter()
         items = encoded["items"] if indices is None else [encoded["items"][i] for i in indices]
-        with self.health.watch(not_ours=(BundleError,)):  # type: ignore[attr-defined]
+        # a bad bundle or a request's own deadline is not this replica's fault
+        with self.health.watch(not_ours=(BundleError, TimeoutError)):  # type: ignore[attr-defined]
             head, spec = await self._version(encoded)
             caps = _per_input(max_new_tokens, len(items), spec.generation.max_new_tokens)
             mins = _per_input(min_new_tokens, len(items), 0)
@@ -126,9 +127,10 @@ class ContinuousDecoding:
                         row.cancelled = True
                     raise
                 answers = [self._answer(head, spec, row, why) for (row, _), (_, why) in zip(rows, ended)]
+                tokens = sum(len(row.ids) for row, _ in rows)
         seconds = time.perf_counter() - began
         self.metrics.stage.observe(seconds, {"stage": "head"})  # type: ignore[attr-defined]
-        self.metrics.decoded(self.task, seconds, 0)  # type: ignore[attr-defined]
+        self.metrics.decoded(self.task, seconds, tokens if spec.generation.num_beams == 1 else 0)  # type: ignore[attr-defined]
         return {"answers": answers, "fingerprint": encoded["fingerprint"], "model": encoded["model"]}
 
     async def _beam(self, head: Any, spec: Any, items: list[Any], caps: list[int], mins: list[int]) -> list[Any]:

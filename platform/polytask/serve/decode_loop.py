@@ -74,6 +74,7 @@ class DecodeLoop:
         self.batches: dict[int, StepBatch] = {}
         self.wake = threading.Condition()
         self.stats = LoopStats()
+        self.active = 0  # rows in the batches, as of the last iteration (read from other threads)
         self.stopped = False
         self.beams = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-beam")
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -87,11 +88,13 @@ class DecodeLoop:
     @property
     def in_flight(self) -> int:
         """Rows decoding or waiting to."""
-        return sum(len(b) for b in list(self.batches.values())) + len(self.waiting)
+        return self.active + len(self.waiting)
 
     def snapshot(self) -> dict[str, Any]:
+        with self.wake:  # the loop thread adds and drops batches under this lock
+            batches = list(self.batches.values())
         return {
-            **self.stats.as_dict(list(self.batches.values())),
+            **self.stats.as_dict(batches),
             "in_flight": self.in_flight,
             "waiting": len(self.waiting),
             "max_rows": self.max_rows,
@@ -116,6 +119,7 @@ class DecodeLoop:
                     self.wake.wait()
                 if self.stopped:
                     return
+                self._purge()
                 joining = self._admissible()
             began = time.perf_counter()
             for head, rows in joining.items():
@@ -126,8 +130,21 @@ class DecodeLoop:
                     self._guarded(batch, batch.step)
                 if not len(batch):
                     self._retire(key)
+            self.active = sum(len(b) for b in self.batches.values())
             self.stats.steps += 1
             self.stats.step_s += time.perf_counter() - began
+
+    def _purge(self) -> None:
+        """Waiting rows whose caller is gone leave now, not when their turn comes."""
+        now = time.monotonic()
+        kept: deque[tuple[Any, Row]] = deque()
+        for head, row in self.waiting:
+            reason = row.gone(now)
+            if reason is None:
+                kept.append((head, row))
+            else:
+                self._end(row, reason)
+        self.waiting = kept
 
     def _admissible(self) -> dict[Any, list[Row]]:
         """Waiting rows that fit the limits, oldest first (a cancelled one leaves here). A row
@@ -154,7 +171,8 @@ class DecodeLoop:
     def _admit(self, head: Any, rows: list[Row]) -> None:
         batch = self.batches.get(id(head))
         if batch is None:
-            batch = self.batches[id(head)] = StepBatch(head)
+            with self.wake:
+                batch = self.batches[id(head)] = StepBatch(head)
         self.stats.admitted += len(rows)
         try:
             self._report(batch.admit(rows))
@@ -191,7 +209,8 @@ class DecodeLoop:
 
     def _retire(self, key: int) -> None:
         """An empty batch of a head version no longer served is dropped (its timings kept)."""
-        batch = self.batches.pop(key)
+        with self.wake:
+            batch = self.batches.pop(key)
         batch.close()
         for i, value in enumerate((batch.forward_s, batch.pick_s, batch.book_s)):
             self.stats.retired[i] += value
