@@ -276,7 +276,7 @@ def test_sampling_with_a_seed_draws_the_same_text(app):
 
 def test_a_server_limit_over_the_decoders_positions_is_refused(generation_bundle):
     from polytask.serve import compose
-    from polytask.serve.schemas import ServeArgsError
+    from polytask.serve.args import ServeArgsError
 
     with pytest.raises(ServeArgsError, match=r"max_new_tokens: 600 is over the 511 new tokens task 'entities'"):
         compose({"model": str(generation_bundle), "max_new_tokens": 600}, {})
