@@ -223,3 +223,28 @@ def test_beam_search_stops_when_its_caller_is_cancelled() -> None:
     assert len(steps) == 3 and all(len(ids) <= 3 for ids in out)
     full = generate(head, padded, mask, max_new_tokens=40, min_new_tokens=40, num_beams=3)
     assert all(len(ids) == 40 for ids in full)
+
+
+def test_the_cached_token_limit_holds_rows_back_until_others_leave() -> None:
+    import asyncio
+
+    from polytask.serve.decode_loop import DecodeLoop, Waiter
+
+    head = _new_head()
+    states, _ = _inputs(4)
+    states, caps = [s[:3] for s in states], [8] * 4  # each row reserves 3 + 8 + 1 = 12 tokens
+    limit = 23  # every row fits alone, no two together
+    loop_thread = DecodeLoop(max_rows=64, max_cached_tokens=limit, threads=1)
+
+    async def run() -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        waiters = [Waiter(loop, stream=False) for _ in states]
+        for s, c, w in zip(states, caps, waiters):
+            loop_thread.submit(head, Row(s, c, on_done=w.on_done))
+        return [ids for ids, _ in await asyncio.gather(*(w.done for w in waiters))]
+
+    try:
+        assert asyncio.run(run()) == _static(head, states, caps)
+        assert loop_thread.snapshot()["rows_per_step"] == 1.0  # never two rows at once
+    finally:
+        loop_thread.stop()
