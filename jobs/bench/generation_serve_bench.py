@@ -336,15 +336,15 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"name": name, "value": value, "goal": goal, "met": met, "usable": usable})
 
     if cont and static:
-        add(f"continuous tokens/s ≥ {TARGETS['continuous_over_static']:g}× static at c={top}",
+        add(f"continuous tokens/s ≥ {TARGETS['continuous_over_static']:g} times static at c={top}",
             cont["tokens_per_s"] / static["tokens_per_s"], False, TARGETS["continuous_over_static"], [cont, static])
     if cont:
-        add(f"served (continuous) tokens/s ≥ {TARGETS['served_over_in_process']:g}× in-process generate at c={top}",
+        add(f"served (continuous) tokens/s ≥ {TARGETS['served_over_in_process']:g} times in-process generate at c={top}",
             cont["tokens_per_s"] / local["tokens_per_s"], False, TARGETS["served_over_in_process"], [cont, local])
     c = result["served"].get("continuous", {}).get("classification")
     if c and c["alone"]["p50_ms"] and c["beside"]["p50_ms"]:
         add(f"classification p50 beside {c['decoding_clients']} decoding clients ≤ "
-            f"{TARGETS['classify_beside_decoders']:g}× alone",
+            f"{TARGETS['classify_beside_decoders']:g} times alone",
             c["beside"]["p50_ms"] / c["alone"]["p50_ms"], True, TARGETS["classify_beside_decoders"],
             [c["alone"], c["beside"]])
     a = result["served"].get("continuous", {}).get("abandoned")

@@ -135,8 +135,13 @@ class Decoder(ContinuousDecoding, Head.func_or_class):  # type: ignore[misc, nam
         then {"answer", "tokens", "fingerprint", "model"}. Cancelling the call (the client went
         away) ends this input's decode at the next step."""
         if self.loop is not None:
-            async for event in self.stream_row(encoded, max_new_tokens, min_new_tokens, sampling, timeout_s):
-                yield event
+            from contextlib import aclosing
+
+            # closing this stream closes the row's at once (its row leaves at the next step)
+            rows = self.stream_row(encoded, max_new_tokens, min_new_tokens, sampling, timeout_s)
+            async with aclosing(rows) as events:
+                async for event in events:
+                    yield event
             return
         stream = _Stream(asyncio.get_running_loop())
         job = self._job(encoded, encoded["items"][:1], max_new_tokens, min_new_tokens, stream)
