@@ -5,7 +5,9 @@
 - reference/cli.md: the typer command tree of polytask.cli, rendered by typer's own docs writer;
 - reference/http-api.md: the OpenAPI schema of the FastAPI app that polytask.serve.http builds;
 - benchmarks: `<!-- bench:NAME -->` markers in any page become docs/gen_bench.py's tables, and
-  the plots under bench_results/ are published beside them.
+  the plots under bench_results/ are published beside them;
+- values: `{{ NAME }}` in any page becomes a default, limit or shipped setting read from the code
+  (docs/values.py), so prose never retypes one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from types import SimpleNamespace
 from typing import Any, Literal
 
 import gen_bench  # docs/ is on sys.path while MkDocs loads this file
+import values
 from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File, Files
@@ -62,6 +65,10 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
 
 
 def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files) -> str:
+    try:
+        markdown = values.fill(markdown, page.file.src_path)
+    except values.UnknownValue as exc:
+        raise PluginError(str(exc)) from None
     if "<!-- bench:" not in markdown:
         return markdown
     sections = gen_bench.sections()
@@ -138,7 +145,16 @@ def _limits(info: FieldInfo) -> str:
 
 
 def _cell(text: str | None) -> str:
-    return (text or "").replace("|", "\\|").replace("\n", " ")
+    return escape_html((text or "").replace("|", "\\|").replace("\n", " "))
+
+
+def escape_html(text: str) -> str:
+    """`<`, `>` and `&` outside code spans as entities, so a placeholder such as <key> shows
+    instead of vanishing as an unknown HTML tag (inside backticks Markdown escapes them itself)."""
+    parts = re.split(r"(`[^`]*`)", text)
+    return "".join(part if part.startswith("`") else
+                   part.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+                   for part in parts)
 
 
 def _models(root: type[BaseModel], prefix: str) -> list[tuple[str, type[BaseModel], str]]:
