@@ -203,6 +203,66 @@ def configuration_page() -> str:
         model_reference(ExperimentConfig, "", "###"),
         "## Serve application args", "",
         model_reference(ServeArgs, "args", "###"),
+        deployments_reference(),
+    ])
+
+
+def _first_sentence(text: str | None) -> str:
+    text = " ".join((text or "").split())
+    return text.split(". ")[0].rstrip(".") + "." if text else ""
+
+
+def deployments_reference() -> str:
+    """The `deployments:` entries of a Serve config: the names polytask builds, Ray Serve's own
+    options (its schema's descriptions), what polytask's code sets, and the shipped configs."""
+    from ray.serve.schema import DeploymentSchema
+
+    from polytask.serve import app
+
+    by_code = {
+        "max_ongoing_requests": ", ".join(f"{k} {v}" for k, v in app.MAX_ONGOING.items()),
+        **{k: f"every deployment: {v:g}" for k, v in app.HEALTH_CHECK.items()},
+        "backpressure_config": f"Ingress: `{json.dumps(app.SHED)}`",
+        **{k: f"Ingress and heads: {v}" for k, v in app.CPU_SURGE.items()},
+        "ray_actor_options": "CPUs per replica; the Encoder a GPU with `device: cuda`",
+    }
+    rows = [f"| `{name}` | {_cell(_first_sentence(info.description))} | {by_code.get(name, '')} |"
+            for name, info in DeploymentSchema.model_fields.items() if name != "name"]
+    shipped = ["| config | deployment | replicas | `max_ongoing_requests` | `ray_actor_options` |",
+               "| --- | --- | --- | --- | --- |"]
+    for which in ("local", "cluster"):
+        cfg = values.serve_config(which)
+        entries = {**cfg["deployments"], "every head (`args.head_options`)": cfg["args"]["head_options"],
+                   "generation heads (`args.generation_head_options`)":
+                       cfg["args"].get("generation_head_options", {})}
+        for name, entry in entries.items():
+            scale = entry.get("autoscaling_config")
+            replicas = (f"{scale['min_replicas']}–{scale['max_replicas']} (autoscaled)" if scale
+                        else str(entry.get("num_replicas", "")))
+            actor = json.dumps(entry.get("ray_actor_options", {})).replace('"', "")
+            shipped.append(f"| `{which}.yaml` | {name} | {replicas} | "
+                           f"{entry.get('max_ongoing_requests', '')} | `{actor}` |")
+    example = "\n".join([
+        "```yaml", "deployments:", "  - name: Encoder", "    num_replicas: 2",
+        "    ray_actor_options: {num_cpus: 2}", "  - name: head_ner",
+        "    autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 1}",
+        "```"])
+    return "\n".join([
+        "## Serve deployments {#serve-deployments}", "",
+        ("The `deployments:` list of the polytask application in a Serve config sets Ray Serve's "
+         "options per deployment: `Ingress`, `Encoder` and `head_<task>` for each task whose head "
+         "is placed `separate`. Options apply in this order, each replacing what came before: "
+         "polytask's code, then `args.head_options` (every head), then "
+         "`args.generation_head_options` (heads of generation tasks), then the deployment's own "
+         "entry; `num_replicas` in an entry replaces an `autoscaling_config` set before it, and "
+         "the other way round. Any other name is refused at deploy time, listing the names "
+         "there are. How to size them: [Serving → Scale each deployment]"
+         "(../serving.md#scale-each-deployment)."), "",
+        example, "",
+        "| option | what it does (Ray Serve) | set by polytask's code |", "| --- | --- | --- |",
+        *rows, "",
+        "What the shipped configs (`serve_configs/`) set:", "",
+        *shipped, "",
     ])
 
 

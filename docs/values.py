@@ -120,7 +120,8 @@ DERIVED: dict[str, Callable[[], Any]] = {
     # Ray Serve's own max_ongoing_requests, which polytask's deployments raise
     "derived.serve_default_max_ongoing": lambda: importlib.import_module(
         "ray.serve._private.constants").DEFAULT_MAX_ONGOING_REQUESTS,
-    "version": lambda: importlib.import_module("importlib.metadata").version("polytask"),
+    "version": lambda: importlib.import_module("tomllib").loads(
+        (ROOT / "pyproject.toml").read_text())["project"]["version"],
 }
 
 
