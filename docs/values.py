@@ -11,7 +11,7 @@ Names:
   `cluster.deployments.Ingress.max_ongoing_requests`);
 - a few derived values, in DERIVED.
 
-`python docs/values.py NAME ...` prints values; tests/test_docs.py checks every `{{ NAME }}` in
+`\{{ NAME }}` shows the braces as written. `python docs/values.py NAME ...` prints values; tests/test_docs.py checks every `{{ NAME }}` in
 the pages resolves.
 """
 
@@ -28,7 +28,8 @@ import yaml
 from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parents[1]
-PLACEHOLDER = re.compile(r"\{\{ ?([\w.]+) ?\}\}")
+PLACEHOLDER = re.compile(r"(?<!\\)\{\{ ?([\w.]+) ?\}\}")
+ESCAPED = re.compile(r"\\(\{\{ ?[\w.]+ ?\}\})")  # \{{ NAME }}: shown as written, not filled
 
 
 class UnknownValue(KeyError):
@@ -120,6 +121,9 @@ DERIVED: dict[str, Callable[[], Any]] = {
     # Ray Serve's own max_ongoing_requests, which polytask's deployments raise
     "derived.serve_default_max_ongoing": lambda: importlib.import_module(
         "ray.serve._private.constants").DEFAULT_MAX_ONGOING_REQUESTS,
+    # failed health checks in a row after which Ray Serve replaces a replica
+    "derived.serve_unhealthy_after": lambda: importlib.import_module(
+        "ray.serve._private.constants").REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD,
     "version": lambda: importlib.import_module("tomllib").loads(
         (ROOT / "pyproject.toml").read_text())["project"]["version"],
 }
@@ -166,7 +170,7 @@ def fill(markdown: str, where: str = "page") -> str:
         except UnknownValue as exc:
             raise UnknownValue(f"{where}: {{{{ {match[1]} }}}}: {exc.args[0]}") from None
 
-    return PLACEHOLDER.sub(one, markdown)
+    return ESCAPED.sub(r"\1", PLACEHOLDER.sub(one, markdown))
 
 
 if __name__ == "__main__":
