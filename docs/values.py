@@ -1,4 +1,4 @@
-"""Values the hand-written pages state, read from the code at build time: `{{ NAME }}` in a page
+r"""Values the hand-written pages state, read from the code at build time: `{{ NAME }}` in a page
 becomes the value, so a default, a limit or a shipped setting is never retyped (and never stale).
 
 Names:
