@@ -242,11 +242,14 @@ def deployments_reference() -> str:
             actor = json.dumps(entry.get("ray_actor_options", {})).replace('"', "")
             shipped.append(f"| `{which}.yaml` | {name} | {replicas} | "
                            f"{entry.get('max_ongoing_requests', '')} | `{actor}` |")
-    example = "\n".join([
-        "```yaml", "deployments:", "  - name: Encoder", "    num_replicas: 2",
-        "    ray_actor_options: {num_cpus: 2}", "  - name: head_ner",
-        "    autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 1}",
-        "```"])
+    example = """```yaml
+deployments:
+  - name: Encoder
+    num_replicas: 2
+    ray_actor_options: {num_cpus: 2}
+  - name: head_ner
+    autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 1}
+```"""
     return "\n".join([
         "## Serve deployments {#serve-deployments}", "",
         ("The `deployments:` list of the polytask application in a Serve config sets Ray Serve's "
@@ -334,6 +337,47 @@ def _schema_type(s: dict[str, Any]) -> str:
     return s.get("type", "any")
 
 
+_MODEL = {"uri": "models:/polytask-demo@champion", "ref": "models:/polytask-demo/1",
+          "variant": "fp32", "fingerprint": "3f2a9c0d51e7b846"}
+_SENTIMENT = {"label": "positive", "score": 0.93, "probabilities": {"negative": 0.07, "positive": 0.93}}
+_NER = {"entities": [{"type": "person", "text": "alice smith", "start": 0, "end": 11, "score": 0.97}]}
+# One call and its answer per route, for a model with a `sentiment` and an `ner` task (the
+# quickstart's); tests/test_docs_examples.py checks each against the route's models.
+ROUTE_EXAMPLES: dict[tuple[str, str], tuple[str, str, Any]] = {
+    ("get", "/healthz"): ("curl -s http://127.0.0.1:8000/healthz", "json", {"status": "ok"}),
+    ("get", "/v1/tasks"): ("curl -s http://127.0.0.1:8000/v1/tasks", "json", {
+        "tasks": [{"name": "sentiment", "kind": "classification", "labels": ["negative", "positive"],
+                   "pair": False},
+                  {"name": "ner", "kind": "token_classification",
+                   "labels": ["O", "B-person", "I-person"], "pair": False}],
+        "model": _MODEL}),
+    ("post", "/v1/predict"): (
+        ("curl -s http://127.0.0.1:8000/v1/predict -H 'content-type: application/json' \\\n"
+         "  -d '{\"inputs\": [\"alice smith loved it\"], \"tasks\": [\"sentiment\", \"ner\"]}'"),
+        "json", {"results": [{"sentiment": _SENTIMENT, "ner": _NER}], "model": _MODEL}),
+    ("post", "/v1/tasks/{task}/predict"): (
+        ("curl -s http://127.0.0.1:8000/v1/tasks/ner/predict -H 'content-type: application/json' \\\n"
+         "  -d '{\"inputs\": [\"alice smith loved it\"]}'"),
+        "json", {"task": "ner", "results": [_NER], "model": _MODEL}),
+    ("post", "/v1/tasks/{task}/generate/stream"): (
+        ("curl -N http://127.0.0.1:8000/v1/tasks/entities/generate/stream "
+         "-H 'content-type: application/json' \\\n  -d '{\"input\": \"alice flew to paris\"}'"),
+        "text", ("event: token\ndata: {\"id\": 6584, \"text\": \"alice\"}\n\n"
+                 "event: done\ndata: {\"task\": \"entities\", \"result\": {\"text\": \"alice ; paris\"}, "
+                 "\"tokens\": 3, \"model\": {...}}")),
+}
+
+
+def _route_example(method: str, path: str) -> list[str]:
+    if (method, path) not in ROUTE_EXAMPLES:
+        raise PluginError(f"HTTP API: no example for {method.upper()} {path}; add one to "
+                          "docs/hooks.py ROUTE_EXAMPLES")
+    call, lang, answer = ROUTE_EXAMPLES[(method, path)]
+    shown = answer if isinstance(answer, str) else (
+        "{" + ",\n ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in answer.items()) + "}")
+    return ["Example:", "", "```bash", call, "```", "", f"```{lang}", shown, "```", ""]
+
+
 def http_page() -> str:
     spec = openapi_schema()
     lines = ["# HTTP API reference", "",
@@ -352,6 +396,7 @@ def http_page() -> str:
             body = op.get("requestBody", {}).get("content", {}).get("application/json")
             if body:
                 lines.append(f"- request body: {_schema_type(body['schema'])}")
+            lines += [""] + _route_example(method, path)
             lines += ["", "| status | meaning | body |", "| --- | --- | --- |"]
             for status, resp in op["responses"].items():
                 schema = resp.get("content", {}).get("application/json", {}).get("schema", {})
