@@ -378,12 +378,35 @@ def _route_example(method: str, path: str) -> list[str]:
     return ["Example:", "", "```bash", call, "```", "", f"```{lang}", shown, "```", ""]
 
 
+def error_table() -> list[str]:
+    """Every error code, its status, when it is answered and the routes that can answer it, from
+    the catalogue the routes document their responses with (polytask.serve.errors)."""
+    from polytask.serve import errors
+
+    lines = ["## Error codes", "",
+             ("Every refusal is an [ErrorResponse](#errorresponse), "
+              "`{\"error\": {\"code\": ..., \"message\": ...}}`, whose message says what to "
+              "change. The codes, from `polytask.serve.errors`, in the order a request meets "
+              "them; each route above lists only its own ([Troubleshooting](../troubleshooting.md) "
+              "has the fixes):"), "",
+             "| code | status | when | routes |", "| --- | --- | --- | --- |"]
+    for step, codes in errors.STEPS.items():
+        routes = ", ".join(f"`{m.upper()} {p}`" for (m, p), steps in errors.ROUTE_STEPS.items()
+                           if step in steps)
+        lines += [f"| `{code}` | {err.status} | {_cell(err.when)} | {routes} |"
+                  for code, err in codes.items()]
+    lines += [f"| `{code}` | {err.status} | {_cell(err.when)} | any path |"
+              for code, err in errors.NO_ROUTE.items()]
+    return [*lines, ""]
+
+
 def http_page() -> str:
     spec = openapi_schema()
     lines = ["# HTTP API reference", "",
              ("Generated at build time from the OpenAPI schema of the FastAPI app that "
              "`polytask.serve.http.create_api` builds (a running app serves the same at `/docs` "
-             "and `/openapi.json`). Every error body is an [ErrorResponse](#errorresponse)."), "",
+             "and `/openapi.json`). Every error body is an [ErrorResponse](#errorresponse); its codes: "
+             "[Error codes](#error-codes)."), "",
              _cell(spec["info"].get("description")), "", "## Routes", ""]
     for path, methods in spec["paths"].items():
         for method, op in methods.items():
@@ -403,6 +426,7 @@ def http_page() -> str:
                 lines.append(f"| {status} | {_cell(resp.get('description'))} | "
                              f"{_schema_type(schema) if schema else ''} |")
             lines.append("")
+    lines += error_table()
     lines += ["## Schemas", ""]
     for name, schema in sorted(spec["components"]["schemas"].items()):
         lines += [f"### {name}", "", _cell(schema.get("description")), ""]

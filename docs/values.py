@@ -37,7 +37,7 @@ class UnknownValue(KeyError):
 
 
 def _serve_args() -> type[BaseModel]:
-    from polytask.serve.schemas import ServeArgs
+    from polytask.serve.args import ServeArgs
 
     return ServeArgs
 

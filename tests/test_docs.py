@@ -66,7 +66,7 @@ def settings_in_code() -> dict[str, set[float]]:
 
     from polytask.config import ExperimentConfig
     from polytask.serve import app
-    from polytask.serve.schemas import ServeArgs
+    from polytask.serve.args import ServeArgs
 
     found: dict[str, set[float]] = {}
 
@@ -198,3 +198,22 @@ def test_troubleshooting_quotes_the_code() -> None:
     assert "is not in the label set" in code and "this is not a polytask message" not in code
     missing = [f for f in fragments if f not in code and f.replace("error: ", "") not in code]
     assert not missing, f"no longer what the code says (take the text from the code): {missing}"
+
+
+def test_every_configuration_key_is_described() -> None:
+    """The configuration reference has a description for every key (pydantic Field
+    descriptions, written at the source)."""
+    from pydantic import BaseModel
+
+    from polytask.config import ExperimentConfig
+    from polytask.serve.args import ServeArgs
+
+    bare, todo = [], [ExperimentConfig, ServeArgs]
+    while todo:
+        model = todo.pop()
+        for name, info in model.model_fields.items():
+            if not (info.description or "").strip():
+                bare.append(f"{model.__name__}.{name}")
+            todo += [tp for tp in values._flatten(info.annotation)
+                     if isinstance(tp, type) and issubclass(tp, BaseModel)]
+    assert not bare, f"add Field(description=...) to: {sorted(set(bare))}"

@@ -105,7 +105,7 @@ def _check_experiment(block: Block, data: dict[str, Any]) -> None:
 
 
 def _check_serve_args(args: dict[str, Any]) -> None:
-    from polytask.serve.schemas import parse_args
+    from polytask.serve.args import parse_args
 
     parse_args({"model": "models:/m@champion", **args})
 

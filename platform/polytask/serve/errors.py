@@ -53,14 +53,14 @@ STEPS: dict[str, dict[str, ErrorCode]] = {
     },
     # a batch through the model deployments
     "batch": {
-        "overloaded": ErrorCode(503, "the deployments' queues are full; `Retry-After` says when to retry"),
-        "unavailable": ErrorCode(503, "a model replica died under the request and its retry failed or had no time; `Retry-After` says when to retry"),
+        "overloaded": ErrorCode(503, "the deployments' queues are full (retry after `Retry-After` seconds)"),
+        "unavailable": ErrorCode(503, "a model replica died under the request and its retry failed or had no time (retry after `Retry-After` seconds)"),
         "model_mismatch": ErrorCode(500, "the served model's files are inconsistent"),
     },
     # any model call: the request deadline, and a server fault
     "call": {
         "timeout": ErrorCode(504, "no answer within `request_timeout_s`"),
-        "internal": ErrorCode(500, "a server fault; retry, and report it if it persists"),
+        "internal": ErrorCode(500, "a server fault (retry, and report it if it persists)"),
     },
 }
 
