@@ -6,8 +6,10 @@ MLflow, registry), with each task's hub data set read from a local copy of the s
 
 The local copies are converted to the hub data sets' columns and label names first (SST-2:
 `sentence`, `label` as negative/positive; WNUT-17: `tokens`, `ner_tags`), so the records the
-run trains on are the ones `data.hub` would give. Budget: 2 busy CPU cores, one Ray Train worker,
-about 10-20 minutes (the run's own sizes are in the YAML: 4000 SST-2 rows, 2 x 150 steps).
+run trains on are the ones `data.hub` would give. Budget: 2 CPU cores (shared with other work
+here), one Ray Train worker, torch at --threads threads, under an hour; the run's sizes are the
+YAML's own (4000 SST-2 rows, 2 epochs x 150 steps), and results.json records its wall time and
+the load average.
 --tiny cuts the steps and rows to prove the script end to end in a few minutes.
 """
 
