@@ -364,7 +364,7 @@ ROUTE_EXAMPLES: dict[tuple[str, str], tuple[str, str, Any]] = {
          "-H 'content-type: application/json' \\\n  -d '{\"input\": \"alice flew to paris\"}'"),
         "text", ("event: token\ndata: {\"id\": 6584, \"text\": \"alice\"}\n\n"
                  "event: done\ndata: {\"task\": \"entities\", \"result\": {\"text\": \"alice ; paris\"}, "
-                 "\"tokens\": 3, \"model\": {...}}")),
+                 "\"tokens\": 3, \"model\": " + json.dumps(_MODEL) + "}")),
 }
 
 

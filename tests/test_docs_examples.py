@@ -349,6 +349,56 @@ def test_json_example(block: Block, openapi: dict[str, Any]) -> None:
     check_json(block, openapi)
 
 
+# --- streamed answers --------------------------------------------------------------------------
+
+# What each server-sent event of POST /v1/tasks/{task}/generate/stream carries (serve/http.py _sse).
+STREAM_EVENTS = {"token": {"id", "text"}, "done": {"task", "result", "tokens", "model"}, "error": {"error"}}
+
+
+def check_stream(block: Block) -> None:
+    """A text block after a curl to the stream route: every event is a known one, its data JSON
+    with the fields the route sends, the final answer a generation answer, the model a ModelInfo."""
+    from polytask.serve import schemas
+
+    events = re.findall(r"^event: (\w+)\ndata: (.*)$", block.body, re.MULTILINE)
+    assert events, f"{block.where}: no `event:`/`data:` pairs"
+    generation = _shape(_decoded_shapes()["generation"])
+    for name, raw in events:
+        assert name in STREAM_EVENTS, f"{block.where}: no event '{name}'"
+        data = json.loads(raw)
+        assert set(data) == STREAM_EVENTS[name], (block.where, name, sorted(data))
+        if name == "done":
+            assert _shape(data["result"]) == generation, f"{block.where}: {data['result']}"
+            schemas.ModelInfo.model_validate(data["model"])
+            _no_unknown_keys(schemas.ModelInfo, data["model"], block.where)
+        if name == "error":
+            schemas.ErrorResponse.model_validate(data)
+
+
+def _stream_examples() -> list[Any]:
+    picked = []
+    for block in BLOCKS:
+        before = _neighbour(block, -1)
+        if block.lang == "text" and before is not None and before.lang == "bash" and any(
+                c.path.endswith("/generate/stream") for c in _curls(before)):
+            picked.append(pytest.param(block, id=block.where))
+    return picked
+
+
+@pytest.mark.parametrize("block", _stream_examples())
+def test_stream_example(block: Block) -> None:
+    check_stream(block)
+
+
+def test_stream_events_are_the_ones_the_route_sends() -> None:
+    """STREAM_EVENTS above is what serve/http.py writes: each event name with its data keys."""
+    source = (ROOT / "platform" / "polytask" / "serve" / "http.py").read_text()
+    for name, keys in STREAM_EVENTS.items():
+        assert re.search(rf'_event\(\s*"{name}"', source), f"serve/http.py sends no '{name}' event"
+        for key in keys - {"model"}:
+            assert f'"{key}"' in source, (name, key)
+
+
 # --- the checks themselves ---------------------------------------------------------------------
 
 
