@@ -55,7 +55,7 @@ gc.set_threshold(*GC_THRESHOLD)
 LONGEST_FIRST = (
     "test_train", "test_bench", "test_add_task", "test_quickstart", "test_tune", "test_serve",
     "test_ingest", "test_serve_autoscale", "test_serve_chaos", "test_batch", "test_compress",
-    "test_serve_placement",
+    "test_serve_placement", "test_docs_site",
 )
 
 
