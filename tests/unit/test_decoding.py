@@ -248,3 +248,18 @@ def test_the_cached_token_limit_holds_rows_back_until_others_leave() -> None:
         assert loop_thread.snapshot()["rows_per_step"] == 1.0  # never two rows at once
     finally:
         loop_thread.stop()
+
+
+def test_sampling_is_refused_for_a_beam_search_task_naming_the_field() -> None:
+    from polytask.serve.validation import APIError, check_sampling
+    from polytask.tasks import GenerationSpec, TaskSpec
+
+    specs = {
+        "greedy": TaskSpec("greedy", "generation", []),
+        "beams": TaskSpec("beams", "generation", [], generation=GenerationSpec(num_beams=4)),
+    }
+    sampling = {"temperature": 0.7, "top_p": None, "seed": 1}
+    assert check_sampling(specs, ["greedy"], sampling) == sampling
+    with pytest.raises(APIError) as caught:
+        check_sampling(specs, ["greedy", "beams"], sampling)
+    assert caught.value.status == 422 and "body.temperature" in caught.value.message

@@ -39,7 +39,6 @@ from polytask.serve.schemas import (
 from polytask.serve.validation import (
     APIError,
     InputRejected,
-    check_sampling,
     decode_lengths,
     prepare_inputs,
 )
@@ -65,11 +64,7 @@ class IngressBackend(Protocol):
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]: ...
 
     def stream(
-        self,
-        item: tuple[str, str | None],
-        task: str,
-        lengths: tuple[int, int],
-        sampling: dict[str, Any] | None = None,
+        self, item: tuple[str, str | None], task: str, lengths: tuple[int, int], sampling: Any = None
     ) -> AsyncIterator[dict[str, Any]]: ...
 
     def model_info(self, fingerprint: str | None = None) -> dict[str, Any]: ...
@@ -416,17 +411,15 @@ class _ModelCalls:
     async def run(
         self, request: Request, body: TaskPredictRequest, tasks: list[str]
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """One validated request through the Ingress (its batcher, and the Decoders directly
-        for generation tasks), within its deadline."""
+        """One validated request through the Ingress, within its deadline."""
         ingress = self.ingress
         _note(request, tasks, len(body.inputs))
         inputs = prepare_inputs(ingress.specs, ingress.args, body.inputs, tasks)
         lengths = decode_lengths(
             ingress.specs, ingress.args, tasks, body.max_new_tokens, body.min_new_tokens
         )
-        sampling = check_sampling(ingress.specs, tasks, body.sampling())
         try:
-            return await self.within_deadline(ingress.run(inputs, tasks, lengths, sampling))
+            return await self.within_deadline(ingress.run(inputs, tasks, lengths, body.sampling()))
         except Exception as exc:
             err = answer_errors(exc)
             if err is None:
@@ -508,8 +501,7 @@ def _stream_routes(app: FastAPI, ingress: IngressBackend, calls: _ModelCalls) ->
         lengths = decode_lengths(
             ingress.specs, ingress.args, [task], body.max_new_tokens, body.min_new_tokens
         )[task]
-        sampling = check_sampling(ingress.specs, [task], body.sampling())
-        events = ingress.stream(item, task, lengths, sampling)
+        events = ingress.stream(item, task, lengths, body.sampling())
         deadline = asyncio.get_running_loop().time() + calls.deadline_s
         try:  # the first event before the 200: a refused input still gets its JSON 4xx
             first = await calls.within_deadline(anext(events))

@@ -33,7 +33,7 @@ from polytask.serve.levers import active_levers, require_levers
 from polytask.serve.metrics import ServeMetrics
 from polytask.serve.refs import local_bundle, model_from_config, pin_model_uri
 from polytask.serve.replica import replica_identity
-from polytask.serve.validation import APIError
+from polytask.serve.validation import APIError, check_sampling
 
 # A request whose replica died is sent once more after a random pause of up to this (spreading
 # the retries of a failed batch), if at least RETRY_MIN_LEFT_S of its deadline is left then.
@@ -187,6 +187,7 @@ class Ingress:
         `lengths`: (max_new_tokens, min_new_tokens) of each generation task asked for;
         `sampling`: {temperature, top_p, seed} or None (greedy)."""
         lengths = lengths or {}
+        sampling = check_sampling(self.specs, tasks, sampling)
         deadline = time.monotonic() + self.args.request_timeout_s
         generated = [t for t in tasks if self.specs[t].is_generation]
         rest = [t for t in tasks if t not in generated]
@@ -273,6 +274,7 @@ class Ingress:
     ) -> AsyncIterator[dict[str, Any]]:
         """One input of a generation task: the Decoder's events (a token each, then the answer)
         as they come; closing this generator cancels the decode's share for this input."""
+        sampling = check_sampling(self.specs, [task], sampling)
         (view,) = plan_requests(self.specs, [([item], [task])]).views
         encoded = self.encoder.encode.remote(view.texts, view.pairs, view.pooled, view.tokens)
         events = self.heads[task].options(stream=True).stream.remote(
