@@ -100,10 +100,11 @@ def refuse_scratch(places: Iterable[Place]) -> None:
     bad = [(p, root) for p in places if p.path is not None and (root := scratch_root(p.path))]
     if not bad:
         return
-    root = bad[0][1]
+    root, job = bad[0][1], ray_job_id()
     lines = "; ".join(f"{p.what} {p.where}: set {p.settings}" for p, _ in bad)
     raise ScratchStateError(
-        f"this would write its state inside Ray's temporary copy of the job's working directory "
+        f"{f'Ray job {job}' if job else 'this command'} would write its state inside Ray's "
+        f"temporary copy of the job's working directory "
         f"({root}), which Ray deletes after the job: {lines}. Example: ray job submit "
         f"--working-dir . --runtime-env-json "
         f"'{{\"env_vars\": {{\"POLYTASK_HOME\": \"/abs/path/.polytask\"}}}}' -- polytask ... "
