@@ -21,6 +21,7 @@ from polytask.tracking.places import (
     refuse_scratch,
     scratch_root,
     shown_path,
+    with_store_env,
 )
 from polytask.training.train import TrainResult
 
@@ -117,3 +118,12 @@ def test_a_refused_join_says_what_to_set(monkeypatch: pytest.MonkeyPatch) -> Non
     timed_out = ray_join_error(ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379"))
     assert timed_out is not None and "RAY_AUTH_MODE=token" in timed_out
     assert ray_join_error(ConnectionError("connection refused")) is None
+
+
+def test_serving_passes_its_store_to_the_replicas(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POLYTASK_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    env = with_store_env({"env_vars": {"HF_HUB_OFFLINE": "1", "POLYTASK_HOME": "/kept"}})["env_vars"]
+    assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    assert env["POLYTASK_HOME"] == "/kept" and env["HF_HUB_OFFLINE"] == "1"
+    assert with_store_env(None)["env_vars"]["POLYTASK_HOME"] == str(tmp_path / "home")

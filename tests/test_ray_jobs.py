@@ -270,79 +270,82 @@ def test_predict_job_writes_where_the_user_said(cluster: Cluster) -> None:
     assert all({"sentiment", "ner"} <= set(r) for r in rows)
 
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+SERVE_WAIT_S = 300  # four replicas (Ingress, Encoder, two heads) start, each importing torch
+
+
+def _answer(base: str, proc: subprocess.Popen) -> dict:
+    """The first answer of the app at `base`, asked until every replica is up (a request sent
+    while the Encoder replica still loads waits for it)."""
+    deadline = time.monotonic() + SERVE_WAIT_S
+    while True:
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
+            response = httpx.post(
+                f"{base}/v1/predict",
+                json={"inputs": ["alice flew to paris"], "tasks": ["sentiment"]},
+                timeout=10,
+            )
+            if response.status_code == 200:
+                return response.json()
         except httpx.HTTPError:
             pass
-        time.sleep(1)
-    raise AssertionError(f"{url} never answered")
+        assert time.monotonic() < deadline, f"{base} never answered"
+        time.sleep(2)
 
 
-def _ask(base: str) -> dict:
-    response = httpx.post(
-        f"{base}/v1/predict", json={"inputs": ["alice flew to paris"], "tasks": ["sentiment"]}, timeout=30
-    )
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def _stop(proc: subprocess.Popen) -> str:
-    proc.send_signal(signal.SIGINT)
-    try:
-        out, _ = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return out
-
-
-def test_polytask_serve_deploys_onto_the_cluster(cluster: Cluster) -> None:
-    port = free_port()
-    command = SERVE.replace("127.0.0.1:6379", cluster.gcs) + f" --port {port}"
-    env = {**cluster.env, "POLYTASK_HOME": str(cluster.project / ".polytask")}
-    proc = subprocess.Popen(
-        ["bash", "-c", command], cwd=cluster.project, env=env, stdout=subprocess.PIPE,
+def _serving(command: str, cluster: Cluster) -> subprocess.Popen:
+    """A serving command run from the project dir, as the user would, in a session of its own."""
+    return subprocess.Popen(
+        ["bash", "-c", command], cwd=cluster.project, env=cluster.env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/healthz", proc)
-        answer = _ask(f"http://127.0.0.1:{port}")
-        assert answer["model"]["ref"] == f"models:/{MODEL}/" + answer["model"]["ref"].rsplit("/", 1)[1]
-        assert answer["results"][0]["sentiment"]["label"] in ("negative", "positive")
-    finally:
-        _stop(proc)
 
 
-def test_serve_run_local_config_on_the_cluster(cluster: Cluster) -> None:
-    """`serve run serve_configs/local.yaml` (only its port changed, to a free one) on the cluster,
-    as the file's comments say."""
+@pytest.fixture()
+def serve_cleanup(cluster: Cluster) -> Iterator[list[subprocess.Popen]]:
+    """Stops the test's serving command (Ctrl-C), then shuts Serve down on the cluster, so the
+    next test starts Serve afresh with its own HTTP port."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    subprocess.run(
+        ["serve", "shutdown", "-y", f"--address=http://127.0.0.1:{cluster.dashboard}"],
+        env={**cluster.env, "RAY_AUTH_MODE": "token"}, capture_output=True, timeout=120,
+        check=False,
+    )
+
+
+def test_polytask_serve_deploys_onto_the_cluster(cluster: Cluster, serve_cleanup: list) -> None:
+    """The user's shell has no POLYTASK_HOME: the model resolves in the project's `.polytask/`
+    from the command's cwd, and the replicas get that store from `polytask serve`."""
     port = free_port()
-    config = yaml.safe_load((ROOT / "serve_configs" / "local.yaml").read_text())
+    proc = _serving(SERVE.replace("127.0.0.1:6379", cluster.gcs) + f" --port {port}", cluster)
+    serve_cleanup.append(proc)
+    answer = _answer(f"http://127.0.0.1:{port}", proc)
+    assert answer["model"]["ref"].startswith(f"models:/{MODEL}/")
+    assert answer["results"][0]["sentiment"]["label"] in ("negative", "positive")
+
+
+def test_serve_run_local_config_on_the_cluster(cluster: Cluster, serve_cleanup: list) -> None:
+    """`serve run serve_configs/local.yaml` (only its port changed, to a free one) on the cluster,
+    as the file's comments say; its replicas resolve `args.model` in the store of the cluster's
+    own environment, `.polytask/` of the directory `ray start` ran in."""
+    said = (ROOT / "serve_configs" / "local.yaml").read_text()
+    comment = re.search(r"^#\s+(RAY_ADDRESS=.*serve run serve_configs/local\.yaml)", said, re.MULTILINE)
+    assert comment, "serve_configs/local.yaml no longer says how to `serve run` it on a cluster"
+    port = free_port()
+    config = yaml.safe_load(said)
     config["http_options"]["port"] = port
     path = cluster.project / "serve_configs" / "local.yaml"
     path.parent.mkdir(exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    said = (ROOT / "serve_configs" / "local.yaml").read_text()
-    comment = re.search(r"^#\s+(.*serve run serve_configs/local\.yaml)", said, re.MULTILINE)
-    assert comment, "serve_configs/local.yaml no longer says how to `serve run` it"
-    command = comment.group(1).replace("127.0.0.1:6379", cluster.gcs)
-    env = {**cluster.env, "POLYTASK_HOME": str(cluster.project / ".polytask")}
-    proc = subprocess.Popen(
-        ["bash", "-c", command], cwd=cluster.project, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/healthz", proc)
-        assert _ask(f"http://127.0.0.1:{port}")["results"][0]["sentiment"]["label"]
-    finally:
-        _stop(proc)
-        subprocess.run(
-            ["serve", "shutdown", "-y", f"--address=http://127.0.0.1:{cluster.dashboard}"],
-            env={**cluster.env, "RAY_AUTH_MODE": "token"}, capture_output=True, timeout=60,
-            check=False,
-        )
+    proc = _serving(comment.group(1).replace("127.0.0.1:6379", cluster.gcs), cluster)
+    serve_cleanup.append(proc)
+    answer = _answer(f"http://127.0.0.1:{port}", proc)
+    assert answer["results"][0]["sentiment"]["label"] in ("negative", "positive")

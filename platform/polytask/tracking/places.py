@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Ray's runtime-env resources (a job's unpacked working_dir, py_modules) live under this directory
 # of the session dir, each package in a directory named with this prefix.
@@ -133,6 +134,20 @@ def artifact_place(uri: str, experiment: str) -> Place:
     place = tracking_places(uri, root)[-1]
     refuse_scratch([place])
     return place
+
+
+def with_store_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
+    """`runtime_env` with this process's model store (MLFLOW_TRACKING_URI) and polytask home in
+    its env_vars, so processes it starts on a cluster started elsewhere (Serve replicas) resolve
+    models where this command did rather than in their own working directory; env_vars the
+    runtime_env already sets win."""
+    from polytask.config import default_home
+    from polytask.tracking.registry import tracking_uri
+
+    env = {"MLFLOW_TRACKING_URI": tracking_uri(), "POLYTASK_HOME": str(default_home())}
+    out = dict(runtime_env or {})
+    out["env_vars"] = {**env, **(out.get("env_vars") or {})}
+    return out
 
 
 def describe(places: Iterable[Place]) -> str:
