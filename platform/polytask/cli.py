@@ -267,10 +267,10 @@ def registry_promote(
     alias: Annotated[str, typer.Option(help="Alias to set.")] = CHAMPION,
 ) -> None:
     """Point an alias (default `champion`) at a version."""
-    from polytask.tracking.registry import promote
+    from polytask.tracking.registry import promote, tracking_uri
 
     promote(name, version, alias)
-    console.print(f"models:/{name}@{alias} → version {version}")
+    console.print(f"models:/{name}@{alias} → version {version} (in {tracking_uri()})", highlight=False)
 
 
 @registry_app.command("show")
