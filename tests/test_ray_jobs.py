@@ -198,6 +198,24 @@ def test_the_cluster_is_private_and_needs_its_token(cluster: Cluster) -> None:
     assert "Authentication" in _job_output(refused)
 
 
+@pytest.mark.parametrize("auth", ["no RAY_AUTH_MODE", "no token"])
+def test_a_polytask_command_refused_by_the_cluster_says_what_to_set(cluster: Cluster, auth: str) -> None:
+    """Joining with RAY_ADDRESS but without RAY_AUTH_MODE=token (Ray then sends no token and
+    retries for ~20 s), or without the token: one `error:` line naming what to set."""
+    env = {**cluster.env, "RAY_ADDRESS": cluster.gcs}
+    if auth == "no token":
+        env.pop("RAY_AUTH_TOKEN_PATH")
+        env.update(RAY_AUTH_MODE="token", HOME=str(cluster.root))
+    result = subprocess.run(
+        ["polytask", "serve", "models:/polytask-demo@champion", "--update"], cwd=cluster.project,
+        env=env, capture_output=True, text=True, timeout=180, check=False,
+    )
+    assert result.returncode == 1, _job_output(result)[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "RAY_AUTH_MODE=token" in last, result.stderr[-3000:]
+    assert "ray get-auth-token" in last and "Traceback" not in result.stderr
+
+
 def test_state_in_the_jobs_temporary_copy_is_refused(cluster: Cluster) -> None:
     result = cluster.submit(
         "ray job submit --working-dir . -- polytask train jobs/train_demo.yaml", timeout=120
