@@ -123,7 +123,7 @@ def _kill_group(pgid: int) -> None:
             proc.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(list(procs), timeout=15)
+    _, alive = psutil.wait_procs(list(procs), timeout=5)
     for proc in alive:
         try:
             proc.kill()
