@@ -50,7 +50,7 @@ PREDICT = (
 )
 SERVE = "RAY_ADDRESS=127.0.0.1:6379 RAY_AUTH_MODE=token polytask serve models:/polytask-demo@champion"
 MODEL = "polytask-demo"
-JOB_TIMEOUT_S = 240
+JOB_TIMEOUT_S = 480  # one job, on a loaded 2-core machine; a quiet one takes a fraction
 
 
 @dataclass
