@@ -18,8 +18,7 @@ import pytest
 from polytask.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "jobs" / "bench"
-sys.path.insert(0, str(BENCH))  # the scripts import each other by name, as when run directly
+BENCH = ROOT / "jobs" / "bench"  # on sys.path (conftest): the scripts import each other by name
 
 from common import BenchError, read_texts
 from loadgen import Shed, ceiling, run_load
