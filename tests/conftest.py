@@ -58,15 +58,28 @@ gc.set_threshold(*GC_THRESHOLD)
 
 # The suite runs in two xdist workers, one module at a time each (`-n 2 --dist loadfile` in
 # pyproject.toml); a worker that runs dry takes the next module in this order. Longest first (their
-# measured share of the suite) keeps both workers busy to the end; the rest follow alphabetically.
+# measured share of the suite) keeps both workers busy to the end; the rest follow in collection
+# order: tests/ alphabetically, then tests/unit/ (the short modules that never start Ray) last.
 LONGEST_FIRST = (
     "test_train", "test_bench", "test_add_task", "test_quickstart", "test_tune", "test_serve",
     "test_ingest", "test_serve_autoscale", "test_serve_chaos", "test_batch", "test_compress",
     "test_serve_placement",
 )
+UNIT = Path(__file__).resolve().parent / "unit"
+RAY_FIXTURES = frozenset({"ray_cluster", "ray_local", "ray_with_store"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    wrong = [
+        item.nodeid
+        for item in items
+        if item.path.is_relative_to(UNIT) and RAY_FIXTURES & set(getattr(item, "fixturenames", ()))
+    ]
+    if wrong:
+        raise pytest.UsageError(
+            f"tests/unit/ never starts Ray, but {', '.join(wrong)} ask(s) for a Ray fixture "
+            f"({', '.join(sorted(RAY_FIXTURES))}): move it to tests/"
+        )
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: test order kept
 
