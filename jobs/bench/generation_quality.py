@@ -29,8 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common import shown_path
-from quality import _pts, _signed, mean_of, report_markdown, train_and_evaluate
+from common import mean_of, points, shown_path, signed_points
+from quality import report_markdown, train_and_evaluate
 
 TOLERANCE_BLEU = 1.0
 WNUT_FILES = {
@@ -226,10 +226,10 @@ def markdown_table(result: dict[str, Any]) -> str:
         train_s = sum(r["train_s"] for r in runs) / len(runs)
         rows.append(
             f"| {name} | {steps.get('sentiment', '-')} / {steps.get('entities', '-')} | "
-            f"{_pts(s['test_bleu'])} | {_pts(s['test_chrf'])} | {_pts(s['test_rouge_l'])} | "
-            f"{_pts(s['dev_bleu'])} | {_pts(s['sst2_dev_accuracy'])} | {train_s:.0f} |"
+            f"{points(s['test_bleu'])} | {points(s['test_chrf'])} | {points(s['test_rouge_l'])} | "
+            f"{points(s['dev_bleu'])} | {points(s['sst2_dev_accuracy'])} | {train_s:.0f} |"
         )
-    rows.append(f"| joint − single | | {_signed(result['delta_test_bleu'])} | | | | | |")
+    rows.append(f"| joint − single | | {signed_points(result['delta_test_bleu'])} | | | | | |")
     return "\n".join(rows)
 
 

@@ -33,11 +33,15 @@ from common import (
     FAST_TEARDOWN,
     BenchError,
     CpuWatch,
+    free_port,
+    ints,
     is_busy,
+    load_texts,
     machine_info,
     machine_markdown,
     quiet_transformers,
     usable_cores,
+    wait_ready,
 )
 from generation_clients import (
     after_abandoned,
@@ -46,7 +50,6 @@ from generation_clients import (
     predict_latencies,
     stream_level,
 )
-from serve_bench import _free_port, _ints, _load_texts, _wait_ready
 
 TASK, CLASSIFY = "summary", "intent"
 TARGETS = {
@@ -163,7 +166,7 @@ def deploy(bundle: Path, mode: str, settings: Settings) -> tuple[int, Any]:
         f"head_{TASK}": {**one, "ray_actor_options": {"num_cpus": settings.decoder_cpus}},
         f"head_{CLASSIFY}": {**one, "ray_actor_options": {"num_cpus": 0.1}},
     }
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
         "model": str(bundle),
@@ -185,7 +188,7 @@ def served(
     port, head = deploy(bundle, mode, settings)
     base = f"http://127.0.0.1:{port}"
     body = {"inputs": texts[:1], "max_new_tokens": 4, "min_new_tokens": 4}
-    asyncio.run(_wait_ready(f"{base}/v1/tasks/{TASK}/predict", body))
+    asyncio.run(wait_ready(f"{base}/v1/tasks/{TASK}/predict", body))
     levels = []
     try:
         for conc in settings.concurrency:
@@ -278,7 +281,7 @@ def run_bench(
     started = time.perf_counter()
     for key, value in (("TOKENIZERS_PARALLELISM", "false"), ("HF_HUB_OFFLINE", "1")):
         os.environ.setdefault(key, value)
-    texts, source = _load_texts(texts_file, tiny)
+    texts, source = load_texts(texts_file, tiny)
     texts = texts[: settings.texts]
     lengths = draw_lengths(
         4096, settings.length_median, settings.length_sigma, settings.length_min, settings.length_max
@@ -432,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="results directory (default bench_results/generation_serve)")
     parser.add_argument("--texts", help="one text per line, or a TSV/CSV with a 'sentence' column")
     parser.add_argument("--tiny", action="store_true", help="smoke run: tiny random encoder, short levels")
-    parser.add_argument("--concurrency", type=_ints, help="comma-separated, default 1,8,32,64")
+    parser.add_argument("--concurrency", type=ints, help="comma-separated, default 1,8,32,64")
     parser.add_argument("--modes", help="comma-separated decode modes, default static,continuous")
     parser.add_argument("--duration", type=float, help="seconds per served level (20)")
     args = parser.parse_args(argv)

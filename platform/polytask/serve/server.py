@@ -21,8 +21,6 @@ def start_ray(metrics_port: int | None, say: Any, **init: Any) -> None:
     """`ray.init` for the serving commands: a Ray started here exports Prometheus metrics on
     `metrics_port`; a cluster joined (RAY_ADDRESS, or one already running on this machine) keeps
     its own port, which is said."""
-    import ray
-
     if not ray.is_initialized():
         if metrics_port is not None:
             init["_metrics_export_port"] = metrics_port

@@ -1,6 +1,6 @@
 """Offline checks of the Kubernetes manifests in k8s/ (no cluster, no Ray start).
 
-Every kustomization is rendered with tests/kustomize_lite.py (and compared with `kubectl kustomize`
+Every kustomization is rendered with tests/unit/kustomize_lite.py (and compared with `kubectl kustomize`
 when one is installed); then:
 - Ray custom resources validate against the vendored KubeRay v1.7 CRD schemas (k8s/crds/), with
   every object that declares `properties` closed, so a misspelled field fails;
@@ -35,7 +35,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kustomize_lite
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 VENDORED_CRDS = K8S / "crds"
 K8S_DOC = REPO / "docs" / "kubernetes.md"  # the Kubernetes guide (k8s/README.md points there)
