@@ -300,6 +300,16 @@ class _StepCallback:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+class _Stop:
+    """StoppingCriteria: every row (every beam) ends once `stop()` is true."""
+
+    def __init__(self, stop: Callable[[], bool]) -> None:
+        self.stop = stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **_: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), bool(self.stop()), dtype=torch.bool, device=input_ids.device)
+
+
 @torch.inference_mode()
 def generate(
     head: GenerationHead,
@@ -312,6 +322,7 @@ def generate(
     no_repeat_ngram_size: int = 0,
     min_new_tokens: int | Sequence[int] = 0,
     on_step: OnStep | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> list[list[int]]:
     """Token ids per row (no start token, cut before EOS) from padded encoder states.
 
@@ -320,7 +331,8 @@ def generate(
     `on_step(step, tokens, finished)` (greedy only) is called after every decoding step with each
     row's new token id (None once a row has finished; EOS is reported) and which rows have
     finished; returning False stops every row there (the ids so far are returned), returning a
-    set of row indices ends just those rows (a streaming client went away)."""
+    set of row indices ends just those rows (a streaming client went away). `stop()` true ends
+    every row at the next step, beam search included (its caller was cancelled)."""
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     batch = encoder_states.shape[0]
@@ -352,6 +364,8 @@ def generate(
     processors = LogitsProcessorList([row_caps])
     callback = _StepCallback(on_step, head.eos_id, batch, row_caps) if on_step is not None else None
     stopping = StoppingCriteriaList([callback] if callback else [])
+    if stop is not None:
+        stopping.append(_Stop(stop))
     if head.source == CHECKPOINT:
         from transformers.modeling_outputs import BaseModelOutput
 

@@ -71,7 +71,40 @@ class HeadOptions(BaseModel):
 class GenerationHeadOptions(HeadOptions):
     """Options for the heads of generation tasks only, applied after `head_options`: a decoder
     steps once per new token for its whole batch, so it may ask for a GPU (`num_gpus` > 0 makes it
-    decode on cuda)."""
+    decode on cuda). `decode`, `max_rows`, `max_cached_tokens` and `threads` are polytask's
+    (docs/generation.md, Serving)."""
+
+    decode: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="continuous: rows join and leave the decode at every step; static: calls "
+        "that arrive during a decode wait for the next one, which runs until its longest row ends.",
+    )
+    max_rows: int | None = Field(
+        None, ge=1, le=4096, description="Rows one replica decodes at once (continuous); unset: 64."
+    )
+    max_cached_tokens: int | None = Field(
+        None,
+        ge=64,
+        description="Tokens the rows of one replica may hold in their caches together, each row "
+        "reserving its input's length plus its max_new_tokens (continuous); unset: 65536.",
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Torch threads of one Decoder replica (continuous); unset: half the "
+        "replica machine's cores, so the Encoder keeps the rest.",
+    )
+
+    def decoding(self) -> dict[str, Any]:
+        """What the Decoder replica reads: decode mode and its limits."""
+        return self.model_dump(include={"decode", "max_rows", "max_cached_tokens", "threads"})
+
+    def as_options(self) -> dict[str, Any]:
+        return self.model_dump(
+            exclude_none=True,
+            exclude={"placement", "decode", "max_rows", "max_cached_tokens", "threads"},
+        )
 
     @field_validator("ray_actor_options")
     @classmethod

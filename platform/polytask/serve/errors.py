@@ -45,6 +45,7 @@ STEPS: dict[str, dict[str, ErrorCode]] = {
     "lengths": {
         "max_new_tokens_too_large": ErrorCode(422, "`max_new_tokens` over the task's limit"),
         "min_new_tokens_too_large": ErrorCode(422, "`min_new_tokens` over `max_new_tokens`"),
+        "sampling_with_beams": ErrorCode(422, "`temperature` for a task that decodes with beam search"),
     },
     # the stream route: only a generation task that decodes token by token streams
     "stream": {

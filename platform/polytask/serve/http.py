@@ -60,10 +60,11 @@ class IngressBackend(Protocol):
         inputs: list[tuple[str, str | None]],
         tasks: list[str],
         lengths: dict[str, tuple[int, int]] | None = None,
+        sampling: dict[str, Any] | None = None,
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]: ...
 
     def stream(
-        self, item: tuple[str, str | None], task: str, lengths: tuple[int, int]
+        self, item: tuple[str, str | None], task: str, lengths: tuple[int, int], sampling: Any = None
     ) -> AsyncIterator[dict[str, Any]]: ...
 
     def model_info(self, fingerprint: str | None = None) -> dict[str, Any]: ...
@@ -410,7 +411,7 @@ class _ModelCalls:
     async def run(
         self, request: Request, body: TaskPredictRequest, tasks: list[str]
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """One validated request through the Ingress batcher, within its deadline."""
+        """One validated request through the Ingress, within its deadline."""
         ingress = self.ingress
         _note(request, tasks, len(body.inputs))
         inputs = prepare_inputs(ingress.specs, ingress.args, body.inputs, tasks)
@@ -418,7 +419,7 @@ class _ModelCalls:
             ingress.specs, ingress.args, tasks, body.max_new_tokens, body.min_new_tokens
         )
         try:
-            return await self.within_deadline(ingress.run(inputs, tasks, lengths))
+            return await self.within_deadline(ingress.run(inputs, tasks, lengths, body.sampling()))
         except Exception as exc:
             err = answer_errors(exc)
             if err is None:
@@ -500,7 +501,7 @@ def _stream_routes(app: FastAPI, ingress: IngressBackend, calls: _ModelCalls) ->
         lengths = decode_lengths(
             ingress.specs, ingress.args, [task], body.max_new_tokens, body.min_new_tokens
         )[task]
-        events = ingress.stream(item, task, lengths)
+        events = ingress.stream(item, task, lengths, body.sampling())
         deadline = asyncio.get_running_loop().time() + calls.deadline_s
         try:  # the first event before the 200: a refused input still gets its JSON 4xx
             first = await calls.within_deadline(anext(events))

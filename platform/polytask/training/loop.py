@@ -26,6 +26,7 @@ from torch import nn
 
 from polytask.config import ExperimentConfig, OptimConfig
 from polytask.model.bundle import save_bundle
+from polytask.model.decoding import check_position_limits
 from polytask.model.generation import build_generation_head, generation_settings, resolve_decoder
 from polytask.model.network import MultiTaskModel, build_model, encoder_fingerprint, load_encoder
 from polytask.tasks import LOWER_IS_BETTER, PERCENT_METRICS, TaskSpec
@@ -210,6 +211,7 @@ def generation_heads(
         for s in resolved
         if s.is_generation
     }
+    check_position_limits(resolved, heads)
     return resolved, heads
 
 
