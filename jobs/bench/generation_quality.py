@@ -221,6 +221,24 @@ def generated(model: Any, task: str, feats: list[dict[str, Any]], pad_id: int) -
     return out
 
 
+def int8_decoder_answers(model: Any, task: str, feats: list[dict[str, Any]], pad_id: int) -> tuple[list[str], float]:
+    """The same model's answers with its decoder's linear layers dynamic int8 (what
+    `polytask compress --method int8 --decoder-int8` does to the decoder), and their seconds."""
+    import copy
+
+    from polytask.model.int8 import quantize_encoder
+
+    head = model.heads[task]
+    fp32 = head.decoder
+    head.decoder = quantize_encoder(copy.deepcopy(fp32), ())[0]
+    try:
+        began = time.perf_counter()
+        answers = generated(model, task, feats, pad_id)
+        return answers, time.perf_counter() - began
+    finally:
+        head.decoder = fp32
+
+
 def tagged_entities(model: Any, feats: list[dict[str, Any]], records: list[Any], pad_id: int) -> list[str]:
     """The token-classification head's entities per test sentence, written as the generation
     target is (`entities_target` over its predicted word tags; words cut by max_length are O)."""
@@ -293,9 +311,15 @@ def run_seed(inputs: dict[str, Any], args: argparse.Namespace, seed: int) -> dic
         feats = test_f[task][: args.eval_rows]
         sources = norm(_test_sources(inputs, task, args))
         refs = tokenizer.batch_decode([f["labels"] for f in feats], skip_special_tokens=True)
+        began = time.perf_counter()
         answers = generated(model, task, feats, tokenizer.pad_token_id)
+        fp32_s = time.perf_counter() - began
         entities = task == "entities"
-        rows[f"{task}/model"] = score(answers, refs, entities) | {"train_s": seconds, "steps": steps}
+        rows[f"{task}/model"] = score(answers, refs, entities) | {
+            "train_s": seconds, "steps": steps, "generate_s": fp32_s,
+        }
+        int8_answers, int8_s = int8_decoder_answers(model, task, feats, tokenizer.pad_token_id)
+        rows[f"{task}/model_int8_decoder"] = score(int8_answers, refs, entities) | {"generate_s": int8_s}
         constant = Counter(norm([str(r.label) for r in records[task]])).most_common(1)[0][0]
         rows[f"{task}/constant"] = score([constant] * len(refs), refs, entities) | {"answer": constant}
         rows[f"{task}/copy_input"] = score(sources[: len(refs)], refs, entities)
@@ -321,8 +345,8 @@ def _test_sources(inputs: dict[str, Any], task: str, args: argparse.Namespace) -
 # --- results ---------------------------------------------------------------------------------
 
 ANSWERS = {
-    "entities": ("model", "ner_head", "constant", "copy_input"),
-    "rewrite": ("model", "constant", "copy_input"),
+    "entities": ("model", "model_int8_decoder", "ner_head", "constant", "copy_input"),
+    "rewrite": ("model", "model_int8_decoder", "constant", "copy_input"),
 }
 PRIMARY = {"entities": "entity_f1", "rewrite": "bleu"}
 
@@ -334,7 +358,8 @@ def summarise(seeds: list[dict[str, Any]]) -> dict[str, Any]:
         for answer in answers:
             key = f"{task}/{answer}"
             values = [s["rows"][key] for s in seeds if key in s["rows"]]
-            metrics = [m for m in (*TEXT_METRICS, *SET_METRICS, "train_s") if values and m in values[0]]
+            extra = ("train_s", "generate_s")
+            metrics = [m for m in (*TEXT_METRICS, *SET_METRICS, *extra) if values and m in values[0]]
             out[key] = {
                 m: {
                     "mean": statistics.fmean(v[m] for v in values),
@@ -380,13 +405,17 @@ def markdown_table(result: dict[str, Any]) -> str:
             baseline = answer in ("constant", "copy_input")
             cells = [_cell(stats.get(m), baseline) for m in (*TEXT_METRICS, *SET_METRICS)]
             mark = ("met" if t[task]["met"] else "**not met**") if answer == "model" else ""
-            rows.append(f"| {task} | {answer.replace('_', ' ')} | " + " | ".join(cells) + f" | {mark} |")
+            name = answer.replace("_", " ").replace("int8 decoder", "(int8 decoder)")
+            rows.append(f"| {task} | {name} | " + " | ".join(cells) + f" | {mark} |")
     return "\n".join(rows)
 
 
 def markdown(result: dict[str, Any]) -> str:
     st, m = result["settings"], result["machine"]
     runs = "; ".join(f"{k}: {v['mean']:.0f} s" for k, v in result["train_s"].items())
+    gen = "; ".join(
+        f"{k}: {v['generate_s']['mean']:.1f} s" for k, v in result["summary"].items() if "generate_s" in v
+    )
     rules = "; ".join(f"{k}: {v['rule']}" for k, v in result["target"].items())
     return (
         f"# Generation quality `{result['name']}` ({result['created']})\n\n"
@@ -396,7 +425,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Encoder {st['encoder']}, decoder {st['decoder']}, greedy decoding; {st['steps']} steps "
         f"(entities, ner) and {st['rewrite_steps']} (rewrite), batch {st['batch_size']}, lr "
         f"{st['lr']}, max_length {st['max_length']}, {st['eval_rows']} test rows per task; "
-        f"{st['torch_threads']} torch thread(s). Mean train time per run: {runs}. Machine: "
+        f"{st['torch_threads']} torch thread(s). Mean train time per run: {runs}. Generating "
+        f"the test rows (encoder + decoder, fp32 vs int8 decoder; on a shared machine): {gen}. Machine: "
         f"{m['cpu_model']}, {m['usable_cores']} usable cores, load average at the end "
         f"{m['load_average_1_5_15']}.\n"
     )

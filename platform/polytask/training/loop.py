@@ -438,7 +438,7 @@ def _evaluate_generation(
     pad_token_id: int,
     device: torch.device | str,
 ) -> dict[str, float]:
-    """bleu/chrf/rouge_l of the generated texts against the targets (both decoded by the
+    """bleu/chrf/rouge_l/exact of the generated texts against the targets (both decoded by the
     tokenizer, so the two sides are normalised alike), with the task's decoding settings."""
     spec = model.specs[task]
     tokenizer = model.heads[task].tokenizer
@@ -454,7 +454,7 @@ def _evaluate_generation(
 
 def objective(metrics: dict[str, dict[str, float]], specs: list[TaskSpec], weights: dict[str, float] | None = None) -> float:
     """Aggregate: (weighted) mean of each task's primary metric; lower-is-better ones negated,
-    0-100 ones (bleu, chrf, rouge_l) scaled to 0-1 like the rest."""
+    0-100 ones (bleu, chrf, rouge_l, exact) scaled to 0-1 like the rest."""
     total, norm = 0.0, 0.0
     for spec in specs:
         if spec.name not in metrics:
