@@ -191,3 +191,35 @@ def test_int8_decoder_still_answers_and_its_linears_are_int8(generation_bundle: 
     assert [len(r) for r in ids] == [6, 6, 6] and all(0 <= t < len(tokenizer) for r in ids for t in r)
     with pytest.raises(ValueError, match="--decoder-int8"):
         compress_bundle(generation_bundle, tmp_path / "p", "prune", decoder_int8=True)
+
+
+def test_compress_eval_times_generation_end_to_end_and_reports_the_bleu_change(
+    generation_bundle: Path, tiny_encoder: Path, demo_data: Path, tmp_path: Path
+) -> None:
+    from polytask.compression.compress import (
+        compress_bundle,
+        evaluate_compression,
+        flat_report,
+        format_report,
+    )
+    from polytask.config import config_from_dict
+    from polytask.demo import demo_experiment, write_generation_data
+
+    data = write_generation_data(tmp_path / "data", n_train=16, n_eval=8)
+    raw = demo_experiment(demo_data, tiny_encoder, epochs=1, num_workers=1)
+    raw["tasks"][1] = {
+        "name": "entities",
+        "kind": "generation",
+        "data": {"train": str(data / "entities/train.jsonl"), "validation": str(data / "entities/validation.jsonl")},
+        "generation": {"max_new_tokens": 6},
+    }
+    compress_bundle(generation_bundle, tmp_path / "int8", "int8", decoder_int8=True)
+    report = evaluate_compression(generation_bundle, tmp_path / "int8", config_from_dict(raw), batch_size=4, repeats=1)
+    for side in ("source", "compressed"):
+        assert report[side]["generation_by_threads"].keys() == report[side]["seq_per_s_by_threads"].keys()
+        for speed in report[side]["generation_by_threads"].values():
+            assert speed["seq_per_s"] > 0 and speed["tokens_per_s"] > 0
+    assert report["generation_speedup_by_threads"].keys() == report["speedup_by_threads"].keys()
+    assert "entities/bleu" in report["delta"] and "sentiment/accuracy" in report["delta"]
+    assert "generation seq/s (encoder + decoder)" in format_report(report)
+    assert any(k.startswith("generation_speedup/threads_") for k in flat_report(report))
