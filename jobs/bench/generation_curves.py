@@ -247,6 +247,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """Dev BLEU (exact copies %) at each evaluated step, per setting, and the settings line."""
+    st, m = result["settings"], result["machine"]
+    curves = result["curves"]
+    steps = sorted({int(p["step"]) for c in curves.values() for p in c["points"]})
+    rows = [
+        "| setting | " + " | ".join(f"step {n}" for n in steps) + " | BLEU ≥ 90 at | train s |",
+        "| --- | " + " | ".join("---:" for _ in steps) + " | ---: | ---: |",
+    ]
+    for name, c in curves.items():
+        at = {int(p["step"]): p for p in c["points"]}
+        cells = [f"{at[n]['bleu']:.1f} ({at[n]['exact']:.0f}%)" if n in at else "-" for n in steps]
+        reached = c["bleu_90_at"] if c["bleu_90_at"] is not None else "not reached"
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {reached} | {c['points'][-1]['train_s']:.0f} |")
+    return (
+        "\n".join(rows)
+        + f"\n\nCopy task (dev BLEU, exact copies in brackets, {st['eval_sentences']} held-out "
+        f"sentences, greedy): {st['train_sentences']} training sentences from {st['data']}; "
+        f"encoder {st['encoder']}, new {st['decoder_layers']}-layer decoder; batch "
+        f"{st['batch_size']}, max_length {st['max_length']}, planned {st['steps']} steps (warmup "
+        f"10% then linear decay to 0 over them), seed {st['seed']}, {st['torch_threads']} torch "
+        f"thread(s); train s excludes evaluation. Machine: {m['cpu_model']}, "
+        f"{m['usable_cores']} usable cores, load average at the end {m['load_average_1_5_15']}.\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.merge and not args.tiny and not (Path(args.data) / "sst2").is_dir():
