@@ -70,6 +70,11 @@ def generation_serve(root: Path) -> Section:
     return Section(_demote(_bench_module("generation_serve_bench").markdown(_load(path))), [path])
 
 
+def generation_curves(root: Path) -> Section:
+    path = root / "generation_quality" / "learning_curves.json"
+    return Section(_bench_module("generation_curves").markdown(_load(path)), [path])
+
+
 def metrics_cost(root: Path) -> Section:
     """CPU ms per answered request, by process, without (before*) and with (after*) metrics."""
     paths = sorted((root / "metrics_cost").glob("*/results.json"),
@@ -194,6 +199,7 @@ SECTIONS: dict[str, Callable[[Path], Section]] = {
     "train_overhead": train_overhead,
     "quality": _prepared_table("quality_reduced"),
     "generation_quality": _prepared_table("generation_quality"),
+    "generation_curves": generation_curves,
     "generation_serve": generation_serve,
     "compress": _prepared_table("compress"),
 }

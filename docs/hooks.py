@@ -1,7 +1,7 @@
 """MkDocs hooks: the reference pages are generated from the code at build time, never typed.
 
 - reference/configuration.md: every field of the experiment YAML (polytask.config) and of the
-  Serve application args (polytask.serve.schemas), with type, default, limits and description;
+  Serve application args (polytask.serve.args), with type, default, limits and description;
 - reference/cli.md: the typer command tree of polytask.cli, rendered by typer's own docs writer;
 - reference/http-api.md: the OpenAPI schema of the FastAPI app that polytask.serve.http builds;
 - benchmarks: `<!-- bench:NAME -->` markers in any page become docs/gen_bench.py's tables, and
@@ -175,12 +175,12 @@ def model_reference(root: type[BaseModel], prefix: str, level: str) -> str:
 
 def configuration_page() -> str:
     from polytask.config import ExperimentConfig
-    from polytask.serve.schemas import ServeArgs
+    from polytask.serve.args import ServeArgs
 
     return "\n".join([
         "# Configuration reference", "",
         ("Generated from the pydantic models at build time: `polytask.config.ExperimentConfig` "
-        "(the experiment YAML) and `polytask.serve.schemas.ServeArgs` (the `args:` of a Serve "
+        "(the experiment YAML) and `polytask.serve.args.ServeArgs` (the `args:` of a Serve "
         "config). Unknown keys are rejected; `--set a.b=c` overrides any experiment key "
         "(tasks by name: `--set tasks.ner.weight=2`)."), "",
         "## Experiment file", "",
@@ -222,7 +222,7 @@ class DocsStandIn:
     metrics = None
 
     def __init__(self) -> None:
-        from polytask.serve.schemas import ServeArgs
+        from polytask.serve.args import ServeArgs
 
         args = ServeArgs(model="docs-stand-in")
         self.args = args

@@ -518,8 +518,8 @@ def test_model_references_parse_into_their_parts():
 def test_one_pinning_for_registry_compress_and_serve(trained_bundle, run_id):
     """An alias pins to the version it names now, the same way in all three callers."""
     from polytask.compression.compress import registered_version
+    from polytask.serve.args import ServeArgsError
     from polytask.serve.refs import pin_model_uri as serve_pin
-    from polytask.serve.schemas import ServeArgsError
     from polytask.tracking.uris import AliasNotFound, pin_model_uri
 
     register_bundle(trained_bundle, "reg-pin", run_id, objective=0.5)

@@ -530,7 +530,7 @@ def test_each_request_writes_one_json_log_line_with_its_fields(v1, ray_cluster):
 def test_metrics_port_of_a_joined_cluster_is_the_clusters(ray_local):
     """`--metrics-port` cannot move a running cluster's port: joining one says so, and the URL
     it prints instead is this node's real metrics endpoint."""
-    from polytask.serve.app import start_ray
+    from polytask.serve.server import start_ray
 
     said: list[str] = []
     start_ray(free_port(), said.append)

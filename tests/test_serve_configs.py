@@ -80,7 +80,7 @@ def test_encoder_and_head_targets_count_batches_so_max_replicas_is_reachable(pat
     replica runs at most `ingress_batches_in_flight` batches, so their ongoing requests never
     exceed Ingress max_replicas x that; a target whose max_replicas needs more never scales there
     (cluster.yaml's old 8 kept the Encoder at 1 replica)."""
-    from polytask.serve.schemas import ServeArgs
+    from polytask.serve.args import ServeArgs
 
     (app,) = _apps(path)
     by_name = {d["name"]: d for d in _deployments(app)}

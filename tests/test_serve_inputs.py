@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from polytask.serve.args import ServeArgs
 from polytask.serve.health import Health
-from polytask.serve.schemas import ServeArgs
 from polytask.serve.validation import APIError, InputRejected, TextError, clean_text, prepare_inputs
 from polytask.tasks import TaskSpec
 
@@ -163,8 +163,8 @@ def test_ingress_health_fails_while_a_batch_holds_a_slot_past_twice_the_deadline
     import time
 
     from polytask.model.manifest import read_manifest
+    from polytask.serve.args import parse_args
     from polytask.serve.ingress import Ingress
-    from polytask.serve.schemas import parse_args
 
     args = parse_args({"model": str(untrained_bundle), "request_timeout_s": 0.05})
     replica = Ingress.func_or_class  # Serve's ASGI wrapper around the class: async __init__

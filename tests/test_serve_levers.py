@@ -19,8 +19,8 @@ TEXTS = ["the movie was great", "alice flew to paris with bob", "a dreadful hote
 
 def test_a_lever_whose_env_or_binary_is_missing_is_refused(monkeypatch):
     from polytask.serve import build_app
+    from polytask.serve.args import ServeArgsError
     from polytask.serve.levers import LeverError, apply_levers
-    from polytask.serve.schemas import ServeArgsError
 
     monkeypatch.delenv("RAY_SERVE_USE_GRPC_BY_DEFAULT", raising=False)
     with pytest.raises(ServeArgsError, match="grpc.*RAY_SERVE_USE_GRPC_BY_DEFAULT=1"):
@@ -32,7 +32,7 @@ def test_a_lever_whose_env_or_binary_is_missing_is_refused(monkeypatch):
 
 def test_placement_mistakes_name_the_fix(untrained_bundle: Path):
     from polytask.serve import compose
-    from polytask.serve.schemas import ServeArgsError
+    from polytask.serve.args import ServeArgsError
 
     args = {"model": str(untrained_bundle), "head_placement": {"sentiment": "with_encoder"}}
     with pytest.raises(ServeArgsError, match="head_sentiment runs inside the Encoder"):

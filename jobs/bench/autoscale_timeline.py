@@ -141,7 +141,7 @@ def free_port() -> int:
 
 def deploy(model: str, config: Path, port: int) -> str:
     """Deploy as `polytask serve MODEL --config CONFIG --port PORT` does; returns the base URL."""
-    from polytask.serve.app import run_server
+    from polytask.serve.server import run_server
 
     return run_server(model, config, port=port, blocking=False, console=_Quiet())
 

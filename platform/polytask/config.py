@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from polytask.errors import error_lines
-from polytask.tasks import KINDS
+from polytask.tasks import KINDS, generates_text
 
 KIND_NAMES = tuple(KINDS)
 
@@ -155,6 +155,10 @@ class TaskConfig(_Section):
     )
 
     @property
+    def is_generation(self) -> bool:
+        return generates_text(self.kind)
+
+    @property
     def pair(self) -> bool:
         """A pair task: a sentence-level or generation kind whose data names a second text."""
         return KINDS[self.kind].level != "token" and self.data.text_pair_field is not None
@@ -236,7 +240,7 @@ def ignored_task_fields(task: TaskConfig) -> dict[tuple[str, ...], tuple[str, st
     """Task and head keys (path → (error type, why)) that the task's kind never reads."""
     out: dict[tuple[str, ...], tuple[str, str]] = {}
     head = _written(task.head)
-    if task.kind == "generation":
+    if task.is_generation:
         why = (
             "generation tasks write text (data.target_field) and have no label set or decision "
             "threshold, so this is never read; remove it"
@@ -257,10 +261,10 @@ def ignored_data_fields(kind: str, data: DataConfig) -> dict[str, tuple[str, str
     read (a setting that does nothing is a mistake), and for a pair_classification without pair."""
     written = _written(data)
     out = {}
-    if kind != "generation" and "target_field" in written:
+    if not generates_text(kind) and "target_field" in written:
         why = f"only generation tasks read a target text; {kind} reads data.label_field; remove it"
         out["target_field"] = ("ignored_field", why)
-    if kind == "generation":
+    if generates_text(kind):
         why = (
             "generation tasks read data.text_field (plus data.text_pair_field) and "
             "data.target_field, so this is never read; remove it"

@@ -68,7 +68,7 @@ def run_quickstart(
     console.rule("[bold]2/4 joint training on Ray Train (2 workers)")
     import ray
 
-    from polytask.serve.app import start_ray
+    from polytask.serve.server import start_ray
     from polytask.training.train import run_training
 
     start_ray(

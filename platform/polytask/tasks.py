@@ -65,12 +65,18 @@ class TaskSpec:
             object.__setattr__(self, "pair", True)
         if isinstance(self.generation, dict):
             object.__setattr__(self, "generation", GenerationSpec(**self.generation))
-        if self.kind == "generation" and self.generation is None:
+        if self.is_generation and self.generation is None:
             object.__setattr__(self, "generation", GenerationSpec())
 
     @property
     def task_kind(self) -> TaskKind:
         return KINDS[self.kind]
+
+    @property
+    def is_generation(self) -> bool:
+        """Whether the head writes text (a decoder over token states) rather than scores: the one
+        test serving, training and inference use for "is this a generation task"."""
+        return generates_text(self.kind)
 
     @property
     def num_outputs(self) -> int:
@@ -116,12 +122,18 @@ class TaskKind:
         return self.level != "sentence"
 
 
+def generates_text(kind: str) -> bool:
+    """Whether tasks of `kind` are generation tasks (`TaskSpec.is_generation`, and the config's
+    `TaskConfig.is_generation` before labels are known)."""
+    return KINDS[kind].level == "sequence"
+
+
 def build_head(spec: TaskSpec, hidden_size: int) -> torch.nn.Module:
     """Dropout → (Linear → GELU →) Linear; the same shape for every kind, sized by the spec.
     A generation head is a decoder: `model/generation.py` builds it."""
     from torch import nn
 
-    if KINDS[spec.kind].level == "sequence":
+    if spec.is_generation:
         raise ValueError(f"task '{spec.name}' is a generation task: build its head with build_generation_head")
 
     layers: list[nn.Module] = [nn.Dropout(spec.dropout)]

@@ -136,7 +136,7 @@ def _int8_decoders(src: Path, manifest: Manifest, engine: str) -> dict[str, dict
 
     out = {}
     for spec in manifest.tasks:
-        if spec.kind != "generation":
+        if not spec.is_generation:
             continue
         head, _ = load_head(src, spec.name, None)
         decoder, step = quantize_encoder(head.decoder, (), engine)
@@ -409,7 +409,7 @@ def _generation_batches(
     keys = ("input_ids", "attention_mask", "token_type_ids")
     out = []
     for spec in manifest.tasks:
-        if spec.kind != "generation" or spec.name not in features:
+        if not spec.is_generation or spec.name not in features:
             continue
         feats = [{k: v for k, v in f.items() if k in keys} for f in features[spec.name][:GENERATION_TIMED]]
         feats.sort(key=lambda f: len(f["input_ids"]))

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from polytask.model.inputs import split_input, texts_and_pairs
+from polytask.model.inputs import split_input
 from polytask.model.network import pool
+from polytask.model.plan import plan_requests, request_tasks
 from polytask.tasks import TaskSpec
 
 
@@ -165,7 +166,7 @@ def run_head(
     """Apply one head to encoder outputs and decode each input into its JSON answer."""
     kind = spec.task_kind
     device = next(head.parameters()).device
-    if kind.level == "sequence":
+    if spec.is_generation:
         return generate_answers(head, spec, items)
     if kind.level == "token":
         results = []
@@ -237,54 +238,50 @@ class Predictor:
     ) -> list[dict[str, Any]]:
         """Every task when `tasks` is empty, pair tasks only when every input has a text_pair (as
         the HTTP API does); a named pair task needs a text_pair on every input."""
-        paired = [split_input(item)[1] is not None for item in inputs]
-        if not tasks:
-            tasks = [t for t in self.tasks if all(paired) or not self.model.specs[t].pair]
-            tasks = tasks or self.tasks
+        specs = self.model.specs
+        tasks = request_tasks(specs, inputs, tasks)
         for t in tasks:
-            if t not in self.model.specs:
+            if t not in specs:
                 raise KeyError(f"unknown task '{t}'; this model has: {', '.join(self.tasks)}")
-        pair_tasks = [t for t in tasks if self.model.specs[t].pair]
+        paired = [split_input(item)[1] is not None for item in inputs]
+        pair_tasks = [t for t in tasks if specs[t].pair]
         if pair_tasks and not all(paired):
             raise ValueError(
                 f"input {paired.index(False)} has no text_pair, but task(s) "
                 f"{', '.join(pair_tasks)} compare two texts: give "
                 '{"text": "...", "text_pair": "..."}'
             )
-        results: list[dict[str, Any]] = [{} for _ in inputs]
+        results: list[dict[str, Any]] = []
         for start in range(0, len(inputs), batch_size):
-            chunk = inputs[start : start + batch_size]
-            for task, answers in self._predict_chunk(chunk, tasks).items():
-                for offset, answer in enumerate(answers):
-                    results[start + offset][task] = answer
+            results += self._predict_chunk(inputs[start : start + batch_size], tasks)
         return results
 
     def _predict_chunk(
         self, chunk: list[str | dict[str, Any]], tasks: list[str]
-    ) -> dict[str, list[dict[str, Any]]]:
-        out = {}
-        for pair_view in (False, True):
-            view = [t for t in tasks if self.model.specs[t].pair == pair_view]
-            if not view:
-                continue
-            levels = {self.model.specs[t].task_kind.level for t in view}
-            texts, pairs = texts_and_pairs(chunk, pair_view)
-            if self._pass_overhead is None:
-                self._pass_overhead = pass_overhead_tokens(
-                    self.model.encoder, self.max_length, self.device
-                )
+    ) -> list[dict[str, Any]]:
+        """One forward per view of the chunk's plan, then each task's head on its view."""
+        plan = plan_requests(self.model.specs, [(chunk, tasks)])
+        if self._pass_overhead is None:
+            self._pass_overhead = pass_overhead_tokens(
+                self.model.encoder, self.max_length, self.device
+            )
+        answers = []
+        for view in plan.views:
             items = encode_batch(
                 self.model.encoder,
                 self.tokenizer,
-                texts,
-                pairs,
+                view.texts,
+                view.pairs,
                 max_length=self.max_length,
                 pooling=self.model.pooling,
-                need_pooled="sentence" in levels,
-                need_tokens=bool(levels & {"token", "sequence"}),
+                need_pooled=any(view.pooled),
+                need_tokens=any(view.tokens),
                 device=self.device,
                 overhead_tokens=self._pass_overhead,
             )
-            for t in view:
-                out[t] = run_head(self.model.heads[t], self.model.specs[t], items, texts)
-        return out
+            for call in view.calls:
+                mine = items if call.positions is None else [items[i] for i in call.positions]
+                spec = self.model.specs[call.task]
+                answers.append(run_head(self.model.heads[call.task], spec, mine, view.texts_of(call)))
+        (results,) = plan.answers(answers)
+        return results

@@ -1,6 +1,7 @@
 """One input is a text or a text pair, in every layer: a str, a {"text", "text_pair"} mapping
-(pyfunc, `polytask predict`), or an object with `text`/`text_pair` (a data Record, a served
-PairInput). Kept free of torch so the HTTP layer can use it."""
+(pyfunc, `polytask predict`), an object with `text`/`text_pair` (a data Record, a served
+PairInput), or a validated (text, text_pair) tuple (the Ingress). Kept free of torch so the HTTP
+layer can use it."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from typing import Any
 
 
 def split_input(item: Any) -> tuple[str, str | None]:
-    """(text, text_pair or None) of one input in any of the three forms."""
+    """(text, text_pair or None) of one input in any of the four forms."""
     if isinstance(item, str):
         return item, None
+    if isinstance(item, tuple):
+        return item[0], item[1]
     if isinstance(item, Mapping):
         return item["text"], item.get("text_pair")
     return item.text, item.text_pair

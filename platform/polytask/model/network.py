@@ -219,7 +219,7 @@ class MultiTaskModel(nn.Module):
         `generate` (`generate()` keywords) it returns the generated ids instead of logits, so
         evaluation runs through this forward too (which FSDP needs to gather the weights)."""
         spec = self.specs[task]
-        if spec.task_kind.level == "sequence":
+        if spec.is_generation:
             hidden, mask = self.encode(batch), batch["attention_mask"]
             if generate is not None:
                 return self.heads[task](hidden, mask, **generate), None, None

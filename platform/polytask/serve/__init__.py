@@ -5,8 +5,9 @@ serve deploy serve_configs/cluster.yaml
 polytask serve MODEL --config serve_configs/local.yaml
 """
 
-from polytask.serve.app import build_app, compose, load_serve_config, run_server
-from polytask.serve.schemas import ServeArgs, ServeArgsError, parse_args
+from polytask.serve.app import build_app, compose, load_serve_config
+from polytask.serve.args import ServeArgs, ServeArgsError, parse_args
+from polytask.serve.server import run_server
 
 __all__ = [
     "ServeArgs",

@@ -1,4 +1,5 @@
-"""Application builder (`polytask.serve:build_app`) and `polytask serve` (`run_server`).
+"""Application builder (`polytask.serve:build_app`, `compose`) and Serve config reading; running
+a server is `serve.server`.
 
 The builder pins the model reference (an alias becomes one version), reads the bundle manifest
 for the task list, and binds Encoder → Head per task → Ingress. Replicas get the pinned reference,
@@ -7,19 +8,16 @@ not a local path, and resolve it on their own node.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray
-from ray import serve
 from ray.serve import Application
 
 from polytask.model.manifest import Manifest
-from polytask.serve.levers import DEFAULT_LEVERS, LeverError, apply_levers, require_levers
+from polytask.serve.args import ServeArgs, ServeArgsError, parse_args
+from polytask.serve.levers import LeverError, require_levers
 from polytask.serve.refs import local_bundle, served_ref
-from polytask.serve.schemas import ServeArgs, ServeArgsError, parse_args
 from polytask.serve.versions import encoder_version, head_version
 
 APP_NAME = "polytask"
@@ -135,9 +133,7 @@ def _placements(served: _Served, tasks: list[str]) -> tuple[list[str], tuple[str
         raise ServeArgsError(
             f"head_placement: {', '.join(unknown)} not served; served tasks: {', '.join(tasks)}"
         )
-    from polytask.serve.validation import is_generation
-
-    decoders = {s.name for s in served.manifest.tasks if is_generation(s)}
+    decoders = {s.name for s in served.manifest.tasks if s.is_generation}
     named = sorted(t for t in decoders if served.args.head_placement.get(t) == "with_encoder")
     if named:
         raise ServeArgsError(
@@ -203,10 +199,8 @@ def _head(served: _Served, task: str, override: dict[str, Any]) -> Application:
     task, `args.generation_head_options`, then its override. A generation head is a `Decoder`:
     it holds streams open and gathers calls into decodes, so it takes more requests at once, and
     decodes on cuda when its options give it a GPU."""
-    from polytask.serve.validation import is_generation
-
     spec = next(s for s in served.manifest.tasks if s.name == task)
-    generation = is_generation(spec)
+    generation = spec.is_generation
     defaults = {
         **served.common,
         "name": f"head_{task}",
@@ -291,135 +285,38 @@ def _polytask_app(config: Any, path: str | Path) -> Any:
     return apps[0]
 
 
+@dataclass
+class ConfiguredApp:
+    """What a Serve config file says about the polytask application (the defaults without one):
+    `polytask serve` and `serve --update` read configs the same way."""
+
+    args: dict[str, Any] = field(default_factory=dict)
+    deployments: dict[str, dict[str, Any]] = field(default_factory=dict)  # name → Serve options
+    name: str = APP_NAME
+    route_prefix: str = "/"
+    runtime_env: dict[str, Any] | None = None
+    logging_config: dict[str, Any] = field(default_factory=dict)
+
+
 def app_from_config(
     config_path: str | Path | None, cpu_variant: str | None = None
-) -> tuple[
-    dict[str, Any], dict[str, dict[str, Any]], str, str, dict[str, Any] | None, dict[str, Any]
-]:
-    """(args, deployment options, app name, route prefix, runtime_env, logging_config) from a
-    Serve config file, or the defaults without one; `polytask serve` and `serve --update` read
-    configs the same way."""
-    args: dict[str, Any] = {}
-    options: dict[str, dict[str, Any]] = {}
-    name, prefix, runtime_env, logging = APP_NAME, "/", None, {}
+) -> ConfiguredApp:
+    """The application a Serve config file describes; a given `cpu_variant` replaces its own."""
+    out = ConfiguredApp()
     if config_path is not None:
         app_cfg = _polytask_app(load_serve_config(config_path), config_path)
-        args = dict(app_cfg.args)
-        options = {
-            d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in app_cfg.deployments
-        }
-        name, prefix = app_cfg.name, app_cfg.route_prefix or "/"
-        runtime_env = app_cfg.runtime_env or None
+        out = ConfiguredApp(
+            args=dict(app_cfg.args),
+            deployments={
+                d.name: d.model_dump(exclude_unset=True, exclude={"name"})
+                for d in app_cfg.deployments
+            },
+            name=app_cfg.name,
+            route_prefix=app_cfg.route_prefix or "/",
+            runtime_env=app_cfg.runtime_env or None,
+        )
         if app_cfg.logging_config is not None:
-            logging = app_cfg.logging_config.model_dump(exclude_unset=True)
+            out.logging_config = app_cfg.logging_config.model_dump(exclude_unset=True)
     if cpu_variant is not None:
-        args["cpu_variant"] = cpu_variant
-    return args, options, name, prefix, runtime_env, logging
-
-
-def start_ray(metrics_port: int | None, say: Any, **init: Any) -> None:
-    """`ray.init` for the serving commands: a Ray started here exports Prometheus metrics on
-    `metrics_port`; a cluster joined (RAY_ADDRESS, or one already running on this machine) keeps
-    its own port, which is said."""
-    import ray
-
-    if not ray.is_initialized():
-        if metrics_port is not None:
-            init["_metrics_export_port"] = metrics_port
-        ray.init(**init)
-    if metrics_port is None:
-        return
-    node = ray.get_runtime_context().get_node_id()
-    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["NodeID"] == node)
-    if port == metrics_port:
-        say(f"Prometheus metrics: http://127.0.0.1:{port}/metrics")
-    else:
-        say(
-            f"joined a running Ray cluster: --metrics-port {metrics_port} does not apply; this "
-            f"node's metrics port is the cluster's ({port}): http://127.0.0.1:{port}/metrics"
-        )
-
-
-def run_server(
-    model: str,
-    config_path: str | Path | None = None,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    console: Any = None,
-    blocking: bool = True,
-    cpu_variant: str | None = None,
-    metrics_port: int | None = None,
-    log_format: str | None = None,
-    access_log: bool | None = None,
-    levers: list[str] | None = None,
-) -> str:
-    """Start Serve on host:port and deploy MODEL with the config's args and deployment options;
-    a given `cpu_variant` replaces the config's, `log_format`/`access_log` its logging_config,
-    `levers` its `args.levers`.
-
-    Returns the base URL; with `blocking`, serves until Ctrl-C and then shuts Serve down.
-    """
-    def say(line: str) -> None:
-        if console is None:
-            print(line, flush=True)
-        else:
-            console.print(line, soft_wrap=True, markup=False, highlight=False)
-
-    args, options, name, prefix, runtime_env, logging = app_from_config(config_path, cpu_variant)
-    logging = logging_options(logging, log_format, access_log)
-    if levers is not None:
-        args["levers"] = [x.strip() for x in levers]
-    parsed = parse_args({**args, "model": model})
-    if not ray.is_initialized():
-        _set_levers(parsed.levers, say)
-    app = compose(parsed, options, logging)
-    start_ray(metrics_port, say, runtime_env=runtime_env)
-    serve.start(http_options={"host": host, "port": port}, logging_config=logging)
-    served = serve.run(app, name=name, route_prefix=prefix).model_info.remote().result()
-    url = f"http://{host}:{port}{prefix.rstrip('/')}"
-    auth = f' -H "Authorization: Bearer ${parsed.api_key_env}"' if parsed.api_key_env else ""
-    target = parsed.model if served["ref"] == parsed.model else f"{parsed.model} → {served['ref']}"
-    say(f"polytask is serving {target} ({served['variant']}) at {url}  (API docs: {url}/docs)")
-    say(
-        f"  curl -s {url}/v1/predict -H 'Content-Type: application/json'{auth} "
-        """-d '{"inputs": ["the movie was great"]}'"""
-    )
-    if host not in ("127.0.0.1", "localhost", "::1") and not parsed.api_key_env:
-        say(
-            f"warning: listening on {host} without api_key_env: anyone who can reach it can call it"
-        )
-    if blocking:
-        say("Ctrl-C to stop.")
-        _stop_on_sigterm()
-        try:
-            while True:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            say("shutting down")
-        finally:
-            serve.shutdown()
-    return url
-
-
-def _set_levers(levers: list[str] | None, say: Any) -> None:
-    """The levers' env in this process before it starts or joins Ray (a Ray started here passes
-    it to every Serve process; a joined cluster keeps its own, and an Ingress replica refuses to
-    start without the levers `levers` names); unset `levers` means polytask's defaults."""
-    try:
-        env = apply_levers(DEFAULT_LEVERS if levers is None else levers)
-    except LeverError as exc:
-        raise ServeArgsError(str(exc)) from None
-    if env:
-        say("Serve levers: " + " ".join(f"{k}={v}" for k, v in env.items()))
-
-
-def _stop_on_sigterm() -> None:
-    """`docker stop`/`kill` shut Serve down like Ctrl-C does (main thread only)."""
-    import signal
-    import threading
-
-    def interrupt(*_: Any) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
+        out.args["cpu_variant"] = cpu_variant
+    return out

@@ -14,6 +14,7 @@ from typing import Any
 
 from ray import serve
 
+from polytask.model.plan import views_of
 from polytask.serve.batching import MicroBatcher
 from polytask.serve.colocated import ColocatedHeads, HeadWatch
 from polytask.serve.health import Health, apply_deadline
@@ -257,10 +258,7 @@ class Encoder:
         from polytask.model.inference import encode_batch
 
         results: list[Any] = [None] * len(items)
-        for pair_view in (False, True):
-            idx = [i for i, it in enumerate(items) if (it.pair is not None) == pair_view]
-            if not idx:
-                continue
+        for pair_view, idx in views_of([it.pair for it in items]):
             seconds: dict[str, float] = {}
             sizes: list[int] = []
             try:

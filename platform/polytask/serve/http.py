@@ -24,11 +24,12 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from polytask.errors import describe_errors
+from polytask.model.plan import request_tasks
+from polytask.serve.args import ServeArgs
 from polytask.serve.schemas import (
     ErrorResponse,
     PredictRequest,
     PredictResponse,
-    ServeArgs,
     StreamRequest,
     TaskPredictRequest,
     TaskPredictResponse,
@@ -38,8 +39,6 @@ from polytask.serve.validation import (
     APIError,
     InputRejected,
     decode_lengths,
-    default_tasks,
-    is_generation,
     prepare_inputs,
 )
 from polytask.tasks import TaskSpec
@@ -342,8 +341,19 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 def create_api(ingress: IngressBackend) -> FastAPI:
-    """The FastAPI app of one Ingress replica; routes close over the replica's handles and limits."""
-    from ray.serve.exceptions import BackPressureError
+    """The FastAPI app of one Ingress replica: guards and error bodies, then each route group;
+    routes close over the replica's handles and limits."""
+    app = _guarded_app(ingress)
+    calls = _ModelCalls(ingress)
+    _info_routes(app, ingress, calls)
+    _predict_routes(app, ingress, calls)
+    _stream_routes(app, ingress, calls)
+    return app
+
+
+def _guarded_app(ingress: IngressBackend) -> FastAPI:
+    """The bare app: `RequestGuard` (metrics and the request log line per request) and the
+    handlers that turn every error into its JSON body."""
 
     def on_request(record: RequestRecord) -> None:
         # a task tag only for served tasks: a client must not be able to mint label values
@@ -370,42 +380,69 @@ def create_api(ingress: IngressBackend) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(APIError, _answer)
+    return app
 
-    deadline_s = ingress.args.request_timeout_s
 
-    async def within_deadline(work: Any) -> Any:
+def answer_errors(exc: BaseException) -> APIError | None:
+    """The API error a failed model call stands for (None: a server fault)."""
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(exc, BackPressureError):
+        return APIError(
+            503, "overloaded", "the service is at capacity; retry shortly", {"Retry-After": "1"}
+        )
+    if isinstance(exc, InputRejected):
+        return APIError(422, "invalid_text", f"inputs[{exc.index}]: {exc.reason}")
+    return None
+
+
+class _ModelCalls:
+    """What every model route shares: the request deadline, and the model's refusals as API
+    errors."""
+
+    def __init__(self, ingress: IngressBackend) -> None:
+        self.ingress = ingress
+        self.deadline_s = ingress.args.request_timeout_s
+
+    async def within_deadline(self, work: Any) -> Any:
         try:
-            return await asyncio.wait_for(work, deadline_s)
+            return await asyncio.wait_for(work, self.deadline_s)
         except TimeoutError:
             raise APIError(
                 504,
                 "timeout",
-                f"no answer within {deadline_s:g} s (request_timeout_s); retry, or send fewer "
-                "inputs per request",
+                f"no answer within {self.deadline_s:g} s (request_timeout_s); retry, or send "
+                "fewer inputs per request",
             ) from None
 
-    def answer_errors(exc: BaseException) -> APIError | None:
-        """The API error a failed model call stands for (None: a server fault)."""
-        if isinstance(exc, BackPressureError):
-            return APIError(
-                503, "overloaded", "the service is at capacity; retry shortly", {"Retry-After": "1"}
-            )
-        if isinstance(exc, InputRejected):
-            return APIError(422, "invalid_text", f"inputs[{exc.index}]: {exc.reason}")
-        return None
-
-    async def run(request: Request, body: TaskPredictRequest, tasks: list[str]):
-        record = _record_of(request)
-        if record is not None:
-            record.tasks, record.inputs = tasks, len(body.inputs)
+    async def run(
+        self, request: Request, body: TaskPredictRequest, tasks: list[str]
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """One validated request through the Ingress batcher, within its deadline."""
+        ingress = self.ingress
+        _note(request, tasks, len(body.inputs))
         inputs = prepare_inputs(ingress.specs, ingress.args, body.inputs, tasks)
         lengths = decode_lengths(
             ingress.specs, ingress.args, tasks, body.max_new_tokens, body.min_new_tokens
         )
         try:
-            return await within_deadline(ingress.run(inputs, tasks, lengths))
-        except (BackPressureError, InputRejected) as exc:
-            raise answer_errors(exc) from None  # type: ignore[misc]
+            return await self.within_deadline(ingress.run(inputs, tasks, lengths))
+        except Exception as exc:
+            err = answer_errors(exc)
+            if err is None:
+                raise
+            raise err from None
+
+
+def _note(request: Request, tasks: list[str], inputs: int) -> None:
+    """The request's tasks and input count, for its metrics and log line."""
+    record = _record_of(request)
+    if record is not None:
+        record.tasks, record.inputs = tasks, inputs
+
+
+def _info_routes(app: FastAPI, ingress: IngressBackend, calls: _ModelCalls) -> None:
+    """Liveness and the served tasks."""
 
     @app.get("/healthz", summary="Liveness (no API key needed, so it tells nothing else)")
     async def healthz() -> dict[str, Any]:
@@ -417,8 +454,12 @@ def create_api(ingress: IngressBackend) -> FastAPI:
             {"name": s.name, "kind": s.kind, "labels": list(s.labels), "pair": s.pair}
             for s in ingress.specs.values()
         ]
-        fingerprint = await within_deadline(ingress.encoder.fingerprint.remote())
+        fingerprint = await calls.within_deadline(ingress.encoder.fingerprint.remote())
         return {"tasks": tasks, "model": ingress.model_info(fingerprint)}
+
+
+def _predict_routes(app: FastAPI, ingress: IngressBackend, calls: _ModelCalls) -> None:
+    """Predictions: several tasks (default: the plan's default rule), or one task."""
 
     @app.post(
         "/v1/predict",
@@ -427,10 +468,8 @@ def create_api(ingress: IngressBackend) -> FastAPI:
     )
     async def predict(request: Request, body: PredictRequest) -> JSONResponse:
         """Run the requested tasks (default: all) on every input."""
-        tasks = (
-            list(dict.fromkeys(body.tasks)) if body.tasks else default_tasks(ingress.specs, body.inputs)
-        )
-        results, model = await run(request, body, tasks)
+        tasks = request_tasks(ingress.specs, body.inputs, body.tasks)
+        results, model = await calls.run(request, body, tasks)
         return JSONResponse({"results": results, "model": model})
 
     @app.post(
@@ -440,8 +479,12 @@ def create_api(ingress: IngressBackend) -> FastAPI:
     )
     async def predict_task(request: Request, task: str, body: TaskPredictRequest) -> JSONResponse:
         """Run one task on every input."""
-        results, model = await run(request, body, [task])
+        results, model = await calls.run(request, body, [task])
         return JSONResponse({"task": task, "results": [r[task] for r in results], "model": model})
+
+
+def _stream_routes(app: FastAPI, ingress: IngressBackend, calls: _ModelCalls) -> None:
+    """One input of a generation task, its text streamed as server-sent events."""
 
     @app.post(
         "/v1/tasks/{task}/generate/stream",
@@ -457,45 +500,45 @@ def create_api(ingress: IngressBackend) -> FastAPI:
     )
     async def generate_stream(request: Request, task: str, body: StreamRequest) -> StreamingResponse:
         """Generate one input's text for a generation task, streamed as it is decoded."""
-        record = _record_of(request)
-        if record is not None:
-            record.tasks, record.inputs = [task], 1
+        _note(request, [task], 1)
         (item,) = prepare_inputs(ingress.specs, ingress.args, [body.input], [task])
-        spec = ingress.specs[task]
-        if not is_generation(spec):
-            raise APIError(
-                422,
-                "not_generation",
-                f"task '{task}' is a {spec.kind} task; only generation tasks stream: use "
-                f"POST /v1/tasks/{task}/predict",
-            )
-        if spec.generation.num_beams > 1:
-            raise APIError(
-                422,
-                "not_streamable",
-                f"task '{task}' decodes with beam search (num_beams {spec.generation.num_beams}), "
-                f"whose text is only known at the end: use POST /v1/tasks/{task}/predict",
-            )
+        _check_streamable(ingress.specs[task])
         lengths = decode_lengths(
             ingress.specs, ingress.args, [task], body.max_new_tokens, body.min_new_tokens
         )[task]
         events = ingress.stream(item, task, lengths)
-        deadline = asyncio.get_running_loop().time() + deadline_s
+        deadline = asyncio.get_running_loop().time() + calls.deadline_s
         try:  # the first event before the 200: a refused input still gets its JSON 4xx
-            first = await within_deadline(anext(events))
-        except (BackPressureError, InputRejected) as exc:
+            first = await calls.within_deadline(anext(events))
+        except BaseException as exc:
             await events.aclose()
-            raise answer_errors(exc) from None  # type: ignore[misc]
-        except BaseException:
-            await events.aclose()
-            raise
+            err = answer_errors(exc) if isinstance(exc, Exception) else None
+            if err is None:
+                raise
+            raise err from None
         return StreamingResponse(
-            _sse(task, first, events, deadline, deadline_s, answer_errors, ingress),
+            _sse(task, first, events, deadline, calls.deadline_s, ingress),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    return app
+
+def _check_streamable(spec: TaskSpec) -> None:
+    """Only a generation task decoding greedily or by sampling knows its text token by token."""
+    if not spec.is_generation:
+        raise APIError(
+            422,
+            "not_generation",
+            f"task '{spec.name}' is a {spec.kind} task; only generation tasks stream: use "
+            f"POST /v1/tasks/{spec.name}/predict",
+        )
+    if spec.generation.num_beams > 1:
+        raise APIError(
+            422,
+            "not_streamable",
+            f"task '{spec.name}' decodes with beam search (num_beams {spec.generation.num_beams}), "
+            f"whose text is only known at the end: use POST /v1/tasks/{spec.name}/predict",
+        )
 
 
 def _event(name: str, data: dict[str, Any]) -> bytes:
@@ -510,7 +553,6 @@ async def _sse(
     events: AsyncIterator[dict[str, Any]],
     deadline: float,
     deadline_s: float,
-    answer_errors: Callable[[BaseException], APIError | None],
     ingress: IngressBackend,
 ) -> AsyncIterator[bytes]:
     """The Decoder's events as server-sent events, within the request deadline. A client that

@@ -24,6 +24,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from polytask.model.manifest import Manifest, read_manifest  # not bundle: no torch here
+from polytask.model.plan import plan_requests
+from polytask.serve.args import ServeArgs
 from polytask.serve.batching import MicroBatcher
 from polytask.serve.colocated import colocated_answer
 from polytask.serve.health import Health, stuck_after
@@ -31,8 +33,7 @@ from polytask.serve.levers import active_levers, require_levers
 from polytask.serve.metrics import ServeMetrics
 from polytask.serve.refs import local_bundle, model_from_config, pin_model_uri
 from polytask.serve.replica import replica_identity
-from polytask.serve.schemas import ServeArgs
-from polytask.serve.validation import APIError, is_generation
+from polytask.serve.validation import APIError
 
 # A request whose replica died is sent once more after a random pause of up to this (spreading
 # the retries of a failed batch), if at least RETRY_MIN_LEFT_S of its deadline is left then.
@@ -203,9 +204,8 @@ class Ingress:
     ) -> AsyncIterator[dict[str, Any]]:
         """One input of a generation task: the Decoder's events (a token each, then the answer)
         as they come; closing this generator cancels the decode's share for this input."""
-        text, pair = item
-        spec = self.specs[task]
-        encoded = self.encoder.encode.remote([text], [pair or ""] if spec.pair else None, False, True)
+        (view,) = plan_requests(self.specs, [([item], [task])]).views
+        encoded = self.encoder.encode.remote(view.texts, view.pairs, view.pooled, view.tokens)
         events = self.heads[task].options(stream=True).stream.remote(encoded, *lengths)
         try:
             async for event in events:
@@ -216,7 +216,7 @@ class Ingress:
     def _lengths(self, task: str, jobs: list[tuple[_Job, int]]) -> dict[str, list[int]]:
         """A generation head's per-input max/min new tokens (each request's own); {} otherwise."""
         spec = self.specs[task]
-        if not is_generation(spec):
+        if not spec.is_generation:
             return {}
         default = (spec.generation.max_new_tokens, 0)
         per_input = [job.lengths.get(task, default) for job, n in jobs for _ in range(n)]
@@ -243,55 +243,31 @@ class Ingress:
     async def _calls(
         self, jobs: list[_Job], deadline: float
     ) -> list[tuple[list[dict[str, Any]], dict[str, Any]]]:
-        calls = []  # (task, [(job index, first input, count)], response)
+        plan = plan_requests(self.specs, [(job.inputs, job.tasks) for job in jobs])
+        calls = []  # (call, response)
         sent = []  # every response, the encoder's included: cancelled together at the deadline
-        for pair_view in (False, True):
-            texts: list[str] = []
-            pairs: list[str] = []
-            pooled: list[bool] = []
-            tokens: list[bool] = []
-            spans: dict[int, tuple[int, int]] = {}  # job → (first input in this view, count)
-            for j, job in enumerate(jobs):
-                view = [t for t in job.tasks if self.specs[t].pair == pair_view]
-                if not view:
-                    continue
-                levels = {self.specs[t].task_kind.level for t in view}
-                spans[j] = (len(texts), len(job.inputs))
-                texts += [text for text, _ in job.inputs]
-                pairs += [pair or "" for _, pair in job.inputs]
-                pooled += ["sentence" in levels] * len(job.inputs)
-                tokens += [bool(levels & {"token", "sequence"})] * len(job.inputs)
-            if not texts:
-                continue
-            view_tasks = dict.fromkeys(
-                t for j in spans for t in jobs[j].tasks if self.specs[t].pair == pair_view
-            )
-            wanted = {}  # task → (its jobs, its input indices or None for all)
-            for task in view_tasks:
-                mine = [(j, *spans[j]) for j in spans if task in jobs[j].tasks]
-                indices = [i for _, start, n in mine for i in range(start, start + n)]
-                wanted[task] = (mine, None if len(indices) == len(texts) else indices)
-            here = {t: wanted[t][1] for t in view_tasks if self.heads[t] is None}
+        for view in plan.views:
+            here = {c.task: c.positions for c in view.calls if self.heads[c.task] is None}
             encoded = self.encoder.encode.remote(
-                texts, pairs if pair_view else None, pooled, tokens, here, len(here) < len(wanted)
+                view.texts, view.pairs, view.pooled, view.tokens, here, len(here) < len(view.calls)
             )
             sent.append(encoded)
             shared = asyncio.ensure_future(encoded) if here else None
-            for task, (mine, indices) in wanted.items():
-                if self.heads[task] is None:
-                    response = asyncio.ensure_future(colocated_answer(shared, task))
+            for call in view.calls:
+                if self.heads[call.task] is None:
+                    response = asyncio.ensure_future(colocated_answer(shared, call.task))
                 else:
-                    response = self.heads[task].predict.remote(
+                    response = self.heads[call.task].predict.remote(
                         encoded,
-                        texts if indices is None else [texts[i] for i in indices],
-                        indices,
-                        **self._lengths(task, [(jobs[j], n) for j, _, n in mine]),
+                        view.texts_of(call),
+                        call.positions,
+                        **self._lengths(call.task, [(jobs[j], n) for j, _, n in call.spans]),
                     )
-                calls.append((task, mine, response))
+                calls.append((call, response))
                 sent.append(response)
         try:
             outs = await asyncio.wait_for(
-                asyncio.gather(*(response for _, _, response in calls)),
+                asyncio.gather(*(response for _, response in calls)),
                 max(deadline - time.monotonic(), 0.0),
             )
         except TimeoutError:
@@ -302,19 +278,13 @@ class Ingress:
             if _died(exc):
                 raise _ReplicaGone(f"{type(exc).__name__}: {exc}"[:300]) from exc
             raise
-        results: list[list[dict[str, Any]]] = [[{} for _ in job.inputs] for job in jobs]
         models: list[dict[str, Any] | None] = [None] * len(jobs)
-        for (task, mine, _), out in zip(calls, outs):
-            answers = iter(out["answers"])
-            for j, _, n in mine:
-                for i in range(n):
-                    results[j][i][task] = next(answers)
+        for (call, _), out in zip(calls, outs):
+            for j, _, _ in call.spans:
                 if models[j] is None:
                     models[j] = {**self.model_info(out["fingerprint"]), "ref": out["model"]}
-        return [
-            ([{t: r[t] for t in job.tasks} for r in results[j]], models[j] or self.model_info())
-            for j, job in enumerate(jobs)
-        ]
+        results = plan.answers([out["answers"] for out in outs])
+        return [(results[j], models[j] or self.model_info()) for j in range(len(jobs))]
 
 
 def _api_key(env: str | None) -> str | None:

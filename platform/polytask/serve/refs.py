@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from polytask.serve.schemas import ServeArgs, ServeArgsError
+from polytask.serve.args import ServeArgs, ServeArgsError
 from polytask.tracking.uris import parse_model_uri
 
 

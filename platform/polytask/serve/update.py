@@ -16,7 +16,7 @@ from pathlib import Path
 from ray import serve
 
 from polytask.serve.app import APP_NAME, app_from_config, compose, logging_options
-from polytask.serve.schemas import ServeArgsError, parse_args
+from polytask.serve.args import ServeArgsError, parse_args
 
 
 @dataclass
@@ -58,20 +58,22 @@ def update_app(
     config's args and deployment options; returns once the app is RUNNING again."""
     import ray
 
-    args, options, name, prefix, runtime_env, logging = app_from_config(config_path, cpu_variant)
+    config = app_from_config(config_path, cpu_variant)
+    name = config.name
     if not ray.is_initialized():
         # The same job runtime_env as `polytask serve`: Serve copies it into every deployment's
         # actor options, and a different one would restart every replica.
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env=runtime_env)
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env=config.runtime_env)
     if name not in serve.status().applications:
         raise ServeArgsError(
             f"--update: no Serve application '{name}' is running on this Ray cluster; start it "
             f"with `polytask serve MODEL` (drop --update), or set RAY_ADDRESS to its cluster"
         )
-    app = compose(parse_args({**args, "model": model}), options, logging_options(logging, log_format, access_log))
+    logging = logging_options(config.logging_config, log_format, access_log)
+    app = compose(parse_args({**config.args, "model": model}), config.deployments, logging)
     before = replica_actors(name)
     began = time.perf_counter()
-    serve.run(app, name=name, route_prefix=prefix)
+    serve.run(app, name=name, route_prefix=config.route_prefix)
     seconds = time.perf_counter() - began
     after = replica_actors(name)
     common = [d for d in before if d in after]

@@ -14,7 +14,8 @@ import re
 import unicodedata
 
 from polytask.model.inputs import split_input
-from polytask.serve.schemas import PairInput, ServeArgs
+from polytask.serve.args import ServeArgs
+from polytask.serve.schemas import PairInput
 from polytask.tasks import TaskSpec
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -74,13 +75,6 @@ def _visible(char: str) -> bool:
     return unicodedata.category(char)[0] in "LNPS" or unicodedata.category(char) == "Co"
 
 
-def default_tasks(specs: dict[str, TaskSpec], items: list[str | PairInput]) -> list[str]:
-    """Every served task when none are named; pair tasks only when every input has a text_pair."""
-    paired = all(split_input(item)[1] is not None for item in items)
-    tasks = [name for name, spec in specs.items() if paired or not spec.pair]
-    return tasks or list(specs)
-
-
 def prepare_inputs(
     specs: dict[str, TaskSpec], args: ServeArgs, items: list[str | PairInput], tasks: list[str]
 ) -> list[tuple[str, str | None]]:
@@ -136,10 +130,6 @@ def _fit(text: str, where: str, args: ServeArgs) -> str:
     )
 
 
-def is_generation(spec: TaskSpec) -> bool:
-    return spec.generation is not None and spec.task_kind.level == "sequence"
-
-
 def decode_limit(spec: TaskSpec, args: ServeArgs) -> int:
     """Most new tokens one input may ask task `spec` for: the server's setting, else the task's."""
     own = spec.generation.max_new_tokens if spec.generation is not None else 1
@@ -158,7 +148,7 @@ def decode_lengths(
     out = {}
     for task in tasks:
         spec = specs[task]
-        if not is_generation(spec):
+        if not spec.is_generation:
             continue
         limit = decode_limit(spec, args)
         if max_new_tokens is not None and max_new_tokens > limit:

@@ -337,7 +337,7 @@ def _scan(
         rows += 1
         if task.kind == "regression":
             continue
-        if task.kind == "generation":
+        if task.is_generation:
             if not isinstance(rec.label, str) or not rec.label.strip():
                 raise DataError(
                     f"tasks.{task.name} ({split}): {rec.where}: the target text "
@@ -443,7 +443,7 @@ def tokenize_records(
     else:
         texts, pairs = texts_and_pairs(records, spec.pair)
         enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
-    if kind.level == "sequence":  # target token ids without specials, no longer than generated
+    if spec.is_generation:  # target token ids without specials, no longer than generated
         from polytask.model.generation import target_ids
 
         targets = target_ids(tokenizer, [r.label for r in records], spec.generation.max_new_tokens)
@@ -452,7 +452,7 @@ def tokenize_records(
         feat = {k: enc[k][i] for k in enc}
         if kind.level == "token":
             feat["labels"] = align_labels(enc.word_ids(i), [spec.labels.index(t) for t in rec.label])
-        elif kind.level == "sequence":
+        elif spec.is_generation:
             feat["labels"] = targets[i]
         else:
             feat["labels"] = kind.encode_target(rec.label, spec)

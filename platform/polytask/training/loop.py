@@ -218,11 +218,11 @@ def generation_heads(
 ) -> tuple[list[TaskSpec], dict[str, nn.Module]]:
     """The specs with each generation task's decoder choice resolved, and those tasks' heads
     (from the encoder-decoder `checkpoint`, or new; the same seed makes every rank's equal)."""
-    resolved = [resolve_decoder(s, encoder) if s.kind == "generation" else s for s in specs]
+    resolved = [resolve_decoder(s, encoder) if s.is_generation else s for s in specs]
     heads = {
         s.name: build_generation_head(s, tokenizer, encoder, checkpoint)
         for s in resolved
-        if s.kind == "generation"
+        if s.is_generation
     }
     return resolved, heads
 
@@ -412,7 +412,7 @@ def evaluate(
     out = {}
     for task, feats in features.items():
         spec = model.specs[task]
-        if spec.task_kind.level == "sequence":
+        if spec.is_generation:
             out[task] = _evaluate_generation(model, task, feats, batch_size, pad_token_id, device)
             continue
         token = spec.task_kind.level == "token"
