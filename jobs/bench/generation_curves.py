@@ -35,6 +35,8 @@ SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "warm lr=1e-4": ({"decoder_init": "encoder"}, {"lr": 1e-4}),
     "warm lr=3e-4": ({"decoder_init": "encoder"}, {"lr": 3e-4}),
     "warm lr=1e-4 new×10": ({"decoder_init": "encoder", "new_lr_scale": 10.0}, {"lr": 1e-4}),
+    "warm lr=3e-4 new×10": ({"decoder_init": "encoder", "new_lr_scale": 10.0}, {"lr": 3e-4}),
+    "random lr=1e-3": ({"decoder_init": "random"}, {"lr": 1e-3}),
     "warm-top lr=1e-4": (
         {"decoder_init": "encoder", "decoder_layers_from": "top"},
         {"lr": 1e-4},
@@ -248,7 +250,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """Dev BLEU (exact copies %) at each evaluated step, per setting, and the settings line."""
+    """Dev BLEU (exact copies %; the epoch's mean train loss) at each evaluated step, per
+    setting, and the settings line."""
     st, m = result["settings"], result["machine"]
     curves = result["curves"]
     steps = sorted({int(p["step"]) for c in curves.values() for p in c["points"]})
@@ -258,13 +261,16 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for name, c in curves.items():
         at = {int(p["step"]): p for p in c["points"]}
-        cells = [f"{at[n]['bleu']:.1f} ({at[n]['exact']:.0f}%)" if n in at else "-" for n in steps]
+        cells = [
+            f"{at[n]['bleu']:.1f} ({at[n]['exact']:.0f}%; {at[n]['train_loss']:.2f})" if n in at else "-"
+            for n in steps
+        ]
         reached = c["bleu_90_at"] if c["bleu_90_at"] is not None else "not reached"
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {reached} | {c['points'][-1]['train_s']:.0f} |")
     return (
         "\n".join(rows)
-        + f"\n\nCopy task (dev BLEU, exact copies in brackets, {st['eval_sentences']} held-out "
-        f"sentences, greedy): {st['train_sentences']} training sentences from {st['data']}; "
+        + f"\n\nCopy task: dev BLEU (in brackets: exact copies, and the mean train loss over the "
+        f"steps since the previous point), {st['eval_sentences']} held-out sentences, greedy; {st['train_sentences']} training sentences from {st['data']}; "
         f"encoder {st['encoder']}, new {st['decoder_layers']}-layer decoder; batch "
         f"{st['batch_size']}, max_length {st['max_length']}, planned {st['steps']} steps (warmup "
         f"10% then linear decay to 0 over them), seed {st['seed']}, {st['torch_threads']} torch "
