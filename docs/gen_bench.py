@@ -203,6 +203,29 @@ def dashboard(root: Path) -> Section:
     return Section(f"{r['scrapes']} scrapes.\n\n" + _table(header, rows), [path])
 
 
+def tutorial(root: Path) -> Section:
+    """The tutorial's run (docs/tutorial.md): each epoch's validation figures, then the test."""
+    path = root / "tutorial" / "results.json"
+    r = _load(path)
+    primary = r["primary_metrics"]
+    header = ["epoch", *[f"{t} {m} (validation)" for t, m in primary.items()], "objective"]
+    rows = [[e["epoch"], *[f"{e[t]:.3f}" for t in primary], f"{e['objective']:.3f}"
+             + (" (best)" if e["epoch"] == r["best_epoch"] else "")] for e in r["epochs"]]
+    test = "; ".join(f"{t} {m} **{r['test'][t][m]:.3f}**" for t, m in primary.items()
+                     if t in r["test"])
+    load = r["load_1min"]
+    smoke = "**A smoke run (`--tiny`), not the tutorial's figures.**\n\n" if r.get("tiny") else ""
+    text = (
+        smoke + _table(header, rows)
+        + f"\n\nTest split (best epoch's model): {test}. Registered as version "
+        f"{r['registered']['version']} ({', '.join(r['registered']['aliases'])}). "
+        f"Training and evaluation took {r['wall_s'] / 60:.0f} min on {r['cpu_count']} CPU cores "
+        f"shared with other work (load average {load['before']:.1f} before, {load['after']:.1f} "
+        "after); the figures vary a little from run to run and machine to machine."
+    )
+    return Section(text, [path])
+
+
 SECTIONS: dict[str, Callable[[Path], Section]] = {
     "serve": serve,
     "metrics_cost": metrics_cost,
@@ -216,6 +239,7 @@ SECTIONS: dict[str, Callable[[Path], Section]] = {
     "generation_curves": generation_curves,
     "generation_serve": generation_serve,
     "compress": _prepared_table("compress"),
+    "tutorial": tutorial,
 }
 
 

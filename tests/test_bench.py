@@ -18,10 +18,9 @@ import pytest
 from polytask.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "jobs" / "bench"
-sys.path.insert(0, str(BENCH))  # the scripts import each other by name, as when run directly
+BENCH = ROOT / "jobs" / "bench"  # on sys.path (conftest): the scripts import each other by name
 
-from common import BenchError, read_texts
+from common import BenchError, free_port, read_texts
 from loadgen import Shed, ceiling, run_load
 from report import compute
 
@@ -125,12 +124,7 @@ def test_load_generator_counts_errors_and_respects_bounds():
 
 
 def test_load_generator_ceiling_is_measured_against_a_trivial_server():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    result = ceiling(concurrency=4, duration_s=0.3, port=port)
+    result = ceiling(concurrency=4, duration_s=0.3, port=free_port())
     assert result["errors"] == 0 and result["requests"] > 10
     assert result["requests_per_s"] > 100, "a trivial server must not be the bottleneck"
 

@@ -31,13 +31,16 @@ from common import (
     FAST_TEARDOWN,
     BenchError,
     CpuWatch,
+    free_port,
+    ints,
     is_busy,
+    load_texts,
     machine_info,
     machine_markdown,
     quiet_transformers,
     usable_cores,
+    wait_ready,
 )
-from serve_bench import _free_port, _ints, _load_texts, _wait_ready
 
 TASK = "summary"
 TARGET = 0.6  # served tokens/s over in-process at c=32
@@ -169,7 +172,7 @@ def served(
         },
     }
     n = settings.new_tokens
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
         "model": str(bundle),
@@ -179,7 +182,7 @@ def served(
     serve.run(compose(args, options), name="polytask", route_prefix="/")
     body = {"max_new_tokens": n, "min_new_tokens": n}
     path = f"/v1/tasks/{TASK}/predict"
-    asyncio.run(_wait_ready(f"http://127.0.0.1:{port}{path}", {"inputs": texts[:1], **body}))
+    asyncio.run(wait_ready(f"http://127.0.0.1:{port}{path}", {"inputs": texts[:1], **body}))
     head = serve.get_deployment_handle(f"head_{TASK}", "polytask")
     runs = []
     for conc in settings.concurrency:
@@ -234,7 +237,7 @@ def run_bench(
     started = time.perf_counter()
     for key, value in (("TOKENIZERS_PARALLELISM", "false"), ("HF_HUB_OFFLINE", "1")):
         os.environ.setdefault(key, value)
-    texts, source = _load_texts(texts_file, tiny)
+    texts, source = load_texts(texts_file, tiny)
     texts = texts[: settings.texts]
     cores = usable_cores()
     with tempfile.TemporaryDirectory(prefix="polytask-genbench-") as tmp:
@@ -345,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="results directory (default bench_results/generation_serve)")
     parser.add_argument("--texts", help="one text per line, or a TSV/CSV with a 'sentence' column")
     parser.add_argument("--tiny", action="store_true", help="smoke run: tiny random encoder, one short level")
-    parser.add_argument("--concurrency", type=_ints, help="comma-separated, default 8,32")
+    parser.add_argument("--concurrency", type=ints, help="comma-separated, default 8,32")
     parser.add_argument("--new-tokens", type=int, help="tokens every input decodes (32)")
     parser.add_argument("--duration", type=float, help="seconds per served level (20)")
     args = parser.parse_args(argv)

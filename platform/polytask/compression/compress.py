@@ -567,9 +567,13 @@ def run_compress(
 ) -> dict[str, Any]:
     """`polytask compress`: resolve → compress → (evaluate) → (register); returns a summary."""
     from polytask.config import default_home, load_config
-    from polytask.tracking.registry import resolve_bundle
+    from polytask.tracking.places import check_paths, describe, output_place, refuse_scratch
+    from polytask.tracking.registry import resolve_bundle, tracking_uri
+    from polytask.tracking.uris import is_local_path
 
     say = console.print if console is not None else (lambda *a, **k: None)
+    # Refused inside a Ray job's temporary working_dir copy, before any work.
+    places = check_paths(tracking_uri()) if register or not is_local_path(model_uri) else []
     if register:  # fail before the slow part; pin an alias so source and tag name one version
         name, version = registered_version(model_uri)
         model_uri = f"models:/{name}/{version}"
@@ -582,6 +586,10 @@ def run_compress(
         out = (
             default_home() / "compressed" / f"{slug.strip('_')}-{VARIANT_OF_METHOD.get(method, method)}"
         )
+    bundle = output_place("bundle", str(Path(out).resolve()), "--out")
+    if not register:  # unregistered, the bundle is the result (else the store keeps a copy)
+        refuse_scratch([bundle])
+    say(f"state of this compression\n{describe([*places, bundle])}", markup=False, highlight=False)
     say(f"compressing {model_uri} ({src}) with {method} …")
     manifest = compress_bundle(
         src, out, method, sparsity, experiment=cfg, finetune_steps=finetune_steps,

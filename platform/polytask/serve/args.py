@@ -29,11 +29,23 @@ class HeadOptions(BaseModel):
         None, description="e.g. {num_cpus: 0.5, resources: {cpu_pool: 0.01}}; never num_gpus."
     )
     autoscaling_config: dict[str, Any] | None = Field(None, description="Serve autoscaling.")
-    max_ongoing_requests: int | None = Field(None, ge=1)
-    max_queued_requests: int | None = Field(None, ge=-1)
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Calls one head replica runs at once (Ingress batches, plus open "
+        "streams for a generation head); unset: polytask's code default."
+    )
+    max_queued_requests: int | None = Field(
+        None, ge=-1, description="Calls queued per caller beyond those before Serve refuses more; "
+        "-1 or unset: no limit."
+    )
     num_replicas: int | None = Field(None, ge=1, description="Fixed count (no autoscaling).")
-    graceful_shutdown_timeout_s: float | None = Field(None, ge=0)
-    graceful_shutdown_wait_loop_s: float | None = Field(None, gt=0)
+    graceful_shutdown_timeout_s: float | None = Field(
+        None, ge=0, description="How long a stopping replica may finish its calls before Serve "
+        "kills it; unset: Serve's default."
+    )
+    graceful_shutdown_wait_loop_s: float | None = Field(
+        None, gt=0, description="How often a stopping replica checks whether its calls are done; "
+        "unset: Serve's default."
+    )
     placement: Placement = Field(
         "separate",
         description="separate: each head its own autoscaled deployment `head_<task>`; "
@@ -102,8 +114,14 @@ class ServeArgs(BaseModel):
     ingress_batches_in_flight: int = Field(
         2, ge=1, le=64, description="Batches one Ingress replica runs at once."
     )
-    max_inputs_per_request: int = Field(64, ge=1, le=10_000)
-    max_chars_per_input: int = Field(2000, ge=1, le=1_000_000)
+    max_inputs_per_request: int = Field(
+        64, ge=1, le=10_000, description="Most inputs one request may send; more: 413 too_many_inputs."
+    )
+    max_chars_per_input: int = Field(
+        2000, ge=1, le=1_000_000,
+        description="Longest text (and text_pair) in characters; longer: 413 input_too_long, or cut "
+        "with overflow: truncate.",
+    )
     max_body_bytes: int | None = Field(
         None, ge=1024, description="Request body limit; default fits the input limits."
     )
@@ -125,7 +143,11 @@ class ServeArgs(BaseModel):
         le=3600,
         description="Time a client has to send its whole body; a slower one gets 408.",
     )
-    head_options: HeadOptions = Field(default_factory=HeadOptions)
+    head_options: HeadOptions = Field(
+        default_factory=HeadOptions,
+        description="Serve deployment options of every head (a `deployments:` entry named "
+        "head_<task> overrides them for one task).",
+    )
     head_placement: dict[str, Placement] = Field(
         default_factory=dict,
         description="Per-task placement overriding head_options.placement, e.g. "

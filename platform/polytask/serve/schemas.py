@@ -88,6 +88,10 @@ class PredictRequest(TaskPredictRequest):
 class ModelInfo(BaseModel):
     uri: str = Field(description="The model as configured (may name an alias).")
     ref: str = Field(description="The exact version served (alias resolved at deploy time).")
+    variant: str = Field(
+        "fp32", description="The encoder's weights: fp32, or the `polytask compress` variant "
+        "served (int8, pruned, pruned+int8; `cpu_variant`)."
+    )
     fingerprint: str | None = Field(None, description="Encoder weights id that answered.")
 
 
