@@ -70,6 +70,25 @@ def generation_serve(root: Path) -> Section:
     return Section(_demote(_bench_module("generation_serve_bench").markdown(_load(path))), [path])
 
 
+def _not_run(command: str) -> Section:
+    """What a page shows where a benchmark has no results yet: the command that makes them."""
+    return Section(f"*No results yet; `{command}` writes them.*")
+
+
+def generation_quality(root: Path) -> Section:
+    path = root / "generation_quality" / "results.json"
+    if not path.is_file():
+        return _not_run("python jobs/bench/generation_quality.py --data ../shared/data --threads 1")
+    return Section(_demote(_bench_module("generation_quality").markdown(_load(path))), [path])
+
+
+def generation_curves(root: Path) -> Section:
+    path = root / "generation_quality" / "learning_curves.json"
+    if not path.is_file():
+        return _not_run("python jobs/bench/generation_curves.py --data ../shared/data --threads 1")
+    return Section(_bench_module("generation_curves").markdown(_load(path)), [path])
+
+
 def metrics_cost(root: Path) -> Section:
     """CPU ms per answered request, by process, without (before*) and with (after*) metrics."""
     paths = sorted((root / "metrics_cost").glob("*/results.json"),
@@ -216,7 +235,8 @@ SECTIONS: dict[str, Callable[[Path], Section]] = {
     "ingest": ingest,
     "train_overhead": train_overhead,
     "quality": _prepared_table("quality_reduced"),
-    "generation_quality": _prepared_table("generation_quality"),
+    "generation_quality": generation_quality,
+    "generation_curves": generation_curves,
     "generation_serve": generation_serve,
     "compress": _prepared_table("compress"),
     "tutorial": tutorial,

@@ -178,7 +178,7 @@ def generation_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Pa
 
     encoder, tokenizer = load_encoder(str(tiny_encoder))
     gen = TaskSpec("entities", "generation", [], generation=GenerationSpec(decoder_layers=1, max_new_tokens=6))
-    gen = resolve_decoder(gen, encoder.config)
+    gen = resolve_decoder(gen, encoder)
     specs = [TaskSpec("sentiment", "classification", ["negative", "positive"]), gen]
     heads = {"entities": build_generation_head(gen, tokenizer, encoder)}
     path = tmp_path_factory.mktemp("generation") / "bundle"

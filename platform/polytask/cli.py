@@ -476,13 +476,16 @@ def compress(
     out: Annotated[Path | None, typer.Option(help="Output bundle dir.")] = None,
     register: Annotated[bool, typer.Option(help="Register as a new version of the source model.")] = True,
     finetune_steps: Annotated[int, typer.Option(help="prune: recovery fine-tune steps (needs --eval).")] = 0,
+    decoder_int8: Annotated[
+        bool, typer.Option(help="int8: quantize generation decoders' linear layers too (CPU only).")
+    ] = False,
 ) -> None:
     """Compress a model's encoder for CPU serving; the result is a new bundle / model version."""
     from polytask.compression.compress import run_compress
 
     summary = run_compress(
         model, method.value, sparsity, eval_experiment, out, register, console,
-        finetune_steps=finetune_steps,
+        finetune_steps=finetune_steps, decoder_int8=decoder_int8,
     )
     console.print_json(json.dumps(summary, default=str))
 
