@@ -70,6 +70,25 @@ def generation_serve(root: Path) -> Section:
     return Section(_demote(_bench_module("generation_serve_bench").markdown(_load(path))), [path])
 
 
+def _not_run(command: str) -> Section:
+    """What a page shows where a benchmark has no results yet: the command that makes them."""
+    return Section(f"*No results yet; `{command}` writes them.*")
+
+
+def generation_quality(root: Path) -> Section:
+    path = root / "generation_quality" / "results.json"
+    if not path.is_file():
+        return _not_run("python jobs/bench/generation_quality.py --data ../shared/data --threads 1")
+    return Section(_demote(_bench_module("generation_quality").markdown(_load(path))), [path])
+
+
+def generation_curves(root: Path) -> Section:
+    path = root / "generation_quality" / "learning_curves.json"
+    if not path.is_file():
+        return _not_run("python jobs/bench/generation_curves.py --data ../shared/data --threads 1")
+    return Section(_bench_module("generation_curves").markdown(_load(path)), [path])
+
+
 def metrics_cost(root: Path) -> Section:
     """CPU ms per answered request, by process, without (before*) and with (after*) metrics."""
     paths = sorted((root / "metrics_cost").glob("*/results.json"),
@@ -224,6 +243,29 @@ def chaos(root: Path) -> Section:
     return Section(_table(header, rows) + "\n\n" + checks, [gcs_path, node_path])
 
 
+def tutorial(root: Path) -> Section:
+    """The tutorial's run (docs/tutorial.md): each epoch's validation figures, then the test."""
+    path = root / "tutorial" / "results.json"
+    r = _load(path)
+    primary = r["primary_metrics"]
+    header = ["epoch", *[f"{t} {m} (validation)" for t, m in primary.items()], "objective"]
+    rows = [[e["epoch"], *[f"{e[t]:.3f}" for t in primary], f"{e['objective']:.3f}"
+             + (" (best)" if e["epoch"] == r["best_epoch"] else "")] for e in r["epochs"]]
+    test = "; ".join(f"{t} {m} **{r['test'][t][m]:.3f}**" for t, m in primary.items()
+                     if t in r["test"])
+    load = r["load_1min"]
+    smoke = "**A smoke run (`--tiny`), not the tutorial's figures.**\n\n" if r.get("tiny") else ""
+    text = (
+        smoke + _table(header, rows)
+        + f"\n\nTest split (best epoch's model): {test}. Registered as version "
+        f"{r['registered']['version']} ({', '.join(r['registered']['aliases'])}). "
+        f"Training and evaluation took {r['wall_s'] / 60:.0f} min on {r['cpu_count']} CPU cores "
+        f"shared with other work (load average {load['before']:.1f} before, {load['after']:.1f} "
+        "after); the figures vary a little from run to run and machine to machine."
+    )
+    return Section(text, [path])
+
+
 SECTIONS: dict[str, Callable[[Path], Section]] = {
     "chaos": chaos,
     "serve": serve,
@@ -234,9 +276,11 @@ SECTIONS: dict[str, Callable[[Path], Section]] = {
     "ingest": ingest,
     "train_overhead": train_overhead,
     "quality": _prepared_table("quality_reduced"),
-    "generation_quality": _prepared_table("generation_quality"),
+    "generation_quality": generation_quality,
+    "generation_curves": generation_curves,
     "generation_serve": generation_serve,
     "compress": _prepared_table("compress"),
+    "tutorial": tutorial,
 }
 
 

@@ -5,7 +5,9 @@
 - reference/cli.md: the typer command tree of polytask.cli, rendered by typer's own docs writer;
 - reference/http-api.md: the OpenAPI schema of the FastAPI app that polytask.serve.http builds;
 - benchmarks: `<!-- bench:NAME -->` markers in any page become docs/gen_bench.py's tables, and
-  the plots under bench_results/ are published beside them.
+  the plots under bench_results/ are published beside them;
+- values: `{{ NAME }}` in any page becomes a default, limit or shipped setting read from the code
+  (docs/values.py), so prose never retypes one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from types import SimpleNamespace
 from typing import Any, Literal
 
 import gen_bench  # docs/ is on sys.path while MkDocs loads this file
+import values
 from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File, Files
@@ -62,6 +65,10 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
 
 
 def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files) -> str:
+    try:
+        markdown = values.fill(markdown, page.file.src_path)
+    except values.UnknownValue as exc:
+        raise PluginError(str(exc)) from None
     if "<!-- bench:" not in markdown:
         return markdown
     sections = gen_bench.sections()
@@ -138,7 +145,16 @@ def _limits(info: FieldInfo) -> str:
 
 
 def _cell(text: str | None) -> str:
-    return (text or "").replace("|", "\\|").replace("\n", " ")
+    return escape_html((text or "").replace("|", "\\|").replace("\n", " "))
+
+
+def escape_html(text: str) -> str:
+    """`<`, `>` and `&` outside code spans as entities, so a placeholder such as <key> shows
+    instead of vanishing as an unknown HTML tag (inside backticks Markdown escapes them itself)."""
+    parts = re.split(r"(`[^`]*`)", text)
+    return "".join(part if part.startswith("`") else
+                   part.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+                   for part in parts)
 
 
 def _models(root: type[BaseModel], prefix: str) -> list[tuple[str, type[BaseModel], str]]:
@@ -187,6 +203,69 @@ def configuration_page() -> str:
         model_reference(ExperimentConfig, "", "###"),
         "## Serve application args", "",
         model_reference(ServeArgs, "args", "###"),
+        deployments_reference(),
+    ])
+
+
+def _first_sentence(text: str | None) -> str:
+    text = " ".join((text or "").split())
+    return text.split(". ")[0].rstrip(".") + "." if text else ""
+
+
+def deployments_reference() -> str:
+    """The `deployments:` entries of a Serve config: the names polytask builds, Ray Serve's own
+    options (its schema's descriptions), what polytask's code sets, and the shipped configs."""
+    from ray.serve.schema import DeploymentSchema
+
+    from polytask.serve import app
+
+    by_code = {
+        "max_ongoing_requests": ", ".join(f"{k} {v}" for k, v in app.MAX_ONGOING.items()),
+        **{k: f"every deployment: {v:g}" for k, v in app.HEALTH_CHECK.items()},
+        "backpressure_config": f"Ingress: `{json.dumps(app.SHED)}`",
+        **{k: f"Ingress and heads: {v}" for k, v in app.CPU_SURGE.items()},
+        "ray_actor_options": "CPUs per replica; the Encoder a GPU with `device: cuda`",
+    }
+    rows = [f"| `{name}` | {_cell(_first_sentence(info.description))} | {by_code.get(name, '')} |"
+            for name, info in DeploymentSchema.model_fields.items() if name != "name"]
+    shipped = ["| config | deployment | replicas | `max_ongoing_requests` | `ray_actor_options` |",
+               "| --- | --- | --- | --- | --- |"]
+    for which in ("local", "cluster"):
+        cfg = values.serve_config(which)
+        entries = {**cfg["deployments"], "every head (`args.head_options`)": cfg["args"]["head_options"],
+                   "generation heads (`args.generation_head_options`)":
+                       cfg["args"].get("generation_head_options", {})}
+        for name, entry in entries.items():
+            scale = entry.get("autoscaling_config")
+            replicas = (f"{scale['min_replicas']}–{scale['max_replicas']} (autoscaled)" if scale
+                        else str(entry.get("num_replicas", "")))
+            actor = json.dumps(entry.get("ray_actor_options", {})).replace('"', "")
+            shipped.append(f"| `{which}.yaml` | {name} | {replicas} | "
+                           f"{entry.get('max_ongoing_requests', '')} | `{actor}` |")
+    example = """```yaml
+deployments:
+  - name: Encoder
+    num_replicas: 2
+    ray_actor_options: {num_cpus: 2}
+  - name: head_ner
+    autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 1}
+```"""
+    return "\n".join([
+        "## Serve deployments {#serve-deployments}", "",
+        ("The `deployments:` list of the polytask application in a Serve config sets Ray Serve's "
+         "options per deployment: `Ingress`, `Encoder` and `head_<task>` for each task whose head "
+         "is placed `separate`. Options apply in this order, each replacing what came before: "
+         "polytask's code, then `args.head_options` (every head), then "
+         "`args.generation_head_options` (heads of generation tasks), then the deployment's own "
+         "entry; `num_replicas` in an entry replaces an `autoscaling_config` set before it, and "
+         "the other way round. Any other name is refused at deploy time, listing the names "
+         "there are. How to size them: [Serving → Scale each deployment]"
+         "(../serving.md#scale-each-deployment)."), "",
+        example, "",
+        "| option | what it does (Ray Serve) | set by polytask's code |", "| --- | --- | --- |",
+        *rows, "",
+        "What the shipped configs (`serve_configs/`) set:", "",
+        *shipped, "",
     ])
 
 
@@ -258,12 +337,76 @@ def _schema_type(s: dict[str, Any]) -> str:
     return s.get("type", "any")
 
 
+_MODEL = {"uri": "models:/polytask-demo@champion", "ref": "models:/polytask-demo/1",
+          "variant": "fp32", "fingerprint": "3f2a9c0d51e7b846"}
+_SENTIMENT = {"label": "positive", "score": 0.93, "probabilities": {"negative": 0.07, "positive": 0.93}}
+_NER = {"entities": [{"type": "person", "text": "alice smith", "start": 0, "end": 11, "score": 0.97}]}
+# One call and its answer per route, for a model with a `sentiment` and an `ner` task (the
+# quickstart's); tests/test_docs_examples.py checks each against the route's models.
+ROUTE_EXAMPLES: dict[tuple[str, str], tuple[str, str, Any]] = {
+    ("get", "/healthz"): ("curl -s http://127.0.0.1:8000/healthz", "json", {"status": "ok"}),
+    ("get", "/v1/tasks"): ("curl -s http://127.0.0.1:8000/v1/tasks", "json", {
+        "tasks": [{"name": "sentiment", "kind": "classification", "labels": ["negative", "positive"],
+                   "pair": False},
+                  {"name": "ner", "kind": "token_classification",
+                   "labels": ["O", "B-person", "I-person"], "pair": False}],
+        "model": _MODEL}),
+    ("post", "/v1/predict"): (
+        ("curl -s http://127.0.0.1:8000/v1/predict -H 'content-type: application/json' \\\n"
+         "  -d '{\"inputs\": [\"alice smith loved it\"], \"tasks\": [\"sentiment\", \"ner\"]}'"),
+        "json", {"results": [{"sentiment": _SENTIMENT, "ner": _NER}], "model": _MODEL}),
+    ("post", "/v1/tasks/{task}/predict"): (
+        ("curl -s http://127.0.0.1:8000/v1/tasks/ner/predict -H 'content-type: application/json' \\\n"
+         "  -d '{\"inputs\": [\"alice smith loved it\"]}'"),
+        "json", {"task": "ner", "results": [_NER], "model": _MODEL}),
+    ("post", "/v1/tasks/{task}/generate/stream"): (
+        ("curl -N http://127.0.0.1:8000/v1/tasks/entities/generate/stream "
+         "-H 'content-type: application/json' \\\n  -d '{\"input\": \"alice flew to paris\"}'"),
+        "text", ("event: token\ndata: {\"id\": 6584, \"text\": \"alice\"}\n\n"
+                 "event: done\ndata: {\"task\": \"entities\", \"result\": {\"text\": \"alice ; paris\"}, "
+                 "\"tokens\": 3, \"model\": " + json.dumps(_MODEL) + "}")),
+}
+
+
+def _route_example(method: str, path: str) -> list[str]:
+    if (method, path) not in ROUTE_EXAMPLES:
+        raise PluginError(f"HTTP API: no example for {method.upper()} {path}; add one to "
+                          "docs/hooks.py ROUTE_EXAMPLES")
+    call, lang, answer = ROUTE_EXAMPLES[(method, path)]
+    shown = answer if isinstance(answer, str) else (
+        "{" + ",\n ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in answer.items()) + "}")
+    return ["Example:", "", "```bash", call, "```", "", f"```{lang}", shown, "```", ""]
+
+
+def error_table() -> list[str]:
+    """Every error code, its status, when it is answered and the routes that can answer it, from
+    the catalogue the routes document their responses with (polytask.serve.errors)."""
+    from polytask.serve import errors
+
+    lines = ["## Error codes", "",
+             ("Every refusal is an [ErrorResponse](#errorresponse), "
+              "`{\"error\": {\"code\": ..., \"message\": ...}}`, whose message says what to "
+              "change. The codes, from `polytask.serve.errors`, in the order a request meets "
+              "them; each route above lists only its own ([Troubleshooting](../troubleshooting.md) "
+              "has the fixes):"), "",
+             "| code | status | when | routes |", "| --- | --- | --- | --- |"]
+    for step, codes in errors.STEPS.items():
+        routes = ", ".join(f"`{m.upper()} {p}`" for (m, p), steps in errors.ROUTE_STEPS.items()
+                           if step in steps)
+        lines += [f"| `{code}` | {err.status} | {_cell(err.when)} | {routes} |"
+                  for code, err in codes.items()]
+    lines += [f"| `{code}` | {err.status} | {_cell(err.when)} | any path |"
+              for code, err in errors.NO_ROUTE.items()]
+    return [*lines, ""]
+
+
 def http_page() -> str:
     spec = openapi_schema()
     lines = ["# HTTP API reference", "",
              ("Generated at build time from the OpenAPI schema of the FastAPI app that "
              "`polytask.serve.http.create_api` builds (a running app serves the same at `/docs` "
-             "and `/openapi.json`). Every error body is an [ErrorResponse](#errorresponse)."), "",
+             "and `/openapi.json`). Every error body is an [ErrorResponse](#errorresponse); its codes: "
+             "[Error codes](#error-codes)."), "",
              _cell(spec["info"].get("description")), "", "## Routes", ""]
     for path, methods in spec["paths"].items():
         for method, op in methods.items():
@@ -276,12 +419,14 @@ def http_page() -> str:
             body = op.get("requestBody", {}).get("content", {}).get("application/json")
             if body:
                 lines.append(f"- request body: {_schema_type(body['schema'])}")
+            lines += [""] + _route_example(method, path)
             lines += ["", "| status | meaning | body |", "| --- | --- | --- |"]
             for status, resp in op["responses"].items():
                 schema = resp.get("content", {}).get("application/json", {}).get("schema", {})
                 lines.append(f"| {status} | {_cell(resp.get('description'))} | "
                              f"{_schema_type(schema) if schema else ''} |")
             lines.append("")
+    lines += error_table()
     lines += ["## Schemas", ""]
     for name, schema in sorted(spec["components"]["schemas"].items()):
         lines += [f"### {name}", "", _cell(schema.get("description")), ""]

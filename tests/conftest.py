@@ -8,7 +8,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
-import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,14 @@ import pytest
 
 from polytask.config import ExperimentConfig, config_from_dict
 from polytask.demo import demo_experiment, write_demo_data, write_tiny_encoder
+from polytask.serve.levers import DEFAULT_LEVERS, lever_env
+
+# The bench scripts' shared module is importable as `common` in every test (the scripts import
+# each other by name, as when run directly); its `free_port` is the suite's too.
+BENCH = Path(__file__).resolve().parents[1] / "jobs" / "bench"
+sys.path.insert(0, str(BENCH))
+
+from common import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -47,19 +55,36 @@ _paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 if str(_SITE) not in _paths:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(_SITE), *_paths])
 gc.set_threshold(*GC_THRESHOLD)
+# The suite runs under polytask's default Serve levers, as `polytask serve` does: Serve reads
+# them at import in each of its processes, which inherit this environment. Set at import, not by
+# the Ray fixture, so a module that builds apps without starting Ray sees them too.
+os.environ.update(lever_env(DEFAULT_LEVERS))
 
 
 # The suite runs in two xdist workers, one module at a time each (`-n 2 --dist loadfile` in
 # pyproject.toml); a worker that runs dry takes the next module in this order. Longest first (their
-# measured share of the suite) keeps both workers busy to the end; the rest follow alphabetically.
+# measured share of the suite) keeps both workers busy to the end; the rest follow in collection
+# order: tests/ alphabetically, then tests/unit/ (the short modules that never start Ray) last.
 LONGEST_FIRST = (
-    "test_train", "test_bench", "test_add_task", "test_quickstart", "test_tune", "test_serve",
-    "test_ingest", "test_serve_autoscale", "test_serve_chaos", "test_batch", "test_compress",
-    "test_serve_placement",
+    "test_ray_jobs", "test_train", "test_bench", "test_add_task", "test_quickstart", "test_tune",
+    "test_serve", "test_ingest", "test_serve_autoscale", "test_serve_chaos", "test_batch",
+    "test_compress", "test_serve_placement", "test_docs_site",
 )
+UNIT = Path(__file__).resolve().parent / "unit"
+RAY_FIXTURES = frozenset({"ray_cluster", "ray_local", "ray_with_store"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    wrong = [
+        item.nodeid
+        for item in items
+        if item.path.is_relative_to(UNIT) and RAY_FIXTURES & set(getattr(item, "fixturenames", ()))
+    ]
+    if wrong:
+        raise pytest.UsageError(
+            f"tests/unit/ never starts Ray, but {', '.join(wrong)} ask(s) for a Ray fixture "
+            f"({', '.join(sorted(RAY_FIXTURES))}): move it to tests/"
+        )
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: test order kept
 
@@ -153,7 +178,7 @@ def generation_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Pa
 
     encoder, tokenizer = load_encoder(str(tiny_encoder))
     gen = TaskSpec("entities", "generation", [], generation=GenerationSpec(decoder_layers=1, max_new_tokens=6))
-    gen = resolve_decoder(gen, encoder.config)
+    gen = resolve_decoder(gen, encoder)
     specs = [TaskSpec("sentiment", "classification", ["negative", "positive"]), gen]
     heads = {"entities": build_generation_head(gen, tokenizer, encoder)}
     path = tmp_path_factory.mktemp("generation") / "bundle"
@@ -188,27 +213,6 @@ def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_store:
     return uri
 
 
-# Below the kernel's ephemeral range (32768+), where the OS hands out ports to every `bind(0)`
-# (Ray's gRPC servers, outgoing connections): a port picked there can be taken before Serve's
-# proxy binds it. Above Ray's worker ports (10002-19999), below direct ingress's (30000+).
-PORT_RANGE = (20000, 29999)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for Serve's HTTP proxy, the dashboard)."""
-    import random
-
-    for _ in range(100):
-        port = random.randint(*PORT_RANGE)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {PORT_RANGE} on 127.0.0.1")
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
     """The session's one local Ray (a head node with explicit CPUs), started once; tests connect
@@ -219,11 +223,6 @@ def ray_cluster():
     from ray._common.utils import reset_ray_address
     from ray.cluster_utils import Cluster
 
-    from polytask.serve.levers import DEFAULT_LEVERS, lever_env
-
-    # The suite runs under polytask's default Serve levers, as `polytask serve` does: Serve reads
-    # them at import in each of its processes, which inherit this environment.
-    os.environ.update(lever_env(DEFAULT_LEVERS))
     cluster = Cluster(
         initialize_head=True,
         head_node_args={

@@ -18,10 +18,9 @@ import pytest
 from polytask.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "jobs" / "bench"
-sys.path.insert(0, str(BENCH))  # the scripts import each other by name, as when run directly
+BENCH = ROOT / "jobs" / "bench"  # on sys.path (conftest): the scripts import each other by name
 
-from common import BenchError, read_texts
+from common import BenchError, free_port, read_texts
 from loadgen import Shed, ceiling, run_load
 from report import compute
 
@@ -125,12 +124,7 @@ def test_load_generator_counts_errors_and_respects_bounds():
 
 
 def test_load_generator_ceiling_is_measured_against_a_trivial_server():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    result = ceiling(concurrency=4, duration_s=0.3, port=port)
+    result = ceiling(concurrency=4, duration_s=0.3, port=free_port())
     assert result["errors"] == 0 and result["requests"] > 10
     assert result["requests_per_s"] > 100, "a trivial server must not be the bottleneck"
 
@@ -295,25 +289,53 @@ def test_quality_tiny_end_to_end(tmp_path):
 
 def test_generation_quality_tiny_end_to_end(tmp_path, capsys):
     """In-process (the script's main), which saves a Python start-up and its imports."""
-    import generation_quality
+    import generation_quality as gq
 
     out = tmp_path / "generation_quality"
-    assert generation_quality.main(["--tiny", "--steps", "4", "--out", str(out)]) == 0
+    argv = ["--tiny", "--steps", "3", "--rewrite-steps", "3", "--seeds", "1,2", "--eval-rows", "8"]
+    assert gq.main([*argv, "--out", str(out)]) == 0
 
     result = json.loads((out / "results.json").read_text())
-    runs = result["runs"]
-    joint_steps = runs["joint"][0]["steps"]
-    assert sum(joint_steps.values()) == 8
-    assert runs["entities_only"][0]["steps"] == {"entities": joint_steps["entities"]}
     s = result["summary"]
-    for name in ("joint", "entities_only"):
-        for key in ("test_bleu", "test_chrf", "test_rouge_l", "dev_bleu"):
-            assert 0.0 <= s[name][key] <= 100.0, (name, key)
-    assert 0.0 <= s["joint"]["sst2_dev_accuracy"] <= 100.0 and s["entities_only"]["sst2_dev_accuracy"] is None
-    assert result["delta_test_bleu"] == pytest.approx(s["joint"]["test_bleu"] - s["entities_only"]["test_bleu"])
-    assert isinstance(result["target"]["met"], bool)
-    assert "| entities_only |" in (out / "results.md").read_text()
-    assert "joint − single" in capsys.readouterr().out
+    assert set(s) == {f"{t}/{a}" for t, answers in gq.ANSWERS.items() for a in answers}
+    for key in ("entities/model", "entities/ner_head", "rewrite/model"):
+        assert s[key]["bleu"]["n"] == 2 and s[key]["bleu"]["sd"] >= 0.0, key
+    for key in ("entities/model", "entities/model_int8_decoder", "entities/ner_head", "entities/constant"):
+        assert {"entity_f1", "entity_exact", "bleu", "exact"} <= set(s[key]), key
+    assert "entity_f1" not in s["rewrite/model"]
+    for task, t in result["target"].items():  # met only when the model beats every baseline
+        model = s[f"{task}/model"][gq.PRIMARY[task]]["mean"]
+        beats = all(model > s[f"{task}/{b}"][gq.PRIMARY[task]]["mean"] for b in ("constant", "copy_input"))
+        assert t["met"] == (beats and (task != "rewrite" or model > gq.REWRITE_BLEU))
+    assert "| entities | constant |" in (out / "results.md").read_text()
+    assert "| rewrite | copy input |" in capsys.readouterr().out
+
+    merged = gq.merge([str(out), str(out)], tmp_path / "merged")
+    assert merged["summary"]["rewrite/model"]["bleu"]["n"] == 4
+
+
+def test_generation_quality_scores_entity_sets_and_rewrites():
+    import generation_quality as gq
+
+    scores = gq.set_scores(["alice ; paris", "none", "bob"], ["paris ; alice", "none", "bob ; acme"])
+    # 3 of 3 predicted entities right, 3 of 4 gold found; rows 1 and 2 exact
+    assert scores["entity_f1"] == pytest.approx(100 * 2 * 1.0 * 0.75 / 1.75)
+    assert scores["entity_exact"] == pytest.approx(200 / 3)
+    assert gq.rewrite("the film , an ode to a city .") == "film ode to city"
+
+
+def test_generation_curves_tiny_end_to_end(tmp_path):
+    import generation_curves as gc
+
+    out = tmp_path / "curves.json"
+    settings = "warm lr=1e-4,random lr=1e-4"
+    assert gc.main(["--tiny", "--steps", "4", "--every", "2", "--settings", settings, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["curves"]) == {"warm lr=1e-4", "random lr=1e-4"}
+    for c in result["curves"].values():
+        assert [p["step"] for p in c["points"]] == [2, 4]
+        assert all(0.0 <= p["bleu"] <= 100.0 and p["train_s"] > 0 for p in c["points"])
+    assert "| warm lr=1e-4 |" in gc.markdown(result)
 
 
 def test_compress_bench_tiny_end_to_end(tmp_path):

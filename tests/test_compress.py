@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from polytask.compression.compress import compress_bundle, run_compress
 from polytask.model.bundle import BundleError, load_bundle, load_encoder_part, read_manifest
 from polytask.model.inference import Predictor
@@ -332,9 +332,7 @@ def test_cpu_variant_serves_the_int8_version_over_http(
     run = c.create_run(registry.ensure_experiment(c, "polytask", mlflow_uri))
     registry.register_bundle(trained_bundle, "polytask-demo", run.info.run_id, 0.5, "always")
     assert register_compressed(int8_bundle, "polytask-demo", 1)["version"] == 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     texts = ["alice flew to paris last week with bob smith", "the hotel was dreadful"]
     try:  # ray_with_store: the replicas read this test's store
         url = run_server(

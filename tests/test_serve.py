@@ -140,6 +140,7 @@ def test_tasks_health_and_docs(v1):
         predictor.model.specs[tasks["tasks"][0]["name"]].labels
     )
     assert tasks["model"]["fingerprint"]
+    assert tasks["model"]["variant"] == "fp32"  # ModelInfo carries it, so /v1/tasks shows it
     assert client.get("/healthz").json()["status"] == "ok"
     assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
     assert client.get("/docs").status_code == 200

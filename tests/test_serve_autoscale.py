@@ -17,14 +17,11 @@ once stayed under it for the 2 s downscale delay and it dropped to 1 replica mid
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "jobs" / "bench"
-sys.path.insert(0, str(BENCH))  # the timeline script shares this scenario
+from autoscale_timeline import SCENARIO, Load, autoscale_config, deploy, running  # jobs/bench
 
-from autoscale_timeline import SCENARIO, Load, autoscale_config, deploy, free_port, running
+from conftest import free_port
 
 MINIMUM = {"Ingress": 1, "Encoder": 1, "head_sentiment": 1, "head_ner": 1}
 SCALED = ("Encoder", "head_sentiment")

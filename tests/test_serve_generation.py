@@ -69,24 +69,31 @@ def test_one_request_answers_a_label_and_text_equal_to_the_predictor(app, genera
         assert got["sentiment"]["label"] == expected["sentiment"]["label"]
         assert got["entities"] == expected["entities"]  # {"text": ...}
         assert isinstance(got["entities"]["text"], str)
-    assert _stats("Encoder")["calls"] == encoder_calls + 1  # one Encoder pass for both tasks
+    # one Encoder call for the batched classification, one for the generation rows, which go
+    # straight to the Decoder (no classification request waits behind a decode)
+    assert _stats("Encoder")["calls"] == encoder_calls + 2
 
 
-def test_requests_during_a_decode_join_the_next_batch(app):
-    """Each request decodes 60 tokens; those sent while one decodes go together in the next."""
-    body = {"inputs": ["bob met carol in oslo"], "max_new_tokens": 60, "min_new_tokens": 60}
+def test_rows_decode_together_and_a_short_answer_leaves_before_long_ones(app):
+    """Eight long requests decode as rows of one step loop; a 2-token request sent while they
+    decode joins at the next step and answers while they still decode."""
+    body = {"inputs": ["bob met carol in oslo"], "max_new_tokens": LIMIT, "min_new_tokens": LIMIT}
+    short = {"inputs": ["oslo"], "max_new_tokens": 2, "min_new_tokens": 2}
     before = _stats("head_entities")
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(
-            pool.map(lambda _: app.post("/v1/tasks/entities/predict", json=body), range(8))
-        )
-    assert [r.status_code for r in answers] == [200] * 8, answers[0].text
+    with ThreadPoolExecutor(9) as pool:
+        longs = [pool.submit(app.post, "/v1/tasks/entities/predict", json=body) for _ in range(8)]
+        time.sleep(0.5)
+        quick = app.post("/v1/tasks/entities/predict", json=short)
+        still_decoding = _stats("head_entities")["in_flight"]
+        answers = [f.result() for f in longs]
+    assert quick.status_code == 200 and [r.status_code for r in answers] == [200] * 8, answers[0].text
     texts = {r.json()["results"][0]["text"] for r in answers}
-    assert len(texts) == 1  # the same input decodes the same in every batch
+    assert len(texts) == 1  # the same input decodes the same whatever rows it decodes beside
     after = _stats("head_entities")
-    assert after["batches"] - before["batches"] < 8
-    assert max(after["batch_sizes"][before["batches"] - after["batches"] :]) > 1
-    assert after["tokens"] - before["tokens"] <= 8 * 60
+    assert after["loop"]["admitted"] - before["loop"]["admitted"] == 9
+    assert after["tokens"] - before["tokens"] <= 8 * LIMIT + 2  # no row decoded past its end
+    assert after["loop"]["rows_per_step"] > 1
+    assert still_decoding == 8  # the short one came and went while the long ones decoded
 
 
 def test_the_stream_gives_the_tokens_of_the_plain_answer(app):
@@ -129,6 +136,63 @@ def test_a_client_that_disconnects_mid_stream_stops_the_decode(app):
     assert after["steps"] - before["steps"] < LIMIT, seen  # the decode stopped early
 
 
+def test_a_row_past_its_deadline_leaves_at_the_next_step(app):
+    from ray import serve
+
+    encoder = serve.get_deployment_handle("Encoder", "polytask")
+    head = serve.get_deployment_handle("head_entities", "polytask")
+    encoded = encoder.encode.remote(TEXTS[:1], None, False, True).result()
+    before = _stats("head_entities")
+    with pytest.raises(Exception, match="deadline"):
+        head.predict.remote(encoded, TEXTS[:1], None, LIMIT, LIMIT, None, 0.3).result()
+    after = _stats("head_entities")
+    assert after["in_flight"] == 0
+    assert after["loop"]["ended"]["deadline"] == before["loop"]["ended"].get("deadline", 0) + 1
+    assert after["tokens"] - before["tokens"] < LIMIT
+
+
+def test_clients_that_hang_up_stop_their_rows_and_a_short_request_answers_fast(app):
+    """16 clients ask for long decodes (4 inputs each) on the predict route and hang up: Serve
+    cancels their requests, the Ingress its Decoder calls, and their rows leave at the next step."""
+    body = {"inputs": [TEXTS[2]] * 4, "max_new_tokens": LIMIT, "min_new_tokens": LIMIT}
+    before = _stats("head_entities")
+
+    def hang_up(_: int) -> None:
+        with pytest.raises(httpx.TimeoutException):  # 64 rows of 500 steps: never this fast
+            app.post("/v1/tasks/entities/predict", json=body, timeout=0.5)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(hang_up, range(16)))
+    gone = time.monotonic()
+    while _stats("head_entities")["in_flight"] and time.monotonic() - gone < 5:
+        time.sleep(0.05)
+    drained_s = time.monotonic() - gone
+    after = _stats("head_entities")
+    assert after["in_flight"] == 0 and drained_s < 1.0, (drained_s, after["loop"])
+    assert after["loop"]["ended"]["cancelled"] - before["loop"]["ended"].get("cancelled", 0) == 64
+    assert after["tokens"] - before["tokens"] < 64 * LIMIT  # none decoded to its end
+    sent = time.monotonic()
+    r = app.post("/v1/tasks/entities/predict", json={"inputs": ["oslo"], "max_new_tokens": 4})
+    assert r.status_code == 200 and time.monotonic() - sent < 1.0
+
+
+def test_a_classification_request_never_waits_for_a_decode(app):
+    long = {"inputs": [TEXTS[0]] * 8, "max_new_tokens": LIMIT, "min_new_tokens": LIMIT}
+    with ThreadPoolExecutor(4) as pool:
+        decoding = [pool.submit(app.post, "/v1/tasks/entities/predict", json=long) for _ in range(4)]
+        began = time.monotonic()
+        while not _stats("head_entities")["in_flight"] and time.monotonic() - began < 10:
+            time.sleep(0.02)
+        sent = time.monotonic()
+        r = app.post("/v1/tasks/sentiment/predict", json={"inputs": TEXTS})
+        took = time.monotonic() - sent
+        still_decoding = _stats("head_entities")["in_flight"]
+        results = [f.result() for f in decoding]
+    assert r.status_code == 200 and still_decoding > 0, (took, still_decoding)
+    assert all(x.status_code == 200 for x in results)
+    assert took < 2.0, took
+
+
 def test_max_new_tokens_over_the_limit_is_refused_naming_the_field(app):
     for path, body in [
         ("/v1/predict", {"inputs": ["a b c"], "max_new_tokens": LIMIT + 1}),
@@ -145,7 +209,7 @@ def test_max_new_tokens_over_the_limit_is_refused_naming_the_field(app):
 
 def test_a_bad_input_fails_alone(app):
     """Over HTTP, a refused text fails only its request; inside the head, an input whose states
-    cannot be decoded fails only its own call, not the decode batch it joined."""
+    cannot be decoded fails only its own call, not the rows decoding beside it."""
     import numpy as np
     from ray import serve
 
@@ -175,7 +239,7 @@ def test_a_bad_input_fails_alone(app):
     with pytest.raises(Exception, match="size|shape|dimension"):
         fails.result()
     assert len(busy.result()["answers"]) == 2
-    assert _stats("head_entities")["split_batches"] == before["split_batches"] + 1
+    assert _stats("head_entities")["loop"]["ended"]["failed"] == before["loop"]["ended"].get("failed", 0) + 1
 
 
 def test_generate_ends_single_rows_and_holds_the_minimum(generation_bundle):
@@ -201,3 +265,20 @@ def test_generate_ends_single_rows_and_holds_the_minimum(generation_bundle):
     assert len(ids[0]) <= 2 and head.eos_id not in seen[9][1:]
     with pytest.raises(ValueError, match="min_new_tokens"):
         generate(head, states, mask, max_new_tokens=4, min_new_tokens=5)
+
+
+def test_sampling_with_a_seed_draws_the_same_text(app):
+    body = {"inputs": [TEXTS[0]], "max_new_tokens": 12, "min_new_tokens": 12, "temperature": 1.5}
+    texts = [
+        app.post("/v1/tasks/entities/predict", json={**body, "seed": seed}).json()["results"][0]["text"]
+        for seed in (7, 7, 8)
+    ]
+    assert texts[0] == texts[1] and texts[0] != texts[2], texts
+
+
+def test_a_server_limit_over_the_decoders_positions_is_refused(generation_bundle):
+    from polytask.serve import compose
+    from polytask.serve.args import ServeArgsError
+
+    with pytest.raises(ServeArgsError, match=r"max_new_tokens: 600 is over the 511 new tokens task 'entities'"):
+        compose({"model": str(generation_bundle), "max_new_tokens": 600}, {})

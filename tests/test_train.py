@@ -371,7 +371,7 @@ def test_fsdp_run_resumes_and_matches_ddp(store, first_run, demo_data, tiny_enco
 def test_generation_trains_beside_classification_and_registers(ray_local, store, demo_data, tiny_seq2seq):
     """A classification task and a generation task (tiny T5: its encoder shared, its decoder the
     head) on 2 DDP workers: MLflow holds bleu/chrf/rouge_l per epoch and a registered version.
-    (Resuming a generation model's state and its pyfunc answers: tests/test_generation.py.)"""
+    (Resuming a generation model's state and its pyfunc answers: tests/unit/test_generation.py.)"""
     from polytask.demo import write_generation_data
 
     data = write_generation_data(store.root / "generation", n_train=64, n_eval=16)

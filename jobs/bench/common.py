@@ -1,12 +1,16 @@
-"""Helpers the benchmark scripts share: texts, the demo bundle, machine facts, CPU load
-accounting. Scripts import it as `common` (their own directory is
-on sys.path when run as `python jobs/bench/NAME.py`)."""
+"""The one module the benchmark scripts share: texts, the demo bundle, free ports and readiness,
+number formats, machine facts, CPU load accounting. Scripts import it as `common` (their own
+directory is on sys.path when run as `python jobs/bench/NAME.py`); no script imports another's
+private helpers. The test suite's `free_port` is this one too (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import os
 import platform
+import random
+import socket
 import sys
 import time
 from pathlib import Path
@@ -46,6 +50,82 @@ def read_texts(path: str | Path) -> list[str]:
     if not texts:
         raise BenchError(f"--texts {path}: no non-empty texts found")
     return texts
+
+
+def load_texts(texts_file: str | None, tiny: bool) -> tuple[list[str], str]:
+    """(texts, where they came from as results record it): `--texts`, else SST-2 dev beside the
+    checkout, else (with --tiny only) the demo corpus."""
+    if texts_file is not None:
+        return read_texts(texts_file), shown_path(texts_file)
+    found = default_texts_file()
+    if found is not None and not tiny:
+        return read_texts(found), shown_path(found)
+    if tiny:
+        from polytask.demo import demo_corpus
+
+        return demo_corpus(), "polytask.demo.demo_corpus()"
+    raise BenchError(
+        f"no --texts given and {DEFAULT_TEXTS} (SST-2 dev, relative to the repo root) is not "
+        "there; pass --texts FILE (one text per line, or a TSV with a 'sentence' column)"
+    )
+
+
+def ints(text: str) -> list[int]:
+    """An argparse type: comma-separated integers (`--concurrency 1,4,16`)."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def mean_of(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def points(value: float | None) -> str:
+    """A score in points for a results table ("-" when missing)."""
+    return "-" if value is None else f"{value:.1f}"
+
+
+def signed_points(value: float | None) -> str:
+    """A difference in points, with its sign."""
+    return "-" if value is None else f"{value:+.1f}"
+
+
+# Below the kernel's ephemeral range (32768+), where the OS hands out ports to every `bind(0)`
+# (Ray's gRPC servers, outgoing connections): a port picked there can be taken before Serve's
+# proxy binds it. Above Ray's worker ports (10002-19999), below direct ingress's (30000+).
+PORT_RANGE = (20000, 29999)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for Serve's HTTP proxy, the dashboard, metrics)."""
+    for _ in range(100):
+        port = random.randint(*PORT_RANGE)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORT_RANGE} on 127.0.0.1")
+
+
+async def wait_ready(url: str, body: dict[str, Any], timeout_s: float = 180.0) -> None:
+    """Until POST `body` to `url` answers 200 (replicas up and warm); BenchError past `timeout_s`."""
+    import httpx
+
+    deadline = time.perf_counter() + timeout_s
+    last = ""
+    async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
+        while time.perf_counter() < deadline:
+            try:
+                response = await client.post(url, json=body)
+                if response.status_code == 200:
+                    return
+                last = f"HTTP {response.status_code}: {response.text[:200]}"
+            except httpx.HTTPError as exc:
+                last = repr(exc)
+            await asyncio.sleep(0.5)
+    raise BenchError(f"{url} did not answer within {timeout_s:.0f}s (last: {last})")
 
 
 def shown_path(path: str | Path) -> str:

@@ -164,9 +164,8 @@ def run(
 
     import httpx
     import ray
-    from common import build_demo_bundle, default_texts_file, load_1min, read_texts
+    from common import build_demo_bundle, default_texts_file, free_port, load_1min, read_texts
     from loadgen import level
-    from serve_bench import _free_port
 
     from polytask.serve import run_server
 
@@ -174,7 +173,7 @@ def run(
     bundle = build_demo_bundle(Path(tempfile.mkdtemp()) / "bundle", encoder, max_length=64)
     texts_file = texts_path or default_texts_file()
     texts = read_texts(texts_file)[:500] if texts_file else ["the movie was great"] * 50
-    metrics_port, http_port = _free_port(), _free_port()
+    metrics_port, http_port = free_port(), free_port()
     ray.init(
         num_cpus=4,
         include_dashboard=False,

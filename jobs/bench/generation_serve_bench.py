@@ -1,16 +1,19 @@
-"""Generation serving benchmark: decoding throughput (new tokens/s) through Ray Serve over loopback
-HTTP against the same bundle's in-process decode on the same inputs, in one run.
+"""Generation serving benchmark: continuous vs static decoding through Ray Serve over loopback
+HTTP, beside in-process `generate` on the same inputs and torch threads, in one run.
 
-    python jobs/bench/generation_serve_bench.py --out bench_results/generation_serve  # MiniLM, ~3 min
+    python jobs/bench/generation_serve_bench.py --out bench_results/generation_serve  # MiniLM, ~15 min
     python jobs/bench/generation_serve_bench.py --tiny --out /tmp/g                   # smoke test
 
-The bundle is the packaged MiniLM-L6 encoder with a new, untrained decoder head (speed, not
-quality). Every input decodes exactly `--new-tokens` tokens on both sides (min_new_tokens =
-max_new_tokens: no early end-of-text), so tokens/s compare the same work. In-process: encode and
-`generate` in batches of the served concurrency in one process, with 1 torch thread and with one
-per core (the better counts). Served: `loadgen.py` clients, one input per request to
-POST /v1/tasks/<task>/predict, each level bounded by `--duration`; the head replica has 1 CPU. Writes results.json and results.md under --out, with the load average before and
-after each measurement.
+The bundle is the packaged MiniLM-L6 encoder with a new, untrained decoder head and a random
+classification head (speed, not quality). Output lengths are drawn from a log-normal (most
+answers short, a long tail); each request asks exactly its drawn length, on every path. For each
+decode mode (generation_head_options.decode: static, continuous) and concurrency: new tokens/s,
+time to first token and time per output token (p50/p95) from streaming clients. Then, on the
+continuous app: classification latency alone and beside streaming decoders, and a short decode
+right after many clients hung up on long ones (on both apps). The Decoder's per-step time
+breakdown (forward, token choice, cache bookkeeping) explains where a step goes. Writes
+results.json and results.md under --out, with the load average and other processes' CPU use
+for every measurement.
 """
 
 from __future__ import annotations
@@ -25,60 +28,76 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import loadgen
 from common import (
     DEFAULT_ENCODER,
     FAST_TEARDOWN,
     BenchError,
     CpuWatch,
+    free_port,
+    ints,
     is_busy,
+    load_texts,
     machine_info,
     machine_markdown,
     quiet_transformers,
     usable_cores,
+    wait_ready,
 )
-from serve_bench import _free_port, _ints, _load_texts, _wait_ready
+from generation_clients import (
+    after_abandoned,
+    beside_decoders,
+    draw_lengths,
+    predict_latencies,
+    stream_level,
+)
 
-TASK = "summary"
-TARGET = 0.6  # served tokens/s over in-process at c=32
+TASK, CLASSIFY = "summary", "intent"
+TARGETS = {
+    "continuous_over_static": 2.0,  # tokens/s at the top concurrency
+    "served_over_in_process": 1.0,  # continuous served over in-process static generate
+    "classify_beside_decoders": 2.0,  # classification p50 beside decoders over alone, at most
+    "short_after_abandoned_ms": 1000.0,  # at most
+}
 
 
 @dataclass
 class Settings:
     """Everything that shapes the numbers; written into the results so a run can be repeated."""
 
-    concurrency: list[int] = field(default_factory=lambda: [8, 32])
-    new_tokens: int = 32
+    concurrency: list[int] = field(default_factory=lambda: [1, 8, 32, 64])
+    modes: list[str] = field(default_factory=lambda: ["static", "continuous"])
+    length_median: float = 24.0
+    length_sigma: float = 0.7
+    length_min: int = 4
+    length_max: int = 96
     decoder_layers: int = 2
     duration_s: float = 20.0
     max_requests: int = 100_000
-    warmup_requests: int = 32
     inprocess_seconds: float = 10.0
     max_length: int = 128
     texts: int = 256
-    # An Ingress batch waits for its decode, so the default 2 batches in flight leave the next
-    # decode only the one batch that waited; more let every client's request join it.
-    ingress_batches_in_flight: int = 8
-    decode_wait_s: float = 0.1  # the clients a decode answered come back through the Encoder
-    decoder_cpus: float = 1.0  # the head replica's num_cpus (Ray gives it as many torch threads)
+    decoder_threads: int = 1  # torch threads of the Decoder replica, and of the in-process run
+    decoder_cpus: float = 1.0
+    classify_clients: int = 4
+    classify_seconds: float = 10.0
+    decoding_clients: int = 16
+    decoding_length: int = 48
+    abandon_clients: int = 32
+    abandon_length: int = 64
+    hang_up_s: float = 0.3
+    short_tokens: int = 8
 
 
 def tiny_settings() -> Settings:
     return Settings(
-        concurrency=[4],
-        new_tokens=8,
-        decoder_layers=1,
-        duration_s=1.5,
-        max_requests=40,
-        warmup_requests=2,
-        inprocess_seconds=0.5,
-        max_length=32,
-        texts=32,
+        concurrency=[1, 4], length_median=6, length_max=12, decoder_layers=1, duration_s=2.0,
+        max_requests=40, inprocess_seconds=0.5, max_length=32, texts=32, classify_seconds=1.5,
+        decoding_clients=4, decoding_length=12, abandon_clients=4, abandon_length=40,
     )
 
 
 def build_bundle(path: Path, encoder: str, settings: Settings) -> Path:
-    """`encoder` with an untrained decoder head (`TASK`) that may decode `new_tokens`."""
+    """`encoder` with an untrained decoder head (`TASK`) and a random classifier (`CLASSIFY`)."""
     import torch
 
     from polytask.model.bundle import save_bundle
@@ -89,20 +108,18 @@ def build_bundle(path: Path, encoder: str, settings: Settings) -> Path:
     quiet_transformers()
     torch.manual_seed(0)
     enc, tokenizer = load_encoder(encoder)
-    generation = GenerationSpec(
-        decoder_layers=settings.decoder_layers, max_new_tokens=settings.new_tokens
-    )
+    generation = GenerationSpec(decoder_layers=settings.decoder_layers, max_new_tokens=settings.length_max)
     spec = resolve_decoder(TaskSpec(TASK, "generation", [], generation=generation), enc.config)
     head = build_generation_head(spec, tokenizer, enc)
-    model = build_model(enc, [spec], "cls", heads={TASK: head})
+    classify = TaskSpec(CLASSIFY, "classification", [f"class{i}" for i in range(6)])
+    model = build_model(enc, [classify, spec], "cls", heads={TASK: head})
     save_bundle(model, tokenizer, path, settings.max_length, source=encoder)
     return path
 
 
-def in_process(bundle: Path, texts: list[str], batch: int, settings: Settings) -> dict[str, Any]:
-    """Tokens/s of encode + generate in batches of `batch`, each for `inprocess_seconds`, with one
-    torch thread and with one per usable core; the better is the reference (on a shared machine
-    more threads than free cores can be ten times slower)."""
+def in_process(bundle: Path, texts: list[str], lengths: list[int], batch: int, settings: Settings) -> dict[str, Any]:
+    """Tokens/s of encode + static `generate` in batches of `batch` (each row capped and held to
+    its drawn length) with the Decoder's torch threads, for `inprocess_seconds`."""
     import torch
 
     from polytask.model.bundle import load_bundle
@@ -110,120 +127,150 @@ def in_process(bundle: Path, texts: list[str], batch: int, settings: Settings) -
 
     model, tokenizer, manifest = load_bundle(bundle)
     head, spec = model.heads[TASK], model.specs[TASK]
-    n = settings.new_tokens
 
-    def one_pass(chunk: list[str]) -> None:
+    def one_pass(first: int) -> int:
+        picked = [(first + k) % len(lengths) for k in range(batch)]
         items = encode_batch(
-            model.encoder,
-            tokenizer,
-            chunk,
-            None,
-            max_length=manifest.max_length,
-            pooling=model.pooling,
-            need_pooled=False,
-            need_tokens=True,
+            model.encoder, tokenizer, [texts[i % len(texts)] for i in picked], None,
+            max_length=manifest.max_length, pooling=model.pooling, need_pooled=False, need_tokens=True,
         )
-        generate_answers(head, spec, items, max_new_tokens=n, min_new_tokens=n)
+        caps = [lengths[i] for i in picked]
+        generate_answers(head, spec, items, max_new_tokens=caps, min_new_tokens=caps)
+        return sum(caps)
 
-    threads_before = torch.get_num_threads()
-    by_threads: dict[str, float] = {}
+    before = torch.get_num_threads()
     watch = CpuWatch()
+    torch.set_num_threads(settings.decoder_threads)
     try:
-        for threads in sorted({1, usable_cores()}):
-            torch.set_num_threads(threads)
-            one_pass(texts[:batch])  # warm-up
-            inputs, start, i = 0, time.perf_counter(), 0
-            while time.perf_counter() - start < settings.inprocess_seconds or inputs == 0:
-                one_pass([texts[(i + k) % len(texts)] for k in range(batch)])
-                i += batch
-                inputs += batch
-            by_threads[str(threads)] = inputs * n / (time.perf_counter() - start)
+        one_pass(0)  # warm-up
+        tokens, start, i = 0, time.perf_counter(), 0
+        while time.perf_counter() - start < settings.inprocess_seconds or tokens == 0:
+            tokens += one_pass(i)
+            i += batch
+        rate = tokens / (time.perf_counter() - start)
     finally:
-        torch.set_num_threads(threads_before)
-    best = max(by_threads, key=by_threads.__getitem__)
-    return {
-        "batch": batch,
-        "tokens_per_s": by_threads[best],
-        "torch_threads": int(best),
-        "tokens_per_s_by_threads": by_threads,
-        **watch.stop(),
-    }
+        torch.set_num_threads(before)
+    return {"batch": batch, "tokens_per_s": rate, "torch_threads": settings.decoder_threads, **watch.stop()}
 
 
-def served(
-    bundle: Path, texts: list[str], settings: Settings, log: Callable[[str], None]
-) -> list[dict[str, Any]]:
-    """Each concurrency level against one deployed app: tokens/s, latency, decode batch sizes."""
+def deploy(bundle: Path, mode: str, settings: Settings) -> tuple[int, Any]:
+    """The app with `decode: mode`; (port, the Decoder's handle)."""
     from ray import serve
 
     from polytask.serve import compose
 
-    cores = usable_cores()
     one = {"num_replicas": 1, **FAST_TEARDOWN}
     options = {
         "Ingress": {**one, "ray_actor_options": {"num_cpus": 0.5}},
         "Encoder": {**one, "ray_actor_options": {"num_cpus": 1}},
-        f"head_{TASK}": {
-            **one,
-            "ray_actor_options": {"num_cpus": settings.decoder_cpus},
-        },
+        f"head_{TASK}": {**one, "ray_actor_options": {"num_cpus": settings.decoder_cpus}},
+        f"head_{CLASSIFY}": {**one, "ray_actor_options": {"num_cpus": 0.1}},
     }
-    n = settings.new_tokens
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
         "model": str(bundle),
-        "ingress_batches_in_flight": settings.ingress_batches_in_flight,
-        "decode_wait_s": settings.decode_wait_s,
+        "max_new_tokens": max(settings.length_max, settings.abandon_length, settings.decoding_length),
+        "generation_head_options": {"decode": mode, "threads": settings.decoder_threads},
     }
     serve.run(compose(args, options), name="polytask", route_prefix="/")
-    body = {"max_new_tokens": n, "min_new_tokens": n}
-    path = f"/v1/tasks/{TASK}/predict"
-    asyncio.run(_wait_ready(f"http://127.0.0.1:{port}{path}", {"inputs": texts[:1], **body}))
-    head = serve.get_deployment_handle(f"head_{TASK}", "polytask")
-    runs = []
-    for conc in settings.concurrency:
-        before = head.stats.remote().result()
-        watch = CpuWatch()
-        result = loadgen.level(
-            {
-                "host": "127.0.0.1",
-                "port": port,
-                "paths": [path],
-                "tasks": None,
-                "texts": texts,
-                "concurrency": conc,
-                "inputs_per_request": 1,
-                "duration_s": settings.duration_s,
-                "max_requests": settings.max_requests,
-                "warmup_requests": min(settings.warmup_requests, conc),
-                "body": body,
-            }
-        )
-        result.update(watch.stop())
-        after = head.stats.remote().result()
+    return port, serve.get_deployment_handle(f"head_{TASK}", "polytask")
+
+
+def served(
+    bundle: Path, texts: list[str], lengths: list[int], mode: str, settings: Settings,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """One decode mode: every concurrency level, then the classification and abandon checks."""
+    from ray import serve
+
+    cores = usable_cores()
+    port, head = deploy(bundle, mode, settings)
+    base = f"http://127.0.0.1:{port}"
+    body = {"inputs": texts[:1], "max_new_tokens": 4, "min_new_tokens": 4}
+    asyncio.run(wait_ready(f"{base}/v1/tasks/{TASK}/predict", body))
+    levels = []
+    try:
+        for conc in settings.concurrency:
+            before = head.stats.remote().result()
+            watch = CpuWatch()
+            level = asyncio.run(
+                stream_level(base, TASK, texts, lengths, conc, settings.duration_s, settings.max_requests)
+            )
+            level.update(watch.stop())
+            after = head.stats.remote().result()
+            level.update(busy=is_busy(level, cores), decoder=_decoder_delta(before, after))
+            levels.append(level)
+            log(
+                f"  {mode:10s} c={conc:<3d} {level['tokens_per_s']:8.1f} tokens/s  "
+                f"ttft p50 {level['ttft_ms']['p50'] or 0:.0f} ms  tpot p50 {level['tpot_ms']['p50'] or 0:.1f} ms  "
+                f"errors {level['errors']}  load {level['load_before']}→{level['load_after']}"
+                f"{'  BUSY' if level['busy'] else ''}"
+            )
+        out: dict[str, Any] = {"mode": mode, "levels": levels}
+        out["abandoned"] = _abandoned(base, head, texts, settings)
+        log(f"  {mode:10s} short decode after {settings.abandon_clients} abandoned: "
+            f"{out['abandoned']['short_ms']:.0f} ms, rows left {out['abandoned']['rows_left']}")
+        if mode == "continuous":
+            out["classification"] = _classification(base, texts, settings)
+            c = out["classification"]
+            log(f"  classification p50 alone {c['alone']['p50_ms'] or 0:.0f} ms, beside "
+                f"{settings.decoding_clients} decoders {c['beside']['p50_ms'] or 0:.0f} ms")
+        return out
+    finally:
+        serve.delete("polytask")
+        serve.shutdown()
+
+
+def _decoder_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The Decoder's work during one level: steps, tokens, rows per step, time breakdown."""
+    steps = after["steps"] - before["steps"]
+    out: dict[str, Any] = {"steps": steps, "tokens": after["tokens"] - before["tokens"]}
+    if "loop" in after:
+        b, a = before["loop"], after["loop"]
+        split = {k: a["breakdown_s"][k] - b["breakdown_s"][k] for k in a["breakdown_s"]}
+        out["breakdown_ms_per_step"] = {k: 1000 * v / steps if steps else 0.0 for k, v in split.items()}
+        busy = a["rows_per_step"] * a["steps"] - b["rows_per_step"] * b["steps"]
+        out["rows_per_step"] = busy / steps if steps else 0.0
+    else:
         decodes = after["batches"] - before["batches"]
-        result.update(
-            tokens_per_s=result["throughput_inputs_per_s"] * n,
-            busy=is_busy(result, cores),
-            decodes=decodes,
-            inputs_per_decode=(after["inputs"] - before["inputs"]) / decodes if decodes else None,
+        out["inputs_per_decode"] = (after["inputs"] - before["inputs"]) / decodes if decodes else None
+    return out
+
+
+def _abandoned(base: str, head: Any, texts: list[str], settings: Settings) -> dict[str, Any]:
+    watch = CpuWatch()
+    result = asyncio.run(
+        after_abandoned(
+            base, TASK, texts, settings.abandon_clients, settings.abandon_length, settings.hang_up_s,
+            settings.short_tokens,
         )
-        runs.append(result)
-        log(
-            f"  served c={conc:<3d} {result['tokens_per_s']:8.1f} tokens/s  "
-            f"p50={result['latency_ms']['p50'] or 0:.0f} ms  errors={result['errors']}  "
-            f"inputs/decode {result['inputs_per_decode'] or 0:.1f}  load "
-            f"{result['load_before']}→{result['load_after']}{'  BUSY' if result['busy'] else ''}"
-        )
-    return runs
+    )
+    result["rows_left"] = head.stats.remote().result()["in_flight"]
+    result.update(watch.stop())
+    return result
+
+
+def _classification(base: str, texts: list[str], settings: Settings) -> dict[str, Any]:
+    path = f"/v1/tasks/{CLASSIFY}/predict"
+
+    def measure() -> Any:
+        bodies = lambda i: {"inputs": [texts[i % len(texts)]]}
+        return predict_latencies(base, path, bodies, settings.classify_clients, settings.classify_seconds)
+
+    watch = CpuWatch()
+    alone = asyncio.run(measure())
+    alone.update(watch.stop())
+    watch = CpuWatch()
+    beside = asyncio.run(
+        beside_decoders(base, measure, TASK, texts, settings.decoding_clients, settings.decoding_length)
+    )
+    beside.update(watch.stop())
+    return {"alone": alone, "beside": beside, "decoding_clients": settings.decoding_clients}
 
 
 def run_bench(
-    settings: Settings,
-    out: Path,
-    texts_file: str | None = None,
-    tiny: bool = False,
+    settings: Settings, out: Path, texts_file: str | None = None, tiny: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     import os
@@ -234,8 +281,11 @@ def run_bench(
     started = time.perf_counter()
     for key, value in (("TOKENIZERS_PARALLELISM", "false"), ("HF_HUB_OFFLINE", "1")):
         os.environ.setdefault(key, value)
-    texts, source = _load_texts(texts_file, tiny)
+    texts, source = load_texts(texts_file, tiny)
     texts = texts[: settings.texts]
+    lengths = draw_lengths(
+        4096, settings.length_median, settings.length_sigma, settings.length_min, settings.length_max
+    )
     cores = usable_cores()
     with tempfile.TemporaryDirectory(prefix="polytask-genbench-") as tmp:
         encoder = DEFAULT_ENCODER
@@ -244,24 +294,15 @@ def run_bench(
 
             encoder = str(write_tiny_encoder(Path(tmp) / "tiny-encoder", vocab_size=150))
         bundle = build_bundle(Path(tmp) / "bundle", encoder, settings)
-        log(f"bundle: {encoder} + untrained {settings.decoder_layers}-layer decoder")
-        local = {c: in_process(bundle, texts, c, settings) for c in settings.concurrency}
-        for c, m in local.items():
-            log(f"  in-process batch={c:<3d} {m['tokens_per_s']:8.1f} tokens/s")
+        log(f"bundle: {encoder} + untrained {settings.decoder_layers}-layer decoder + random classifier")
+        local = [in_process(bundle, texts, lengths, c, settings) for c in settings.concurrency]
+        for m in local:
+            log(f"  in-process batch={m['batch']:<3d} {m['tokens_per_s']:8.1f} tokens/s")
         ray.init(num_cpus=cores + 2, include_dashboard=False, log_to_driver=False)
         try:
-            runs = served(bundle, texts, settings, log)
+            modes = {mode: served(bundle, texts, lengths, mode, settings, log) for mode in settings.modes}
         finally:
             ray.shutdown()
-        local_after = in_process(bundle, texts, max(settings.concurrency), settings)
-    best_local = {c: m["tokens_per_s"] for c, m in local.items()}
-    best_local[max(settings.concurrency)] = max(
-        best_local[max(settings.concurrency)], local_after["tokens_per_s"]
-    )
-    ratios = {
-        str(r["concurrency"]): r["tokens_per_s"] / best_local[r["concurrency"]] for r in runs
-    }
-    top = str(max(settings.concurrency))
     result = {
         "name": out.name,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -269,21 +310,51 @@ def run_bench(
         "machine": machine_info(),
         "settings": asdict(settings),
         "texts": {"source": source, "count": len(texts)},
-        "model": {"encoder": encoder, "decoder": "new, untrained", "task": TASK},
-        "in_process": [*local.values(), local_after],
-        "served": runs,
-        "reference_tokens_per_s": {str(c): v for c, v in best_local.items()},
-        "served_over_in_process": ratios,
-        "target": {
-            "name": f"served >= {TARGET:.0%} of in-process tokens/s at c={top}",
-            "value": ratios[top],
-            "met": ratios[top] >= TARGET,
-            "usable": not any(r["busy"] for r in runs),
-        },
+        "lengths": {"drawn": len(lengths), "mean": sum(lengths) / len(lengths), "max": max(lengths)},
+        "model": {"encoder": encoder, "decoder": "new, untrained", "task": TASK, "classifier": CLASSIFY},
+        "in_process": local,
+        "served": modes,
     }
+    result["targets"] = targets(result)
     write_results(result, out)
     log(f"results written to {out}/")
     return result
+
+
+def _level(result: dict[str, Any], mode: str, conc: int) -> dict[str, Any] | None:
+    runs = result["served"].get(mode, {}).get("levels", [])
+    return next((r for r in runs if r["concurrency"] == conc), None)
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target with its measured value, whether it was met and whether the machine was quiet."""
+    top = 32 if 32 in result["settings"]["concurrency"] else max(result["settings"]["concurrency"])
+    cont, static = _level(result, "continuous", top), _level(result, "static", top)
+    local = next(m for m in result["in_process"] if m["batch"] == top)
+    out = []
+
+    def add(name: str, value: float | None, at_most: bool, goal: float, runs: list[dict[str, Any]]) -> None:
+        met = value is not None and (value <= goal if at_most else value >= goal)
+        usable = not any(is_busy(r, result["machine"].get("cores") or usable_cores()) for r in runs)
+        out.append({"name": name, "value": value, "goal": goal, "met": met, "usable": usable})
+
+    if cont and static:
+        add(f"continuous tokens/s ≥ {TARGETS['continuous_over_static']:g} times static at c={top}",
+            cont["tokens_per_s"] / static["tokens_per_s"], False, TARGETS["continuous_over_static"], [cont, static])
+    if cont:
+        add(f"served (continuous) tokens/s ≥ {TARGETS['served_over_in_process']:g} times in-process generate at c={top}",
+            cont["tokens_per_s"] / local["tokens_per_s"], False, TARGETS["served_over_in_process"], [cont, local])
+    c = result["served"].get("continuous", {}).get("classification")
+    if c and c["alone"]["p50_ms"] and c["beside"]["p50_ms"]:
+        add(f"classification p50 beside {c['decoding_clients']} decoding clients ≤ "
+            f"{TARGETS['classify_beside_decoders']:g} times alone",
+            c["beside"]["p50_ms"] / c["alone"]["p50_ms"], True, TARGETS["classify_beside_decoders"],
+            [c["alone"], c["beside"]])
+    a = result["served"].get("continuous", {}).get("abandoned")
+    if a:
+        add(f"a {a['short']}-token decode after {a['clients']} abandoned {a['length']}-token ones, ms",
+            a["short_ms"], True, TARGETS["short_after_abandoned_ms"], [a])
+    return out
 
 
 def write_results(result: dict[str, Any], out: Path) -> None:
@@ -294,49 +365,68 @@ def write_results(result: dict[str, Any], out: Path) -> None:
     (out / "results.md").write_text(markdown(result))
 
 
+def _f(value: float | None, digits: int = 0) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def markdown(result: dict[str, Any]) -> str:
-    """The results table (results.md, and the docs' benchmarks page through docs/gen_bench.py)."""
-    n = result["settings"]["new_tokens"]
+    """The results tables (results.md, and the docs' benchmarks page through docs/gen_bench.py)."""
+    s = result["settings"]
     lines = [
-        "# Generation serving: tokens/s served vs in-process",
+        "# Generation serving: continuous vs static decoding, beside in-process generate",
         "",
-        (f"Every input decodes exactly {n} new tokens; served = POST /v1/tasks/{TASK}/predict, "
-        "one input per request, closed-loop clients over loopback HTTP; in-process = encode + "
-        "generate in batches of the same size in one process."),
+        (f"Output lengths drawn from a log-normal (median {s['length_median']:g}, σ {s['length_sigma']:g}, "
+         f"clipped to {s['length_min']}–{s['length_max']}; mean {result['lengths']['mean']:.1f}); each "
+         "request asks exactly its length. Served: streaming clients on "
+         f"POST /v1/tasks/{TASK}/generate/stream over loopback HTTP, the Decoder with "
+         f"{s['decoder_threads']} torch thread(s); in-process: encode + static `generate` in batches of "
+         "the same size, same lengths, same threads. TTFT: time to first token; TPOT: time per "
+         "output token after the first."),
         "",
-        ("| c / batch | in-process tokens/s | served tokens/s | served / in-process | p50 ms "
-        "| inputs per decode | errors | load before → after |"),
-        "|---|---|---|---|---|---|---|---|",
+        ("| c | in-process tokens/s | decode | tokens/s | TTFT p50 / p95 ms | TPOT p50 / p95 ms "
+        "| rows per step (static: per decode) | errors | load before → after |"),
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    local = result["reference_tokens_per_s"]
-    for r in result["served"]:
-        c = r["concurrency"]
-        lines.append(
-            f"| {c} | {local[str(c)]:.1f} | {r['tokens_per_s']:.1f} | "
-            f"{result['served_over_in_process'][str(c)]:.2f} | {r['latency_ms']['p50'] or 0:.0f} | "
-            f"{r['inputs_per_decode'] or 0:.1f} | {r['errors']} | "
-            f"{r['load_before']} → {r['load_after']}{' (busy)' if r['busy'] else ''} |"
-        )
-    target = result["target"]
-    again = result["in_process"][-1]
-    threads = "; ".join(
-        f"batch {m['batch']}: "
-        + ", ".join(f"{t} thread(s) {v:.1f}" for t, v in m["tokens_per_s_by_threads"].items())
-        for m in result["in_process"]
+    local = {m["batch"]: m for m in result["in_process"]}
+    for conc in s["concurrency"]:
+        for mode in s["modes"]:
+            r = _level(result, mode, conc)
+            if r is None:
+                continue
+            d = r["decoder"]
+            rows = d.get("rows_per_step", d.get("inputs_per_decode"))
+            lines.append(
+                f"| {conc} | {_f(local[conc]['tokens_per_s'], 1)} | {mode} | {_f(r['tokens_per_s'], 1)} | "
+                f"{_f(r['ttft_ms']['p50'])} / {_f(r['ttft_ms']['p95'])} | "
+                f"{_f(r['tpot_ms']['p50'], 1)} / {_f(r['tpot_ms']['p95'], 1)} | {_f(rows, 1)} | "
+                f"{r['errors']} | {r['load_before']} → {r['load_after']}{' (busy)' if r['busy'] else ''} |"
+            )
+    lines += ["", ("Per-step time of the continuous Decoder (ms per step: forward, token choice, cache "
+              "bookkeeping, whole step):"), "", "| c | forward | choice | bookkeeping | step |", "|---|---|---|---|---|"]
+    for conc in s["concurrency"]:
+        r = _level(result, "continuous", conc)
+        if r and "breakdown_ms_per_step" in r["decoder"]:
+            b = r["decoder"]["breakdown_ms_per_step"]
+            lines.append(f"| {conc} | {_f(b['forward'], 1)} | {_f(b['pick'], 1)} | {_f(b['bookkeeping'], 1)} | {_f(b['total'], 1)} |")
+    lines += ["", "| check | static | continuous |", "|---|---|---|"]
+    ab = {m: result["served"][m].get("abandoned") for m in s["modes"]}
+    lines.append(
+        f"| {s['short_tokens']}-token decode after {s['abandon_clients']} clients hung up on "
+        f"{s['abandon_length']}-token ones (ms; rows left) | "
+        + " | ".join(f"{_f(a['short_ms'])}; {a['rows_left']}" if a else "–" for a in (ab.get("static"), ab.get("continuous")))
+        + " |"
     )
-    lines += [
-        "",
-        f"In-process tokens/s by torch threads: {threads}.",
-        "",
-        (f"In-process again after the served run: {again['tokens_per_s']:.1f} tokens/s "
-        f"(load {again['load_before']} → {again['load_after']}); the better of the two is the reference at c={max(local, key=int)}."),
-        "",
-        (f"Target: {target['name']}: {target['value']:.2f} "
-        f"({'met' if target['met'] else 'missed'}{'' if target['usable'] else ', machine busy'})."),
-        "",
-        machine_markdown(result["machine"]),
-        "",
-    ]
+    c = result["served"].get("continuous", {}).get("classification")
+    if c:
+        lines.append(
+            f"| classification p50 ms, alone → beside {c['decoding_clients']} decoding clients | – | "
+            f"{_f(c['alone']['p50_ms'])} → {_f(c['beside']['p50_ms'])} |"
+        )
+    lines += ["", "| target | value | met |", "|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['name']} | {_f(t['value'], 2)} | "
+                     f"{'met' if t['met'] else 'missed'}{'' if t['usable'] else ' (machine busy)'} |")
+    lines += ["", machine_markdown(result["machine"]), ""]
     return "\n".join(lines)
 
 
@@ -344,16 +434,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="results directory (default bench_results/generation_serve)")
     parser.add_argument("--texts", help="one text per line, or a TSV/CSV with a 'sentence' column")
-    parser.add_argument("--tiny", action="store_true", help="smoke run: tiny random encoder, one short level")
-    parser.add_argument("--concurrency", type=_ints, help="comma-separated, default 8,32")
-    parser.add_argument("--new-tokens", type=int, help="tokens every input decodes (32)")
+    parser.add_argument("--tiny", action="store_true", help="smoke run: tiny random encoder, short levels")
+    parser.add_argument("--concurrency", type=ints, help="comma-separated, default 1,8,32,64")
+    parser.add_argument("--modes", help="comma-separated decode modes, default static,continuous")
     parser.add_argument("--duration", type=float, help="seconds per served level (20)")
     args = parser.parse_args(argv)
     settings = tiny_settings() if args.tiny else Settings()
     if args.concurrency:
         settings.concurrency = args.concurrency
-    if args.new_tokens:
-        settings.new_tokens = args.new_tokens
+    if args.modes:
+        settings.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if args.duration:
         settings.duration_s = args.duration
     default = "generation_serve_tiny" if args.tiny else "generation_serve"
@@ -363,8 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    target = result["target"]
-    print(f"{'met' if target['met'] else 'MISSED':7s} {target['name']}: {target['value']:.2f}")
+    for target in result["targets"]:
+        print(f"{'met' if target['met'] else 'MISSED':7s} {target['name']}: {_f(target['value'], 2)}")
     return 0
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from common import mean_of, points, signed_points
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = {
@@ -198,11 +199,6 @@ def headline(run: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
-def mean_of(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from common import machine_info
@@ -301,12 +297,12 @@ def markdown_table(result: dict[str, Any]) -> str:
         train_s = sum(r["train_s"] for r in runs) / len(runs)
         rows.append(
             f"| {name} | {steps.get('sentiment', '-')} / {steps.get('ner', '-')} | "
-            f"{_pts(s['sst2_dev_accuracy'])} | {_pts(s['wnut17_test_f1'])} | "
-            f"{_pts(s['wnut17_dev_f1'])} | {train_s:.0f} |"
+            f"{points(s['sst2_dev_accuracy'])} | {points(s['wnut17_test_f1'])} | "
+            f"{points(s['wnut17_dev_f1'])} | {train_s:.0f} |"
         )
     d = result["delta_points"]
     rows.append(
-        f"| joint − single | | {_signed(d['sst2_dev_accuracy'])} | {_signed(d['wnut17_test_f1'])} | | |"
+        f"| joint − single | | {signed_points(d['sst2_dev_accuracy'])} | {signed_points(d['wnut17_test_f1'])} | | |"
     )
     return "\n".join(rows)
 
@@ -346,14 +342,6 @@ def report_markdown(result: dict[str, Any], title: str, settings: str) -> str:
             "",
         ]
     )
-
-
-def _pts(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def _signed(value: float | None) -> str:
-    return "-" if value is None else f"{value:+.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -37,18 +36,18 @@ from typing import Any
 import loadgen
 from common import (
     DEFAULT_ENCODER,
-    DEFAULT_TEXTS,
     FAST_TEARDOWN,
     BenchError,
     CpuWatch,
     build_demo_bundle,
-    default_texts_file,
+    free_port,
+    ints,
     is_busy,
+    load_texts,
     machine_info,
     pick_tasks,
-    read_texts,
-    shown_path,
     usable_cores,
+    wait_ready,
 )
 
 SYSTEMS = ("polytask", "noop", "baseline")
@@ -139,30 +138,6 @@ def polytask_options(
     for name, extra in settings.polytask_options.items():
         options[name] = {**options.get(name, {}), **extra}
     return args, options
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def _wait_ready(url: str, body: dict[str, Any], timeout_s: float = 180.0) -> None:
-    import httpx
-
-    deadline = time.perf_counter() + timeout_s
-    last = ""
-    async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
-        while time.perf_counter() < deadline:
-            try:
-                response = await client.post(url, json=body)
-                if response.status_code == 200:
-                    return
-                last = f"HTTP {response.status_code}: {response.text[:200]}"
-            except httpx.HTTPError as exc:
-                last = repr(exc)
-            await asyncio.sleep(0.5)
-    raise BenchError(f"{url} did not answer within {timeout_s:.0f}s (last: {last})")
 
 
 def sweep(
@@ -276,7 +251,7 @@ def bench_polytask(
         )
         target = _target_port("polytask", port)
         url = f"http://127.0.0.1:{target}"
-        asyncio.run(_wait_ready(f"{url}/v1/predict", {"inputs": texts[:2], "tasks": tasks}))
+        asyncio.run(wait_ready(f"{url}/v1/predict", {"inputs": texts[:2], "tasks": tasks}))
         ingress = serve.get_deployment_handle("Ingress", "polytask")
 
         def ingress_stats() -> dict[str, Any]:
@@ -321,7 +296,7 @@ def bench_noop(
         serve.run(noop_app(tasks, options), name="noop", route_prefix="/")
         target = _target_port("noop", port)
         url = f"http://127.0.0.1:{target}/v1/predict"
-        asyncio.run(_wait_ready(url, {"inputs": texts[:2], "tasks": tasks}))
+        asyncio.run(wait_ready(url, {"inputs": texts[:2], "tasks": tasks}))
         return sweep(
             target, label, ["/v1/predict"], tasks, texts, settings, log, None, levels, duration_s
         )
@@ -338,7 +313,7 @@ def bench_baseline(port, exported, texts, settings, log) -> list[dict[str, Any]]
         serve.run_many(targets)
         routes = [t.route_prefix for t in targets]
         for route in routes:
-            asyncio.run(_wait_ready(f"http://127.0.0.1:{port}{route}", {"inputs": texts[:2]}))
+            asyncio.run(wait_ready(f"http://127.0.0.1:{port}{route}", {"inputs": texts[:2]}))
         return sweep(port, "baseline", routes, None, texts, settings, log)
     finally:
         for target in targets:
@@ -388,7 +363,7 @@ def serve_under(levers: list[str], settings: Settings) -> Iterator[int]:
             include_dashboard=False,
             log_to_driver=False,
         )
-        port = _free_port()
+        port = free_port()
         serve.start(
             http_options={"host": "127.0.0.1", "port": port},
             logging_config=ACCESS_LOG if settings.access_log else DEFAULT_LOGGING,
@@ -448,22 +423,6 @@ def _lever_set_runs(
     return runs
 
 
-def _load_texts(texts_file: str | None, tiny: bool) -> tuple[list[str], str]:
-    if texts_file is not None:
-        return read_texts(texts_file), shown_path(texts_file)
-    found = default_texts_file()
-    if found is not None and not tiny:
-        return read_texts(found), shown_path(found)
-    if tiny:
-        from polytask.demo import demo_corpus
-
-        return demo_corpus(), "polytask.demo.demo_corpus()"
-    raise BenchError(
-        f"no --texts given and {DEFAULT_TEXTS} (SST-2 dev, relative to the repo root) is not "
-        "there; pass --texts FILE (one text per line, or a TSV with a 'sentence' column)"
-    )
-
-
 def run_serve_bench(
     settings: Settings,
     out: Path,
@@ -493,7 +452,7 @@ def run_serve_bench(
         )
     for lever_set in settings.lever_sets:
         lever_names(lever_set)
-    texts, texts_source = _load_texts(texts_file, tiny)
+    texts, texts_source = load_texts(texts_file, tiny)
     for key, value in (
         ("TOKENIZERS_PARALLELISM", "false"),
         ("HF_HUB_OFFLINE", "1"),
@@ -541,7 +500,7 @@ def run_serve_bench(
         limits = [limit_once()]
         log("load generator ceiling against a trivial server")
         ceiling = loadgen.ceiling(
-            max(settings.concurrency), settings.loadgen_ceiling_s, _free_port()
+            max(settings.concurrency), settings.loadgen_ceiling_s, free_port()
         )
         log(f"  {ceiling['requests_per_s']:.0f} requests/s at c={ceiling['concurrency']}")
         if ray.is_initialized():
@@ -615,18 +574,14 @@ def run_serve_bench(
     return result
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--texts", help="one text per line, or a TSV/CSV with a 'sentence' column")
     parser.add_argument("--out", help="results directory (default bench_results/serve)")
     parser.add_argument("--model", help="bundle dir or models:/ URI (default: MiniLM-L6 demo)")
     parser.add_argument("--tiny", action="store_true", help="tiny random encoder, few requests")
-    parser.add_argument("--concurrency", type=_ints, help="comma-separated, default 1,4,16,64")
-    parser.add_argument("--inputs-per-request", type=_ints, help="comma-separated, default 1,16")
+    parser.add_argument("--concurrency", type=ints, help="comma-separated, default 1,4,16,64")
+    parser.add_argument("--inputs-per-request", type=ints, help="comma-separated, default 1,16")
     parser.add_argument("--systems", help=f"comma-separated subset of {','.join(SYSTEMS)}")
     parser.add_argument("--duration", type=float, help="seconds per level (default 10)")
     parser.add_argument("--rounds", type=int, help="sweeps of every system; best per level")
@@ -645,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         "--lever-levels", help="comma-separated INPUTS@CONCURRENCY levels of the lever comparison"
     )
     parser.add_argument(
-        "--overload", type=_ints, help="comma-separated overload concurrencies (256,1024); 0: none"
+        "--overload", type=ints, help="comma-separated overload concurrencies (256,1024); 0: none"
     )
     parser.add_argument(
         "--polytask-args",

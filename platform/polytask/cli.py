@@ -14,7 +14,7 @@ import sys
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import click
 import typer
@@ -25,7 +25,11 @@ from typer.core import TyperGroup
 
 import polytask
 from polytask.config import ConfigError, load_config
+from polytask.tracking.places import Place, describe
 from polytask.tracking.registry import CHAMPION, FULL_PRECISION, VARIANT_OF_METHOD
+
+if TYPE_CHECKING:
+    from polytask.batch import BatchSpec
 
 TRACEBACK_ENV = "POLYTASK_TRACEBACK"  # set to 1 to see the traceback behind an error line
 
@@ -60,6 +64,9 @@ def user_error(exc: BaseException) -> str | None:
     DataError, SearchSpaceError, BundleError, ServeArgsError, unknown task, ...). The same
     ValueError or KeyError raised inside a dependency is a bug, so it keeps its traceback.
     """
+    joining = ray_join_error(exc)
+    if joining is not None:
+        return joining
     mlflow_exceptions = sys.modules.get("mlflow.exceptions")  # never imported ⇒ cannot be raised
     if mlflow_exceptions is not None and isinstance(exc, mlflow_exceptions.MlflowException):
         message = exc.message
@@ -73,6 +80,32 @@ def user_error(exc: BaseException) -> str | None:
     ):
         text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         return " ".join(str(text).split()) or type(exc).__name__
+    return None
+
+
+RAY_AUTH_FIX = (
+    "Ray 2.60 clusters use token authentication: export RAY_AUTH_MODE=token and give this "
+    "machine the cluster's token (RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH, or "
+    "~/.ray/auth_token; `ray get-auth-token` on the head node prints it)"
+)
+
+
+def ray_join_error(exc: BaseException) -> str | None:
+    """The message for a refused or failed join of an existing Ray cluster (RAY_ADDRESS), which
+    Ray reports as AuthenticationError, or after ~20 s of retries as a bare ConnectionError."""
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    address = os.environ.get("RAY_ADDRESS", "")
+    mode = os.environ.get("RAY_AUTH_MODE", "unset")
+    if ray_exceptions is not None and isinstance(exc, ray_exceptions.AuthenticationError):
+        detail = " ".join(str(exc.message).split())
+        where = f" at RAY_ADDRESS={address}" if address else ""
+        return f"the Ray cluster{where} refused this process ({detail}; RAY_AUTH_MODE is {mode}); {RAY_AUTH_FIX}"
+    if isinstance(exc, ConnectionError) and str(exc).startswith("Failed to connect to Ray cluster"):
+        return (
+            f"{exc} (RAY_ADDRESS={address or 'unset'}, RAY_AUTH_MODE={mode}): check that the "
+            f"cluster is up and the address is its GCS (host:6379 of `ray start --head`); if it "
+            f"is, the cluster refused this process's token: {RAY_AUTH_FIX}"
+        )
     return None
 
 
@@ -234,10 +267,10 @@ def registry_promote(
     alias: Annotated[str, typer.Option(help="Alias to set.")] = CHAMPION,
 ) -> None:
     """Point an alias (default `champion`) at a version."""
-    from polytask.tracking.registry import promote
+    from polytask.tracking.registry import promote, tracking_uri
 
     promote(name, version, alias)
-    console.print(f"models:/{name}@{alias} → version {version}")
+    console.print(f"models:/{name}@{alias} → version {version} (in {tracking_uri()})", highlight=False)
 
 
 @registry_app.command("show")
@@ -398,6 +431,7 @@ def _predict_file(
         text_pair_field=text_pair_field, input_format=input_format, workers=workers,
         batch_size=batch_size, errors=errors_file,
     )
+    errors.print(f"[bold]state[/] of this batch job\n{escape(describe(_batch_places(spec)))}")
     columns = [TextColumn("scoring"), BarColumn(), TextColumn("{task.completed:,} rows"),
                TextColumn("{task.fields[rate]:.1f} rows/s"), TimeRemainingColumn()]
     with Progress(*columns, console=errors, transient=False) as bar:  # stdout: the summary
@@ -408,6 +442,25 @@ def _predict_file(
 
         summary = run_batch(spec, progress)
     console.print_json(json.dumps(summary.to_dict()))
+
+
+def _batch_places(spec: BatchSpec) -> list[Place]:
+    """Where `predict --input` reads its model from and writes its files, refused inside a Ray
+    job's temporary working_dir copy (the files would be deleted with it)."""
+    from polytask.tracking.places import check_paths, output_place, refuse_scratch
+    from polytask.tracking.registry import tracking_uri
+    from polytask.tracking.uris import parse_model_uri
+
+    def shown(path: str) -> str:
+        return path if "://" in path else str(Path(path).expanduser().resolve())
+
+    places = [] if parse_model_uri(spec.model).kind == "path" else check_paths(tracking_uri())
+    places += [
+        output_place("output", shown(spec.output), "--output"),
+        output_place("bad rows", shown(spec.errors_path), "--errors or --output"),
+    ]
+    refuse_scratch(places)
+    return places
 
 
 @app.command()
@@ -423,13 +476,16 @@ def compress(
     out: Annotated[Path | None, typer.Option(help="Output bundle dir.")] = None,
     register: Annotated[bool, typer.Option(help="Register as a new version of the source model.")] = True,
     finetune_steps: Annotated[int, typer.Option(help="prune: recovery fine-tune steps (needs --eval).")] = 0,
+    decoder_int8: Annotated[
+        bool, typer.Option(help="int8: quantize generation decoders' linear layers too (CPU only).")
+    ] = False,
 ) -> None:
     """Compress a model's encoder for CPU serving; the result is a new bundle / model version."""
     from polytask.compression.compress import run_compress
 
     summary = run_compress(
         model, method.value, sparsity, eval_experiment, out, register, console,
-        finetune_steps=finetune_steps,
+        finetune_steps=finetune_steps, decoder_int8=decoder_int8,
     )
     console.print_json(json.dumps(summary, default=str))
 

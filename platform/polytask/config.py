@@ -102,6 +102,25 @@ class HeadConfig(_Section):
     decoder_layers: int = Field(
         2, ge=1, le=48, description="Generation tasks, decoder: new: its number of layers."
     )
+    decoder_init: Literal["encoder", "random"] | None = Field(
+        None,
+        description="Generation tasks, decoder: new: encoder warm-starts it from the encoder "
+        "(embeddings and decoder_layers of its layers copied; cross-attention and the LM "
+        "transform fresh; BERT2BERT), random starts it fresh. Default: encoder for a BERT-layout "
+        "encoder (BERT, MiniLM), else random.",
+    )
+    decoder_layers_from: Literal["bottom", "top"] = Field(
+        "bottom",
+        description="Generation tasks, decoder_init: encoder: copy the encoder's first (bottom) "
+        "or last (top) decoder_layers layers.",
+    )
+    new_lr_scale: float = Field(
+        1.0,
+        gt=0.0,
+        le=1000.0,
+        description="Generation tasks, decoder: new: multiplies the head learning rate for the "
+        "decoder parameters that start fresh (cross-attention, LM transform).",
+    )
     tie_embeddings: bool = Field(
         True,
         description="Generation tasks, decoder: new: start its token embeddings (and the tied "
@@ -192,7 +211,15 @@ class TaskConfig(_Section):
 _TOKEN_ONLY = ("tokens_field", "tags_field")
 _SENTENCE_ONLY = ("text_field", "text_pair_field", "label_field", "label_separator")
 _LABELS_ONLY = ("label_field", "label_separator")
-_DECODER_ONLY = ("decoder", "decoder_layers", "tie_embeddings", "label_smoothing")
+_DECODER_ONLY = (
+    "decoder",
+    "decoder_layers",
+    "decoder_init",
+    "decoder_layers_from",
+    "new_lr_scale",
+    "tie_embeddings",
+    "label_smoothing",
+)
 
 
 def _written(section: BaseModel) -> set[str]:

@@ -226,7 +226,7 @@ def demo_tokenizer(vocab_size: int) -> Any:
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.train_from_iterator(
-        demo_corpus(), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+        demo_corpus(), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
     )
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(

@@ -4,8 +4,11 @@ Train (2 CPU workers), register in MLflow, serve on Ray Serve, ask it questions,
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,22 @@ EXAMPLES = [
     "honestly the meal felt dreadful to me",
     "jamal works for globex near tokyo",
 ]
+# Other libraries' lines that would bury the quickstart's own: MLflow's "Downloading artifacts"
+# bars and database notices, Hugging Face's progress bars.
+QUIET_ENV = {
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+# Driver-side lines of other libraries, each logger at the level it is quieted to: Serve's and
+# MLflow's INFO notices ("Started Serve", "Creating initial MLflow database tables"), and Ray's
+# warning that it turned token authentication on for the new local cluster (its default: the
+# cluster stays authenticated, with the token in ~/.ray/auth_token).
+QUIET_LOGGERS = {
+    "ray.serve": logging.WARNING,
+    "mlflow": logging.WARNING,
+    "ray._private.authentication.authentication_token_setup": logging.ERROR,
+}
 
 
 def quickstart_experiment(workdir: Path, *, fast: bool = False) -> dict[str, Any]:
@@ -53,11 +72,32 @@ def run_quickstart(
     metrics_port: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run the demo end to end; returns the HTTP answers (the test asserts on them). With
-    `metrics_port`, the Ray it starts exports Prometheus metrics there."""
+    `metrics_port`, the Ray it starts exports Prometheus metrics there. Only the quickstart's
+    own lines are printed (`_quiet_libraries`)."""
+    import ray
+
     console = console or Console()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    workdir = Path(workdir).resolve()
+    joined = ray.is_initialized()
+    with _quiet_libraries():
+        return _run(Path(workdir).resolve(), fast, keep_serving, port, console, metrics_port, joined)
+
+
+def _run(
+    workdir: Path,
+    fast: bool,
+    keep_serving: bool,
+    port: int,
+    console: Console,
+    metrics_port: int | None,
+    joined: bool,
+) -> list[dict[str, Any]]:
+    import ray
+
+    from polytask.serve.server import start_ray
+    from polytask.training.train import run_training
+
     console.rule("[bold]1/4 data and encoder")
     experiment = quickstart_experiment(workdir, fast=fast)
     path = write_yaml(experiment, workdir / "experiment.yaml")
@@ -66,27 +106,54 @@ def run_quickstart(
     )
 
     console.rule("[bold]2/4 joint training on Ray Train (2 workers)")
-    import ray
-
-    from polytask.serve.server import start_ray
-    from polytask.training.train import run_training
-
     start_ray(
         metrics_port,
         lambda line: console.print(line, highlight=False, soft_wrap=True),
         num_cpus=4,
         include_dashboard=False,
         log_to_driver=False,
+        logging_level=logging.WARNING,
     )
     try:
         run_name = f"quickstart-{int(time.time())}"
         result = run_training(load_config(path), run_name=run_name, console=console)
         return _serve_and_ask(console, result, port, keep_serving)
     finally:
-        from ray import serve
+        # A Ray started here goes as a whole, Serve with it; `serve.shutdown()` would also make
+        # the raylet print that its controller's shutdown task "failed" (the controller kills
+        # itself). A joined cluster keeps running, so Serve is taken off it.
+        if joined:
+            from ray import serve
 
-        serve.shutdown()
+            serve.shutdown()
         ray.shutdown()
+
+
+@contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """QUIET_ENV where unset, QUIET_LOGGERS at their levels and no transformers progress bars,
+    for the quickstart's duration; every setting is put back after."""
+    # MLflow and Serve configure their loggers when first imported: import them before the levels
+    import mlflow  # noqa: F401
+    import ray.serve  # noqa: F401
+    from transformers.utils import logging as hf_logging
+
+    added = {k: v for k, v in QUIET_ENV.items() if k not in os.environ}
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    bars = hf_logging.is_progress_bar_enabled()
+    os.environ.update(added)
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _serve_and_ask(console: Console, result: Any, port: int, keep_serving: bool) -> list[dict[str, Any]]:

@@ -23,10 +23,17 @@ class GenerationSpec:
     """How a generation task's decoder is built, trained and run (`head.*` and `generation.*`).
 
     `decoder`: "checkpoint" (the encoder-decoder checkpoint's own decoder + LM head) or "new" (a
-    fresh `decoder_layers`-layer decoder with cross-attention); training resolves None to one."""
+    `decoder_layers`-layer decoder with cross-attention); training resolves None to one.
+    `decoder_init` (new): "encoder" copies the encoder's embeddings and `decoder_layers_from` end
+    of its layers into the decoder (cross-attention and LM transform start fresh), "random" starts
+    all fresh; training resolves None to "encoder" where the encoder's layout allows it.
+    `new_lr_scale` multiplies the head learning rate for the decoder's fresh parameters."""
 
     decoder: str | None = None
     decoder_layers: int = 2
+    decoder_init: str | None = None
+    decoder_layers_from: str = "bottom"
+    new_lr_scale: float = 1.0
     tie_embeddings: bool = True
     label_smoothing: float = 0.0
     max_new_tokens: int = 64
@@ -322,7 +329,8 @@ def generation_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing
 
 
 def _generation_metrics(predictions: list[str], references: list[Any], spec: TaskSpec):
-    """Corpus BLEU and chrF (sacrebleu) and mean ROUGE-L F1 (rouge-score), all on a 0-100 scale."""
+    """Corpus BLEU and chrF (sacrebleu), mean ROUGE-L F1 (rouge-score) and `exact` (the share of whole
+    texts equal to their reference, ends trimmed), all on a 0-100 scale."""
     import sacrebleu
     from rouge_score import rouge_scorer
 
@@ -334,6 +342,7 @@ def _generation_metrics(predictions: list[str], references: list[Any], spec: Tas
         "bleu": float(sacrebleu.corpus_bleu(preds, [refs]).score),
         "chrf": float(sacrebleu.corpus_chrf(preds, [refs]).score),
         "rouge_l": 100.0 * float(np.mean(rouge)) if rouge else 0.0,
+        "exact": 100.0 * float(np.mean([p.strip() == r.strip() for p, r in zip(preds, refs)])) if refs else 0.0,
     }
 
 
@@ -398,7 +407,7 @@ KINDS: dict[str, TaskKind] = {
         TaskKind(
             name="generation",
             level="sequence",
-            metric_names=("bleu", "chrf", "rouge_l"),
+            metric_names=("bleu", "chrf", "rouge_l", "exact"),
             primary_metric="bleu",
             loss=generation_loss,
             metrics=_generation_metrics,
@@ -409,4 +418,4 @@ KINDS: dict[str, TaskKind] = {
 }
 
 LOWER_IS_BETTER = {"mse"}
-PERCENT_METRICS = {"bleu", "chrf", "rouge_l"}  # reported 0-100 as sacrebleu does; 0-1 in objectives
+PERCENT_METRICS = {"bleu", "chrf", "rouge_l", "exact"}  # reported 0-100 as sacrebleu does; 0-1 in objectives

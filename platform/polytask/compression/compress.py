@@ -60,10 +60,12 @@ def compress_bundle(
     finetune_steps: int = 0,
     skip: tuple[str, ...] = (),
     engine: str | None = None,
+    decoder_int8: bool = False,
 ) -> Manifest:
     """Write a compressed copy of `src_bundle` to `out` and return its manifest.
 
-    int8: every encoder nn.Linear (minus names containing a `skip` part) → dynamic int8, CPU.
+    int8: every encoder nn.Linear (minus names containing a `skip` part) → dynamic int8, CPU;
+    with `decoder_int8`, every generation head's decoder nn.Linear too (LM head included).
     prune: remove `sparsity` of the transformer-layer parameters as whole heads and FFN neurons,
     ranked by gradient importance on the experiment's train split when `experiment` is given
     (else weight magnitude), then optionally `finetune_steps` of recovery training.
@@ -80,12 +82,18 @@ def compress_bundle(
         raise ValueError(
             f"{src_bundle} is already int8; compress its fp32 (or pruned) source instead"
         )
+    if decoder_int8 and method != "int8":
+        raise ValueError("--decoder-int8 quantizes generation decoders with --method int8; add it")
     heads = None
+    int8_heads: dict[str, dict[str, Any]] = {}
     if method == "int8":
         encoder, _, _ = load_encoder_part(src_bundle)
         quantized, step = quantize_encoder(encoder, skip, engine)
         state = int8_state(quantized)
         fingerprint = tensors_fingerprint(state)
+        if decoder_int8:
+            int8_heads = _int8_decoders(src_bundle, manifest, step["engine"])
+            step["decoders"] = sorted(int8_heads)
     else:
         if finetune_steps and experiment is None:
             raise ValueError("--finetune-steps needs --eval EXPERIMENT.yaml (its train data)")
@@ -118,8 +126,26 @@ def compress_bundle(
         },
         recipe=recipe,
     )
-    _write(src_bundle, out, new, state, heads)
+    _write(src_bundle, out, new, state, heads, int8_heads)
     return new
+
+
+def _int8_decoders(src: Path, manifest: Manifest, engine: str) -> dict[str, dict[str, Any]]:
+    """{task: {"step": how to rebuild it, "state": its tensors}} for each generation head, its
+    decoder's nn.Linear layers dynamic int8 (the encoder's scheme); refused when there is none."""
+    from polytask.model.bundle import load_head
+
+    out = {}
+    for spec in manifest.tasks:
+        if not spec.is_generation:
+            continue
+        head, _ = load_head(src, spec.name, None)
+        decoder, step = quantize_encoder(head.decoder, (), engine)
+        state = {f"decoder.{k}": v.clone() for k, v in int8_state(decoder).items()}  # untie the LM bias
+        out[spec.name] = {"step": step, "state": state}
+    if not out:
+        raise ValueError(f"--decoder-int8: {src} has no generation task; leave the flag out")
+    return out
 
 
 def _write(
@@ -128,6 +154,7 @@ def _write(
     manifest: Manifest,
     encoder_state: dict[str, torch.Tensor],
     heads: dict[str, nn.Module] | None,
+    int8_heads: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """Copy the source bundle, swap in the new encoder weights, re-stamp every head's expected
     fingerprint; `out` is replaced only once complete."""
@@ -142,6 +169,9 @@ def _write(
         head_dir = tmp / "heads" / spec.name
         meta = json.loads((head_dir / "head.json").read_text())
         meta["encoder_fingerprint"] = manifest.fingerprint
+        if int8_heads and spec.name in int8_heads:
+            meta["decoder"]["int8"] = int8_heads[spec.name]["step"]
+            save_file(int8_heads[spec.name]["state"], head_dir / "head.safetensors", metadata={"format": "pt"})
         (head_dir / "head.json").write_text(json.dumps(meta, indent=2))
         if heads is not None:
             write_head_weights(heads[spec.name], head_dir)
@@ -244,12 +274,17 @@ def compare_bundles(
         raise ValueError("--eval: the experiment has no validation split for the model's tasks")
     batches = _throughput_batches(features, tokenizer.pad_token_id, batch_size)
     encoders = {k: model.encoder for k, (model, _, _) in loaded.items()}
+    gen_batches = _generation_batches(manifest, features, tokenizer.pad_token_id, batch_size)
     previous = torch.get_num_threads()
     by_threads: dict[int, dict[str, float]] = {}
+    gen_by_threads: dict[int, dict[str, dict[str, float]]] = {}
     try:
         for n in threads or (previous,):
             torch.set_num_threads(n)
             by_threads[n] = encoder_throughput(encoders, batches, repeats)
+            if gen_batches:
+                models = {k: model for k, (model, _, _) in loaded.items()}
+                gen_by_threads[n] = generation_throughput(models, gen_batches, repeats)
     finally:
         torch.set_num_threads(previous)
     first = next(iter(by_threads.values()))
@@ -263,6 +298,11 @@ def compare_bundles(
             "encoder_bytes": dir_bytes(Path(bundles[key]) / "encoder", "*.safetensors"),
             "bundle_bytes": dir_bytes(Path(bundles[key])),
             "layer_params": _layer_params_or_none(model.encoder),
+            **(
+                {"generation_by_threads": {n: speed[key] for n, speed in gen_by_threads.items()}}
+                if gen_by_threads
+                else {}
+            ),
         }
         for key, (model, _, man) in loaded.items()
     }
@@ -295,6 +335,11 @@ def evaluate_compression(
     src, cmp = report["source"]["seq_per_s_by_threads"], report["compressed"]["seq_per_s_by_threads"]
     report["speedup_by_threads"] = {n: cmp[n] / src[n] for n in threads}
     report["speedup"] = report["speedup_by_threads"][1]
+    if "generation_by_threads" in report["source"]:
+        src_gen, cmp_gen = report["source"]["generation_by_threads"], report["compressed"]["generation_by_threads"]
+        report["generation_speedup_by_threads"] = {
+            n: cmp_gen[n]["seq_per_s"] / src_gen[n]["seq_per_s"] for n in threads
+        }
     report["size_ratio"] = report["compressed"]["encoder_bytes"] / report["source"]["encoder_bytes"]
     report["delta"] = metric_deltas(report["source"]["metrics"], report["compressed"]["metrics"])
     return report
@@ -346,6 +391,54 @@ def encoder_throughput(
                 encoders[key](**batch)
                 best[key][i] = min(best[key][i], time.perf_counter() - start)
     return {k: n / sum(times) for k, times in best.items()}
+
+
+GENERATION_TIMED = 64  # generation inputs timed end to end per bundle (decoding is the slow part)
+
+
+def _generation_batches(
+    manifest: Manifest, features: dict[str, list[dict[str, Any]]], pad_id: int, batch_size: int
+) -> list[tuple[str, dict[str, torch.Tensor], dict[str, Any]]]:
+    """(task, batch, `generate` settings) over the first GENERATION_TIMED validation inputs of
+    each generation task, length-sorted: what end-to-end generation timing runs."""
+    from polytask.model.generation import generation_settings
+    from polytask.training.batches import collate
+
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    out = []
+    for spec in manifest.tasks:
+        if not spec.is_generation or spec.name not in features:
+            continue
+        feats = [{k: v for k, v in f.items() if k in keys} for f in features[spec.name][:GENERATION_TIMED]]
+        feats.sort(key=lambda f: len(f["input_ids"]))
+        for i in range(0, len(feats), batch_size):
+            out.append((spec.name, collate(feats[i : i + batch_size], pad_id), generation_settings(spec)))
+    return out
+
+
+@torch.inference_mode()
+def generation_throughput(
+    models: dict[str, MultiTaskModel],
+    batches: list[tuple[str, dict[str, torch.Tensor], dict[str, Any]]],
+    repeats: int = 3,
+) -> dict[str, dict[str, float]]:
+    """Per model: {"seq_per_s", "tokens_per_s"} of generation end to end (encoder + decoder,
+    the task's own decoding settings) over the same batches, timed like `encoder_throughput`
+    (interleaved, fastest of `repeats` per batch); tokens are the generated ones, EOS excluded."""
+    keys = list(models)
+    best = {k: [math.inf] * len(batches) for k in keys}
+    tokens = {k: [0] * len(batches) for k in keys}
+    for r in range(max(1, repeats)):
+        for i, (task, batch, settings) in enumerate(batches):
+            for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+                start = time.perf_counter()
+                ids, _, _ = models[key](task, batch, generate=settings)
+                best[key][i] = min(best[key][i], time.perf_counter() - start)
+                tokens[key][i] = sum(len(row) for row in ids)
+    n = sum(len(b["input_ids"]) for _, b, _ in batches)
+    return {
+        k: {"seq_per_s": n / sum(best[k]), "tokens_per_s": sum(tokens[k]) / sum(best[k])} for k in keys
+    }
 
 
 def dir_bytes(path: Path, pattern: str = "*") -> int:
@@ -445,7 +538,13 @@ def flat_report(report: dict[str, Any]) -> dict[str, float]:
             out[f"{side}/{key}"] = float(report[side][key])
         for n, value in report[side]["seq_per_s_by_threads"].items():
             out[f"{side}/seq_per_s/threads_{n}"] = float(value)
+        for n, speed in report[side].get("generation_by_threads", {}).items():
+            for key, value in speed.items():
+                out[f"{side}/generation_{key}/threads_{n}"] = float(value)
     out.update({f"speedup/threads_{n}": float(v) for n, v in report["speedup_by_threads"].items()})
+    out.update(
+        {f"generation_speedup/threads_{n}": float(v) for n, v in report.get("generation_speedup_by_threads", {}).items()}
+    )
     out.update({f"delta/{k}": float(v) for k, v in report["delta"].items()})
     return out
 
@@ -462,12 +561,17 @@ def run_compress(
     register: bool = True,
     console: Any = None,
     finetune_steps: int = 0,
+    decoder_int8: bool = False,
 ) -> dict[str, Any]:
     """`polytask compress`: resolve → compress → (evaluate) → (register); returns a summary."""
     from polytask.config import default_home, load_config
-    from polytask.tracking.registry import resolve_bundle
+    from polytask.tracking.places import check_paths, describe, output_place, refuse_scratch
+    from polytask.tracking.registry import resolve_bundle, tracking_uri
+    from polytask.tracking.uris import is_local_path
 
     say = console.print if console is not None else (lambda *a, **k: None)
+    # Refused inside a Ray job's temporary working_dir copy, before any work.
+    places = check_paths(tracking_uri()) if register or not is_local_path(model_uri) else []
     if register:  # fail before the slow part; pin an alias so source and tag name one version
         name, version = registered_version(model_uri)
         model_uri = f"models:/{name}/{version}"
@@ -480,9 +584,14 @@ def run_compress(
         out = (
             default_home() / "compressed" / f"{slug.strip('_')}-{VARIANT_OF_METHOD.get(method, method)}"
         )
+    bundle = output_place("bundle", str(Path(out).resolve()), "--out")
+    if not register:  # unregistered, the bundle is the result (else the store keeps a copy)
+        refuse_scratch([bundle])
+    say(f"state of this compression\n{describe([*places, bundle])}", markup=False, highlight=False)
     say(f"compressing {model_uri} ({src}) with {method} …")
     manifest = compress_bundle(
-        src, out, method, sparsity, experiment=cfg, finetune_steps=finetune_steps
+        src, out, method, sparsity, experiment=cfg, finetune_steps=finetune_steps,
+        decoder_int8=decoder_int8,
     )
     summary: dict[str, Any] = {
         "bundle": str(Path(out).resolve()),
@@ -520,6 +629,12 @@ def format_report(report: dict[str, Any]) -> str:
         before, after = src["seq_per_s_by_threads"][n], cmp["seq_per_s_by_threads"][n]
         rows.append(
             f"| encoder seq/s, {n} thread{'s' * (n > 1)} | {before:.1f} | {after:.1f} | ×{ratio:.2f} |"
+        )
+    for n, ratio in report.get("generation_speedup_by_threads", {}).items():
+        before, after = src["generation_by_threads"][n], cmp["generation_by_threads"][n]
+        rows.append(
+            f"| generation seq/s (encoder + decoder), {n} thread{'s' * (n > 1)} | "
+            f"{before['seq_per_s']:.2f} | {after['seq_per_s']:.2f} | ×{ratio:.2f} |"
         )
     rows.append(
         f"| encoder MB | {src['encoder_bytes'] / 1e6:.2f} | {cmp['encoder_bytes'] / 1e6:.2f} "

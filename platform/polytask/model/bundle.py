@@ -117,10 +117,32 @@ def load_head(
 
         tokenizer = AutoTokenizer.from_pretrained(Path(path) / "encoder", use_fast=True)
         head = rebuild_generation_head(meta["decoder"], tokenizer)
+        if "int8" in meta["decoder"]:
+            return _int8_decoder_head(head, meta["decoder"]["int8"], head_dir, task, device), spec
     else:
         head = build_head(spec, int(meta["hidden_size"]))
     load_model(head, str(head_dir / "head.safetensors"), device=device)
     return head.to(device).eval(), spec
+
+
+def _int8_decoder_head(head: nn.Module, step: dict[str, Any], head_dir: Path, task: str, device: str) -> nn.Module:
+    """A generation head whose decoder `polytask compress --decoder-int8` quantized: the fp32
+    skeleton's named nn.Linear layers re-quantized, their int8 weights and scales loaded."""
+    from safetensors.torch import load_file
+
+    from polytask.model.int8 import rebuild_int8
+
+    if device != "cpu":
+        raise BundleError(
+            f"head '{task}' has an int8 decoder, which runs on CPU only; serve it with device: cpu "
+            "or serve the fp32 version"
+        )
+    state = {k.removeprefix("decoder."): v for k, v in load_file(head_dir / "head.safetensors").items()}
+    try:
+        head.decoder = rebuild_int8(head.decoder, step, state)
+    except ValueError as exc:
+        raise BundleError(f"head '{task}': {exc}") from None
+    return head.eval()
 
 
 def load_bundle(path: str | Path, device: str = "cpu", trust_remote_code: bool = False):

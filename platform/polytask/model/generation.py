@@ -23,17 +23,25 @@ from polytask.model.network import is_seq2seq_encoder, resolve_encoder_path
 from polytask.tasks import IGNORE_INDEX, GenerationSpec, TaskSpec
 
 CHECKPOINT, NEW = "checkpoint", "new"
+ENCODER_INIT, RANDOM_INIT = "encoder", "random"
+LAYER_ENDS = ("bottom", "top")
 OnStep = Callable[[int, list[int | None], list[bool]], bool | set[int] | None]
 
 
-def resolve_decoder(spec: TaskSpec, encoder_config: Any) -> TaskSpec:
-    """The spec with `generation.decoder` decided: the checkpoint's own decoder when the encoder
-    comes from an encoder-decoder checkpoint, else a new one."""
+def resolve_decoder(spec: TaskSpec, encoder: Any) -> TaskSpec:
+    """The spec with `generation.decoder` decided (the checkpoint's own decoder when the encoder
+    comes from an encoder-decoder checkpoint, else a new one) and, for a new one, `decoder_init`
+    (warm-started from the encoder where its layout allows, else random). `encoder`: the encoder
+    module, or just its config (then `decoder_init` stays as given)."""
     import dataclasses
 
     gen = spec.generation or GenerationSpec()
-    choice = gen.decoder or (CHECKPOINT if is_seq2seq_encoder(encoder_config) else NEW)
-    return dataclasses.replace(spec, generation=dataclasses.replace(gen, decoder=choice))
+    config = getattr(encoder, "config", encoder)
+    choice = gen.decoder or (CHECKPOINT if is_seq2seq_encoder(config) else NEW)
+    init = gen.decoder_init
+    if choice == NEW and init is None and isinstance(encoder, nn.Module):
+        init = ENCODER_INIT if can_warm_start(encoder) else RANDOM_INIT
+    return dataclasses.replace(spec, generation=dataclasses.replace(gen, decoder=choice, decoder_init=init))
 
 
 class GenerationHead(nn.Module):
@@ -41,7 +49,16 @@ class GenerationHead(nn.Module):
 
     `tokenizer` (not a parameter) turns ids into text; `source` is "checkpoint" or "new"."""
 
-    def __init__(self, decoder: Any, source: str, tokenizer: Any, special: dict[str, int]) -> None:
+    def __init__(
+        self,
+        decoder: Any,
+        source: str,
+        tokenizer: Any,
+        special: dict[str, int],
+        label_prefix: Sequence[int] = (),
+    ) -> None:
+        """`label_prefix`: ids every target starts with after the decoder start token (BART's
+        `<s>`, see `checkpoint_label_prefix`); the loss adds them and `generate` cuts them off."""
         super().__init__()
         self.decoder = decoder
         self.source = source
@@ -49,6 +66,8 @@ class GenerationHead(nn.Module):
         self.start_id = int(special["start"])
         self.eos_id = int(special["eos"])
         self.pad_id = int(special["pad"])
+        self.label_prefix = [int(t) for t in label_prefix]
+        self.new_parameters: set[str] = set()  # decoder parameters not copied from a checkpoint
 
     @property
     def special(self) -> dict[str, int]:
@@ -71,7 +90,7 @@ class GenerationHead(nn.Module):
         if labels is not None:
             from polytask.tasks import generation_loss
 
-            labels = with_eos(labels, self.eos_id)
+            labels = with_prefix(with_eos(labels, self.eos_id), self.label_prefix)
             logits = self(states, mask, shift_right(labels, self.start_id, self.pad_id))
             return logits, generation_loss(logits, labels, label_smoothing)
         if decoder_input_ids is None:
@@ -101,7 +120,12 @@ class GenerationHead(nn.Module):
 
     def decoder_config(self) -> dict[str, Any]:
         """What head.json stores to rebuild this head without its checkpoint."""
-        return {"source": self.source, "special": self.special, "config": self.decoder.config.to_dict()}
+        return {
+            "source": self.source,
+            "special": self.special,
+            "label_prefix": self.label_prefix,
+            "config": self.decoder.config.to_dict(),
+        }
 
 
 def target_ids(tokenizer: Any, targets: Sequence[str], max_length: int) -> list[list[int]]:
@@ -116,6 +140,14 @@ def with_eos(labels: torch.Tensor, eos_id: int) -> torch.Tensor:
     lengths = (labels != IGNORE_INDEX).sum(dim=1)
     out[torch.arange(labels.shape[0], device=labels.device), lengths] = eos_id
     return out
+
+
+def with_prefix(labels: torch.Tensor, prefix: Sequence[int]) -> torch.Tensor:
+    """`prefix` ids before each row's targets (nothing to do for an empty prefix)."""
+    if not prefix:
+        return labels
+    head = torch.tensor(list(prefix), dtype=labels.dtype, device=labels.device)
+    return torch.cat([head.expand(labels.shape[0], -1), labels], dim=1)
 
 
 def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tensor:
@@ -158,6 +190,16 @@ def _seq2seq_special(config: Any, tokenizer: Any) -> dict[str, int]:
     return {"start": int(start), "eos": int(eos), "pad": int(pad)}
 
 
+def checkpoint_label_prefix(config: Any) -> list[int]:
+    """Ids a checkpoint's decoder was pretrained to write first after its start token: BART
+    (decoder start `</s>`, then `<s>`, then the text) — its generation config forces that `<s>`
+    (`forced_bos_token_id`), so training keeps the convention instead of teaching the decoder
+    a different first token. Other checkpoints (T5, Marian, ...) start the text right away."""
+    if getattr(config, "model_type", None) == "bart" and config.bos_token_id is not None:
+        return [int(config.bos_token_id)]
+    return []
+
+
 def _without_encoder(seq2seq: nn.Module) -> nn.Module:
     """The seq2seq model with its encoder replaced by a parameter-free stand-in: generation and
     the loss always pass `encoder_outputs`, so it never runs, and the head holds no encoder weights.
@@ -189,7 +231,7 @@ def build_generation_head(
     checkpoint the shared encoder came from. new: sized by the encoder (hidden size, heads) and
     the tokenizer (vocabulary); `tie_embeddings` starts its token embeddings (and the LM head,
     tied to them) as a copy of the encoder's."""
-    spec = resolve_decoder(spec, encoder.config)
+    spec = resolve_decoder(spec, encoder)
     gen = spec.generation
     if gen.decoder == CHECKPOINT:
         from transformers import AutoConfig, AutoModelForSeq2SeqLM
@@ -202,9 +244,9 @@ def build_generation_head(
                 "head.decoder: new for a fresh decoder on this encoder"
             )
         seq2seq = AutoModelForSeq2SeqLM.from_pretrained(path)
-        return GenerationHead(
-            _without_encoder(seq2seq), CHECKPOINT, tokenizer, _seq2seq_special(seq2seq.config, tokenizer)
-        )
+        special = _seq2seq_special(seq2seq.config, tokenizer)
+        prefix = checkpoint_label_prefix(seq2seq.config)
+        return GenerationHead(_without_encoder(seq2seq), CHECKPOINT, tokenizer, special, prefix)
     from transformers import BertConfig, BertLMHeadModel
 
     enc_cfg = encoder.config
@@ -217,6 +259,9 @@ def build_generation_head(
         num_hidden_layers=gen.decoder_layers,
         num_attention_heads=heads if heads and hidden % heads == 0 else 1,
         intermediate_size=int(getattr(enc_cfg, "intermediate_size", 4 * hidden)),
+        hidden_act=getattr(enc_cfg, "hidden_act", "gelu"),
+        layer_norm_eps=float(getattr(enc_cfg, "layer_norm_eps", 1e-12)),
+        type_vocab_size=int(getattr(enc_cfg, "type_vocab_size", 2) or 2),
         max_position_embeddings=max(512, gen.max_new_tokens + 2),
         hidden_dropout_prob=spec.dropout,
         attention_probs_dropout_prob=spec.dropout,
@@ -229,11 +274,79 @@ def build_generation_head(
         decoder_start_token_id=special["start"],
     )
     decoder = BertLMHeadModel(config)
-    source = encoder.get_input_embeddings() if gen.tie_embeddings else None
-    if source is not None and tuple(source.weight.shape) == (config.vocab_size, hidden):
-        with torch.no_grad():
-            decoder.get_input_embeddings().weight.copy_(source.weight)
-    return GenerationHead(decoder, NEW, tokenizer, special)
+    copied: set[str] = set()
+    if gen.decoder_init == ENCODER_INIT:
+        copied = warm_start(decoder, encoder, gen.decoder_layers_from, spec.name)
+    elif gen.tie_embeddings:
+        source = encoder.get_input_embeddings()
+        if source is not None and tuple(source.weight.shape) == (config.vocab_size, hidden):
+            with torch.no_grad():
+                decoder.get_input_embeddings().weight.copy_(source.weight)
+            copied = {"bert.embeddings.word_embeddings.weight"}
+    head = GenerationHead(decoder, NEW, tokenizer, special)
+    head.new_parameters = {n for n, _ in decoder.named_parameters()} - copied
+    return head
+
+
+def _encoder_layer_keys(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """The encoder's state with BERT's layout (`embeddings.*`, `encoder.layer.N.*`), or {}."""
+    state = encoder.state_dict()
+    layout = "embeddings.word_embeddings.weight" in state and "encoder.layer.0.attention.self.query.weight" in state
+    return state if layout and getattr(encoder.config, "model_type", None) == "bert" else {}
+
+
+def can_warm_start(encoder: nn.Module) -> bool:
+    """Whether a new decoder can start from this encoder's weights: a BERT-layout encoder
+    (BERT, MiniLM, ...), whose layers are a `BertLMHeadModel`'s minus cross-attention."""
+    return bool(_encoder_layer_keys(encoder))
+
+
+def warm_start(decoder: nn.Module, encoder: nn.Module, take: str, task: str) -> set[str]:
+    """Copy the encoder's embeddings and its bottom (or top) `num_hidden_layers` layers into
+    `decoder` (BERT2BERT warm-starting, Rothe et al. 2020: self-attention, FFN and layer norms
+    from the encoder; cross-attention and the LM transform stay fresh; the LM head is tied to the
+    copied word embeddings). Returns the decoder parameter names that were copied."""
+    state = _encoder_layer_keys(encoder)
+    if not state:
+        raise ValueError(
+            f"task '{task}': head.decoder_init: encoder needs a BERT-layout encoder (BERT, MiniLM, "
+            f"...), not '{getattr(encoder.config, 'model_type', type(encoder).__name__)}'; set "
+            "head.decoder_init: random"
+        )
+    n_enc = int(encoder.config.num_hidden_layers)
+    n_dec = int(decoder.config.num_hidden_layers)
+    if n_dec > n_enc:
+        raise ValueError(
+            f"task '{task}': head.decoder_layers is {n_dec} but the encoder has {n_enc} layers to "
+            f"start from; set head.decoder_layers ≤ {n_enc} or head.decoder_init: random"
+        )
+    if take not in LAYER_ENDS:
+        raise ValueError(f"task '{task}': head.decoder_layers_from must be one of {LAYER_ENDS}, got {take!r}")
+    first = 0 if take == "bottom" else n_enc - n_dec
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("embeddings."):
+            mapped[f"bert.{key}"] = value
+        elif key.startswith("encoder.layer."):
+            index, rest = key[len("encoder.layer.") :].split(".", 1)
+            if first <= int(index) < first + n_dec:
+                mapped[f"bert.encoder.layer.{int(index) - first}.{rest}"] = value
+    own = decoder.state_dict()
+    copied = set()
+    with torch.no_grad():
+        for key, value in mapped.items():
+            target = own.get(key)
+            if target is None or target.dim() != value.dim():
+                continue
+            if target.shape == value.shape:
+                target.copy_(value)
+            elif key.endswith("position_embeddings.weight") and target.shape[1:] == value.shape[1:]:
+                rows = min(target.shape[0], value.shape[0])  # the decoder may allow more positions
+                target[:rows].copy_(value[:rows])
+            else:
+                continue
+            copied.add(key)
+    return copied
 
 
 def rebuild_generation_head(meta: dict[str, Any], tokenizer: Any) -> GenerationHead:
@@ -247,7 +360,7 @@ def rebuild_generation_head(meta: dict[str, Any], tokenizer: Any) -> GenerationH
     else:
         cfg.pop("model_type", None)
         decoder = BertLMHeadModel(BertConfig(**cfg))
-    return GenerationHead(decoder, source, tokenizer, meta["special"])
+    return GenerationHead(decoder, source, tokenizer, meta["special"], meta.get("label_prefix", ()))
 
 
 class _RowCaps:
@@ -300,6 +413,16 @@ class _StepCallback:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+class _Stop:
+    """StoppingCriteria: every row (every beam) ends once `stop()` is true."""
+
+    def __init__(self, stop: Callable[[], bool]) -> None:
+        self.stop = stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **_: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), bool(self.stop()), dtype=torch.bool, device=input_ids.device)
+
+
 @torch.inference_mode()
 def generate(
     head: GenerationHead,
@@ -312,6 +435,7 @@ def generate(
     no_repeat_ngram_size: int = 0,
     min_new_tokens: int | Sequence[int] = 0,
     on_step: OnStep | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> list[list[int]]:
     """Token ids per row (no start token, cut before EOS) from padded encoder states.
 
@@ -320,7 +444,8 @@ def generate(
     `on_step(step, tokens, finished)` (greedy only) is called after every decoding step with each
     row's new token id (None once a row has finished; EOS is reported) and which rows have
     finished; returning False stops every row there (the ids so far are returned), returning a
-    set of row indices ends just those rows (a streaming client went away)."""
+    set of row indices ends just those rows (a streaming client went away). `stop()` true ends
+    every row at the next step, beam search included (its caller was cancelled)."""
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     batch = encoder_states.shape[0]
@@ -336,7 +461,8 @@ def generate(
     if on_step is not None and num_beams > 1:
         raise ValueError("on_step streams greedy decoding only; use num_beams: 1 to stream")
     config = GenerationConfig(
-        max_new_tokens=max(caps) + 1,  # room for the EOS a capped row is forced to end with
+        # room for the label prefix (BART's <s>) and the EOS a capped row is forced to end with
+        max_new_tokens=max(caps) + 1 + len(head.label_prefix),
         num_beams=num_beams,
         length_penalty=length_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size,
@@ -348,10 +474,12 @@ def generate(
         pad_token_id=head.pad_id,
     )
     mask = encoder_mask.to(encoder_states.device)
-    row_caps = _RowCaps(caps, mins, num_beams, head.eos_id, prompt_length=1)
+    row_caps = _RowCaps(caps, mins, num_beams, head.eos_id, prompt_length=1 + len(head.label_prefix))
     processors = LogitsProcessorList([row_caps])
     callback = _StepCallback(on_step, head.eos_id, batch, row_caps) if on_step is not None else None
     stopping = StoppingCriteriaList([callback] if callback else [])
+    if stop is not None:
+        stopping.append(_Stop(stop))
     if head.source == CHECKPOINT:
         from transformers.modeling_outputs import BaseModelOutput
 
@@ -378,7 +506,9 @@ def generate(
             stopping_criteria=stopping,
         )
     rows = []
+    prefix = head.label_prefix
     for ids in out[:, 1:].tolist():
+        ids = ids[len(prefix) :] if prefix and ids[: len(prefix)] == prefix else ids
         cut = ids.index(head.eos_id) if head.eos_id in ids else len(ids)
         rows.append([t for t in ids[:cut] if t != head.pad_id])
     return rows

@@ -201,6 +201,8 @@ def _head(served: _Served, task: str, override: dict[str, Any]) -> Application:
     decodes on cuda when its options give it a GPU."""
     spec = next(s for s in served.manifest.tasks if s.name == task)
     generation = spec.is_generation
+    if generation:
+        _check_positions(served, task)
     defaults = {
         **served.common,
         "name": f"head_{task}",
@@ -218,12 +220,26 @@ def _head(served: _Served, task: str, override: dict[str, Any]) -> Application:
         from polytask.serve.head import Head as deployment
     options = _merge(options, override)
     gpus = (options.get("ray_actor_options") or {}).get("num_gpus") or 0
-    init = (served.args.decode_wait_s,) if generation else ()
+    decoding = served.args.generation_head_options.decoding()
+    init = (served.args.decode_wait_s, decoding) if generation else ()
     return (
         deployment.options(**options)
         .options(version=head_version(served.bundle, task), _internal=True)
         .bind(served.ref, task, "cuda" if gpus > 0 else "cpu", *init)
     )
+
+
+def _check_positions(served: _Served, task: str) -> None:
+    """The serve arg `max_new_tokens` must fit the task's decoder position table."""
+    from polytask.model.positions import bundle_position_limit
+
+    most = served.args.max_new_tokens
+    limit = bundle_position_limit(served.bundle, task) if most else None
+    if most and limit is not None and most > limit:
+        raise ServeArgsError(
+            f"max_new_tokens: {most} is over the {limit} new tokens task '{task}'s decoder has "
+            f"positions for; set it to at most {limit}"
+        )
 
 
 def _ingress(

@@ -29,11 +29,23 @@ class HeadOptions(BaseModel):
         None, description="e.g. {num_cpus: 0.5, resources: {cpu_pool: 0.01}}; never num_gpus."
     )
     autoscaling_config: dict[str, Any] | None = Field(None, description="Serve autoscaling.")
-    max_ongoing_requests: int | None = Field(None, ge=1)
-    max_queued_requests: int | None = Field(None, ge=-1)
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Calls one head replica runs at once (Ingress batches, plus open "
+        "streams for a generation head); unset: polytask's code default."
+    )
+    max_queued_requests: int | None = Field(
+        None, ge=-1, description="Calls queued per caller beyond those before Serve refuses more; "
+        "-1 or unset: no limit."
+    )
     num_replicas: int | None = Field(None, ge=1, description="Fixed count (no autoscaling).")
-    graceful_shutdown_timeout_s: float | None = Field(None, ge=0)
-    graceful_shutdown_wait_loop_s: float | None = Field(None, gt=0)
+    graceful_shutdown_timeout_s: float | None = Field(
+        None, ge=0, description="How long a stopping replica may finish its calls before Serve "
+        "kills it; unset: Serve's default."
+    )
+    graceful_shutdown_wait_loop_s: float | None = Field(
+        None, gt=0, description="How often a stopping replica checks whether its calls are done; "
+        "unset: Serve's default."
+    )
     placement: Placement = Field(
         "separate",
         description="separate: each head its own autoscaled deployment `head_<task>`; "
@@ -59,7 +71,40 @@ class HeadOptions(BaseModel):
 class GenerationHeadOptions(HeadOptions):
     """Options for the heads of generation tasks only, applied after `head_options`: a decoder
     steps once per new token for its whole batch, so it may ask for a GPU (`num_gpus` > 0 makes it
-    decode on cuda)."""
+    decode on cuda). `decode`, `max_rows`, `max_cached_tokens` and `threads` are polytask's
+    (docs/generation.md, Serving)."""
+
+    decode: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="continuous: rows join and leave the decode at every step; static: calls "
+        "that arrive during a decode wait for the next one, which runs until its longest row ends.",
+    )
+    max_rows: int | None = Field(
+        None, ge=1, le=4096, description="Rows one replica decodes at once (continuous); unset: 64."
+    )
+    max_cached_tokens: int | None = Field(
+        None,
+        ge=64,
+        description="Tokens the rows of one replica may hold in their caches together, each row "
+        "reserving its input's length plus its max_new_tokens (continuous); unset: 65536.",
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Torch threads of one Decoder replica (continuous); unset: half the "
+        "replica machine's cores, so the Encoder keeps the rest.",
+    )
+
+    def decoding(self) -> dict[str, Any]:
+        """What the Decoder replica reads: decode mode and its limits."""
+        return self.model_dump(include={"decode", "max_rows", "max_cached_tokens", "threads"})
+
+    def as_options(self) -> dict[str, Any]:
+        return self.model_dump(
+            exclude_none=True,
+            exclude={"placement", "decode", "max_rows", "max_cached_tokens", "threads"},
+        )
 
     @field_validator("ray_actor_options")
     @classmethod
@@ -102,8 +147,14 @@ class ServeArgs(BaseModel):
     ingress_batches_in_flight: int = Field(
         2, ge=1, le=64, description="Batches one Ingress replica runs at once."
     )
-    max_inputs_per_request: int = Field(64, ge=1, le=10_000)
-    max_chars_per_input: int = Field(2000, ge=1, le=1_000_000)
+    max_inputs_per_request: int = Field(
+        64, ge=1, le=10_000, description="Most inputs one request may send; more: 413 too_many_inputs."
+    )
+    max_chars_per_input: int = Field(
+        2000, ge=1, le=1_000_000,
+        description="Longest text (and text_pair) in characters; longer: 413 input_too_long, or cut "
+        "with overflow: truncate.",
+    )
     max_body_bytes: int | None = Field(
         None, ge=1024, description="Request body limit; default fits the input limits."
     )
@@ -125,7 +176,11 @@ class ServeArgs(BaseModel):
         le=3600,
         description="Time a client has to send its whole body; a slower one gets 408.",
     )
-    head_options: HeadOptions = Field(default_factory=HeadOptions)
+    head_options: HeadOptions = Field(
+        default_factory=HeadOptions,
+        description="Serve deployment options of every head (a `deployments:` entry named "
+        "head_<task> overrides them for one task).",
+    )
     head_placement: dict[str, Placement] = Field(
         default_factory=dict,
         description="Per-task placement overriding head_options.placement, e.g. "

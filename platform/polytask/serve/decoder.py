@@ -1,9 +1,13 @@
 """The Decoder deployment: a generation task's head, bound as `head_<task>` like every head.
 
-A decode steps once per new token for its whole batch, so the calls that arrive while one runs
-(Ingress batches from every replica, and streams) are decoded together in the next one. A stream's
-tokens leave as they are decoded; when its client goes away its row ends at the next step, and a
-decode whose remaining rows were all abandoned stops at once.
+`decode: continuous` (the default): each input is a row of the replica's step loop
+(`serve.decode_loop`): it joins the rows decoding at the next step and leaves as soon as it ends,
+so a short answer never waits for a long one; a call that is cancelled (its client went away,
+its deadline passed) stops its rows at the next step. Beam search decodes per request on its own
+thread, stoppable the same way.
+
+`decode: static` (the previous path, kept as the benchmark's baseline): the calls that arrive
+while a decode runs are decoded together in the next one, every row until the longest ends.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 from ray import serve
 
 from polytask.serve.batching import MicroBatcher
+from polytask.serve.decode_continuous import ContinuousDecoding
 from polytask.serve.head import Head
 
 # Inputs one decode carries at most; more wait for the next one.
@@ -52,12 +57,21 @@ def _per_input(value: int | list[int] | None, n: int, default: int) -> list[int]
 
 
 @serve.deployment
-class Decoder(Head.func_or_class):  # type: ignore[misc, name-defined]
+class Decoder(ContinuousDecoding, Head.func_or_class):  # type: ignore[misc, name-defined]
     """A generation head on CPU or GPU: `predict` as every head (one call per Ingress batch),
-    plus `stream` (a generator: one event per token). Loads only `heads/<task>/`."""
+    plus `stream` (a generator: one event per token). Loads only `heads/<task>/`.
+    `decoding`: generation_head_options' decode, max_rows, max_cached_tokens and threads."""
 
-    def __init__(self, model: str, task: str, device: str = "cpu", wait_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        model: str,
+        task: str,
+        device: str = "cpu",
+        wait_s: float = 0.05,
+        decoding: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(model, task, device)
+        self.start_loop(decoding or {})
         self.decoding = 0  # inputs in the decode running now
         self.tokens = 0
         self.steps = 0
@@ -90,9 +104,16 @@ class Decoder(Head.func_or_class):  # type: ignore[misc, name-defined]
         indices: list[int] | None = None,
         max_new_tokens: int | list[int] | None = None,
         min_new_tokens: int | list[int] | None = None,
+        sampling: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
     ) -> dict[str, Any]:
-        """{"answers": [{"text"}], ...} for the picked inputs, decoded with those of every call
-        that arrives while the previous decode runs; lengths: one, or one per input."""
+        """{"answers": [{"text"}], ...} for the picked inputs; lengths: one, or one per input.
+        `sampling`: {temperature, top_p, seed} (continuous decoding; none: greedy);
+        `timeout_s`: the rows leave when it has passed."""
+        if self.loop is not None:
+            return await self.predict_rows(
+                encoded, texts, indices, max_new_tokens, min_new_tokens, sampling, timeout_s
+            )
         self.calls += 1
         self.inputs += len(texts)
         began = time.perf_counter()
@@ -107,10 +128,21 @@ class Decoder(Head.func_or_class):  # type: ignore[misc, name-defined]
         encoded: dict[str, Any],
         max_new_tokens: int | None = None,
         min_new_tokens: int | None = None,
+        sampling: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Call with `handle.options(stream=True)`: {"id", "text"} (the text so far) per new token,
         then {"answer", "tokens", "fingerprint", "model"}. Cancelling the call (the client went
         away) ends this input's decode at the next step."""
+        if self.loop is not None:
+            from contextlib import aclosing
+
+            # closing this stream closes the row's at once (its row leaves at the next step)
+            rows = self.stream_row(encoded, max_new_tokens, min_new_tokens, sampling, timeout_s)
+            async with aclosing(rows) as events:
+                async for event in events:
+                    yield event
+            return
         stream = _Stream(asyncio.get_running_loop())
         job = self._job(encoded, encoded["items"][:1], max_new_tokens, min_new_tokens, stream)
         self.calls += 1
@@ -220,8 +252,11 @@ class Decoder(Head.func_or_class):  # type: ignore[misc, name-defined]
         )
 
     def stats(self) -> dict[str, Any]:
-        """Head stats plus decoding: `in_flight` inputs in the running decode, `batch_sizes`
-        (inputs per decode), `tokens` and `steps` decoded, `streams` by outcome."""
+        """Head stats plus decoding: `in_flight` inputs decoding (or waiting to), `tokens` and
+        `steps` decoded, `streams` by outcome; static: `batch_sizes` (inputs per decode);
+        continuous: `loop` (the step loop's counters and per-step time breakdown)."""
+        if self.loop is not None:
+            return {**super().stats(), **self.loop_stats()}
         return {
             **super().stats(),
             **self.batcher.stats.as_dict(),

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from polytask.errors import describe_errors
 from polytask.model.plan import request_tasks
+from polytask.serve import errors
 from polytask.serve.args import ServeArgs
 from polytask.serve.schemas import (
     ErrorResponse,
@@ -59,10 +60,11 @@ class IngressBackend(Protocol):
         inputs: list[tuple[str, str | None]],
         tasks: list[str],
         lengths: dict[str, tuple[int, int]] | None = None,
+        sampling: dict[str, Any] | None = None,
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]: ...
 
     def stream(
-        self, item: tuple[str, str | None], task: str, lengths: tuple[int, int]
+        self, item: tuple[str, str | None], task: str, lengths: tuple[int, int], sampling: Any = None
     ) -> AsyncIterator[dict[str, Any]]: ...
 
     def model_info(self, fingerprint: str | None = None) -> dict[str, Any]: ...
@@ -122,20 +124,11 @@ def log_request(record: RequestRecord) -> None:
     )
 
 EXAMPLE = '{"inputs": ["the movie was great"], "tasks": ["sentiment"]}'
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": what}
-    for code, what in {
-        400: "Body is not valid JSON or not UTF-8.",
-        401: "Missing or wrong API key.",
-        404: "Unknown task.",
-        408: "The body did not arrive within read_timeout_s.",
-        413: "Body, input count or an input's length over the limit.",
-        415: "Content type is not application/json.",
-        422: "Fields missing, unknown, of the wrong type, or empty; a text that cannot be encoded.",
-        503: "Overloaded, or no model replica could answer; retry after Retry-After seconds.",
-        504: "No answer within request_timeout_s.",
-    }.items()
-}
+
+
+def _errors(method: str, path: str) -> dict[int | str, dict[str, Any]]:
+    """The error responses a route documents: the codes of the steps it goes through."""
+    return errors.responses(method, path, ErrorResponse)
 
 
 # What answers without the API key when one is set: the liveness probe, which says nothing about
@@ -418,7 +411,7 @@ class _ModelCalls:
     async def run(
         self, request: Request, body: TaskPredictRequest, tasks: list[str]
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """One validated request through the Ingress batcher, within its deadline."""
+        """One validated request through the Ingress, within its deadline."""
         ingress = self.ingress
         _note(request, tasks, len(body.inputs))
         inputs = prepare_inputs(ingress.specs, ingress.args, body.inputs, tasks)
@@ -426,7 +419,7 @@ class _ModelCalls:
             ingress.specs, ingress.args, tasks, body.max_new_tokens, body.min_new_tokens
         )
         try:
-            return await self.within_deadline(ingress.run(inputs, tasks, lengths))
+            return await self.within_deadline(ingress.run(inputs, tasks, lengths, body.sampling()))
         except Exception as exc:
             err = answer_errors(exc)
             if err is None:
@@ -448,7 +441,7 @@ def _info_routes(app: FastAPI, ingress: IngressBackend, calls: _ModelCalls) -> N
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
 
-    @app.get("/v1/tasks", response_model=TasksResponse, responses=ERROR_RESPONSES)
+    @app.get("/v1/tasks", response_model=TasksResponse, responses=_errors("get", "/v1/tasks"))
     async def list_tasks() -> dict[str, Any]:
         tasks = [
             {"name": s.name, "kind": s.kind, "labels": list(s.labels), "pair": s.pair}
@@ -464,7 +457,7 @@ def _predict_routes(app: FastAPI, ingress: IngressBackend, calls: _ModelCalls) -
     @app.post(
         "/v1/predict",
         response_model=None,
-        responses={200: {"model": PredictResponse}, **ERROR_RESPONSES},
+        responses={200: {"model": PredictResponse}, **_errors("post", "/v1/predict")},
     )
     async def predict(request: Request, body: PredictRequest) -> JSONResponse:
         """Run the requested tasks (default: all) on every input."""
@@ -475,7 +468,9 @@ def _predict_routes(app: FastAPI, ingress: IngressBackend, calls: _ModelCalls) -
     @app.post(
         "/v1/tasks/{task}/predict",
         response_model=None,
-        responses={200: {"model": TaskPredictResponse}, **ERROR_RESPONSES},
+        responses={
+            200: {"model": TaskPredictResponse}, **_errors("post", "/v1/tasks/{task}/predict")
+        },
     )
     async def predict_task(request: Request, task: str, body: TaskPredictRequest) -> JSONResponse:
         """Run one task on every input."""
@@ -495,7 +490,7 @@ def _stream_routes(app: FastAPI, ingress: IngressBackend, calls: _ModelCalls) ->
                 "description": "Server-sent events: `token` {id, text} per new token (text: the "
                 "answer so far), then `done` {task, result, tokens, model}, or `error` {error}.",
             },
-            **ERROR_RESPONSES,
+            **_errors("post", "/v1/tasks/{task}/generate/stream"),
         },
     )
     async def generate_stream(request: Request, task: str, body: StreamRequest) -> StreamingResponse:
@@ -506,7 +501,7 @@ def _stream_routes(app: FastAPI, ingress: IngressBackend, calls: _ModelCalls) ->
         lengths = decode_lengths(
             ingress.specs, ingress.args, [task], body.max_new_tokens, body.min_new_tokens
         )[task]
-        events = ingress.stream(item, task, lengths)
+        events = ingress.stream(item, task, lengths, body.sampling())
         deadline = asyncio.get_running_loop().time() + calls.deadline_s
         try:  # the first event before the 200: a refused input still gets its JSON 4xx
             first = await calls.within_deadline(anext(events))

@@ -33,7 +33,7 @@ from polytask.serve.levers import active_levers, require_levers
 from polytask.serve.metrics import ServeMetrics
 from polytask.serve.refs import local_bundle, model_from_config, pin_model_uri
 from polytask.serve.replica import replica_identity
-from polytask.serve.validation import APIError
+from polytask.serve.validation import APIError, check_sampling
 
 # A request whose replica died is sent once more after a random pause of up to this (spreading
 # the retries of a failed batch), if at least RETRY_MIN_LEFT_S of its deadline is left then.
@@ -41,6 +41,9 @@ RETRY_JITTER_S = 0.25
 RETRY_MIN_LEFT_S = 0.1
 # What a 503 tells clients to wait: about the time Serve takes to notice a dead replica.
 RETRY_AFTER_S = 2
+# The Decoder is told the request's deadline this much later than the Ingress's: the Ingress's
+# own timeout (504) answers first, the Decoder's ends the rows should a cancel get lost.
+DECODER_DEADLINE_SLACK_S = 0.5
 
 
 @dataclass
@@ -171,16 +174,79 @@ class Ingress:
         inputs: list[tuple[str, str | None]],
         tasks: list[str],
         lengths: dict[str, tuple[int, int]] | None = None,
+        sampling: dict[str, Any] | None = None,
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """One validated request → (one {task: answer} per input, model info), answered from
-        a batch shared with the requests that arrived while the previous batch ran.
+        """One validated request → (one {task: answer} per input, model info).
+
+        Non-generation tasks are answered from a batch shared with the requests that arrived
+        while the previous batch ran (`_batched`); each generation task's rows go to the Encoder
+        and straight on to its Decoder (`_generated`), which batches them itself, step by step.
+        So a request that asks no generation task never waits for a decode, and one that asks
+        both waits only for its own rows. Cancelling this call (the client went away, the
+        deadline passed) cancels its Decoder calls, whose rows leave at the next step.
+        `lengths`: (max_new_tokens, min_new_tokens) of each generation task asked for;
+        `sampling`: {temperature, top_p, seed} or None (greedy)."""
+        lengths = lengths or {}
+        sampling = check_sampling(self.specs, tasks, sampling)
+        deadline = time.monotonic() + self.args.request_timeout_s
+        generated = [t for t in tasks if self.specs[t].is_generation]
+        rest = [t for t in tasks if t not in generated]
+        parts = [self._batched(inputs, rest, lengths, deadline)] if rest else []
+        parts += [self._generated(inputs, t, lengths.get(t), sampling, deadline) for t in generated]
+        outs = await _all_or_none(parts)
+        results: list[dict[str, Any]] = [{} for _ in inputs]
+        model = None
+        for answers, info in outs:
+            model = model or info
+            for mine, theirs in zip(results, answers):
+                mine.update(theirs)
+        return [{t: r[t] for t in tasks} for r in results], model or self.model_info()
+
+    async def _generated(
+        self,
+        inputs: list[tuple[str, str | None]],
+        task: str,
+        lengths: tuple[int, int] | None,
+        sampling: dict[str, Any] | None,
+        deadline: float,
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """One generation task's answers for this request's inputs: Encoder, then the Decoder
+        (given the time left, so its rows also leave on their own at the deadline)."""
+        spec = self.specs[task]
+        most, least = lengths or (spec.generation.max_new_tokens, 0)
+        (view,) = plan_requests(self.specs, [(inputs, [task])]).views
+        encoded = self.encoder.encode.remote(view.texts, view.pairs, view.pooled, view.tokens)
+        left = deadline - time.monotonic()
+        response = self.heads[task].predict.remote(
+            encoded, view.texts, None, most, least, sampling, left + DECODER_DEADLINE_SLACK_S
+        )
+        try:
+            out = await asyncio.wait_for(response, max(left, 0.0))
+        except (TimeoutError, asyncio.CancelledError):
+            response.cancel()
+            encoded.cancel()
+            raise
+        except Exception as exc:
+            if _died(exc):
+                raise _unavailable("a model replica died under this request") from exc
+            raise
+        info = {**self.model_info(out["fingerprint"]), "ref": out["model"]}
+        return [{task: answer} for answer in out["answers"]], info
+
+    async def _batched(
+        self,
+        inputs: list[tuple[str, str | None]],
+        tasks: list[str],
+        lengths: dict[str, tuple[int, int]],
+        deadline: float,
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The non-generation tasks, answered from a shared batch.
 
         Predictions have no side effects, so a request whose Encoder or head replica died under
         it is sent once more (Serve routes it to a live or replacement replica) after a random
-        pause, if its deadline (request_timeout_s from now) leaves time; otherwise, or if that
-        fails too, it gets 503 with Retry-After. `lengths`: (max_new_tokens, min_new_tokens) of
-        each generation task asked for."""
-        job = _Job(inputs, tasks, time.monotonic() + self.args.request_timeout_s, lengths or {})
+        pause, if its deadline leaves time; otherwise, or if that fails too, it gets 503 with
+        Retry-After."""
+        job = _Job(inputs, tasks, deadline, lengths)
         try:
             return await self.batcher.submit(job)
         except _ReplicaGone:
@@ -200,13 +266,20 @@ class Ingress:
             ) from None
 
     async def stream(
-        self, item: tuple[str, str | None], task: str, lengths: tuple[int, int]
+        self,
+        item: tuple[str, str | None],
+        task: str,
+        lengths: tuple[int, int],
+        sampling: dict[str, Any] | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """One input of a generation task: the Decoder's events (a token each, then the answer)
         as they come; closing this generator cancels the decode's share for this input."""
+        sampling = check_sampling(self.specs, [task], sampling)
         (view,) = plan_requests(self.specs, [([item], [task])]).views
         encoded = self.encoder.encode.remote(view.texts, view.pairs, view.pooled, view.tokens)
-        events = self.heads[task].options(stream=True).stream.remote(encoded, *lengths)
+        events = self.heads[task].options(stream=True).stream.remote(
+            encoded, *lengths, sampling, self.args.request_timeout_s + DECODER_DEADLINE_SLACK_S
+        )
         try:
             async for event in events:
                 yield event
@@ -285,6 +358,19 @@ class Ingress:
                     models[j] = {**self.model_info(out["fingerprint"]), "ref": out["model"]}
         results = plan.answers([out["answers"] for out in outs])
         return [(results[j], models[j] or self.model_info()) for j in range(len(jobs))]
+
+
+async def _all_or_none(parts: list[Any]) -> list[Any]:
+    """Every part's result; when one fails (or this is cancelled), the others are cancelled
+    before the error goes on, so no decode runs on for a request that already failed."""
+    tasks = [asyncio.ensure_future(part) for part in parts]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _api_key(env: str | None) -> str | None:

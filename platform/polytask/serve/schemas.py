@@ -52,6 +52,21 @@ class GenerationFields(BaseModel):
         ge=0,
         description="No end-of-text before this many tokens (at most max_new_tokens).",
     )
+    temperature: float | None = Field(
+        None, ge=0, le=100, description="> 0: sample at this temperature; unset or 0: greedy."
+    )
+    top_p: float | None = Field(
+        None, gt=0, le=1, description="Sampling: draw from the smallest set holding this much probability."
+    )
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="Sampling: the row's random seed (the same text every time)."
+    )
+
+    def sampling(self) -> dict[str, Any] | None:
+        """What the Decoder reads; None: greedy."""
+        if not self.temperature:
+            return None
+        return {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
 
 
 class TaskPredictRequest(GenerationFields):
@@ -88,6 +103,10 @@ class PredictRequest(TaskPredictRequest):
 class ModelInfo(BaseModel):
     uri: str = Field(description="The model as configured (may name an alias).")
     ref: str = Field(description="The exact version served (alias resolved at deploy time).")
+    variant: str = Field(
+        "fp32", description="The encoder's weights: fp32, or the `polytask compress` variant "
+        "served (int8, pruned, pruned+int8; `cpu_variant`)."
+    )
     fingerprint: str | None = Field(None, description="Encoder weights id that answered.")
 
 

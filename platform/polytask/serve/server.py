@@ -14,14 +14,13 @@ from ray import serve
 from polytask.serve.app import app_from_config, compose, logging_options
 from polytask.serve.args import ServeArgsError, parse_args
 from polytask.serve.levers import DEFAULT_LEVERS, LeverError, apply_levers
+from polytask.tracking.places import with_store_env
 
 
 def start_ray(metrics_port: int | None, say: Any, **init: Any) -> None:
     """`ray.init` for the serving commands: a Ray started here exports Prometheus metrics on
     `metrics_port`; a cluster joined (RAY_ADDRESS, or one already running on this machine) keeps
     its own port, which is said."""
-    import ray
-
     if not ray.is_initialized():
         if metrics_port is not None:
             init["_metrics_export_port"] = metrics_port
@@ -72,7 +71,8 @@ def run_server(
     if not ray.is_initialized():
         _set_levers(parsed.levers, say)
     app = compose(parsed, config.deployments, logging)
-    start_ray(metrics_port, say, runtime_env=config.runtime_env)
+    # Replicas resolve MODEL in this command's store, also on a cluster started elsewhere.
+    start_ray(metrics_port, say, runtime_env=with_store_env(config.runtime_env))
     serve.start(http_options={"host": host, "port": port}, logging_config=logging)
     prefix = config.route_prefix
     served = serve.run(app, name=config.name, route_prefix=prefix).model_info.remote().result()

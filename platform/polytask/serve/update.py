@@ -17,6 +17,7 @@ from ray import serve
 
 from polytask.serve.app import APP_NAME, app_from_config, compose, logging_options
 from polytask.serve.args import ServeArgsError, parse_args
+from polytask.tracking.places import with_store_env
 
 
 @dataclass
@@ -63,7 +64,8 @@ def update_app(
     if not ray.is_initialized():
         # The same job runtime_env as `polytask serve`: Serve copies it into every deployment's
         # actor options, and a different one would restart every replica.
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env=config.runtime_env)
+        runtime_env = with_store_env(config.runtime_env)
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env=runtime_env)
     if name not in serve.status().applications:
         raise ServeArgsError(
             f"--update: no Serve application '{name}' is running on this Ray cluster; start it "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import Any
 
 from polytask.model.inputs import split_input
 from polytask.serve.args import ServeArgs
@@ -169,3 +170,22 @@ def decode_lengths(
             )
         out[task] = (longest, shortest)
     return out
+
+
+def check_sampling(
+    specs: dict[str, TaskSpec], tasks: list[str], sampling: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """`sampling` as asked; refused (422 naming the body field) for a beam-search task, which
+    decodes deterministically."""
+    if sampling is None:
+        return None
+    for task in tasks:
+        spec = specs[task]
+        if spec.is_generation and spec.generation.num_beams > 1:
+            raise APIError(
+                422,
+                "sampling_with_beams",
+                f"body.temperature: task '{task}' decodes with beam search (num_beams "
+                f"{spec.generation.num_beams}); sampling applies to greedy tasks: leave temperature unset",
+            )
+    return sampling

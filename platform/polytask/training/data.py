@@ -316,6 +316,9 @@ def _generation_spec(task: TaskConfig) -> GenerationSpec | None:
     return GenerationSpec(
         decoder=head.decoder,
         decoder_layers=head.decoder_layers,
+        decoder_init=head.decoder_init,
+        decoder_layers_from=head.decoder_layers_from,
+        new_lr_scale=head.new_lr_scale,
         tie_embeddings=head.tie_embeddings,
         label_smoothing=head.label_smoothing,
         **decoding,

@@ -26,6 +26,7 @@ from torch import nn
 
 from polytask.config import ExperimentConfig, OptimConfig
 from polytask.model.bundle import save_bundle
+from polytask.model.decoding import check_position_limits
 from polytask.model.generation import build_generation_head, generation_settings, resolve_decoder
 from polytask.model.network import MultiTaskModel, build_model, encoder_fingerprint, load_encoder
 from polytask.tasks import LOWER_IS_BETTER, PERCENT_METRICS, TaskSpec
@@ -44,19 +45,33 @@ _NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
 def make_optimizer(model: MultiTaskModel, optim: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW with separate encoder/head learning rates; no decay on biases and norms."""
+    """AdamW with separate encoder/head learning rates; no decay on biases and norms. A
+    generation head's fresh decoder parameters (cross-attention, LM transform) get the head rate
+    times its `new_lr_scale`: warm-started layers and fresh ones may want different rates."""
     enc_lr = optim.encoder_lr or optim.lr
     head_lr = optim.head_lr or optim.lr
+    fresh = _fresh_decoder_parameters(model)
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        lr = enc_lr if name.startswith("encoder.") else head_lr
+        lr = enc_lr if name.startswith("encoder.") else head_lr * fresh.get(name, 1.0)
         decay = 0.0 if any(k in name for k in _NO_DECAY) or name.startswith("weighting.") else optim.weight_decay
         groups.setdefault((lr, decay), []).append(param)
     return torch.optim.AdamW(
         [{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()]
     )
+
+
+def _fresh_decoder_parameters(model: MultiTaskModel) -> dict[str, float]:
+    """{model parameter name: lr multiplier} for the generation heads' fresh decoder parameters."""
+    out: dict[str, float] = {}
+    for task, head in getattr(model, "heads", {}).items():
+        spec = model.specs.get(task) if hasattr(model, "specs") else None
+        scale = spec.generation.new_lr_scale if spec is not None and spec.generation else 1.0
+        for name in getattr(head, "new_parameters", ()) if scale != 1.0 else ():
+            out[f"heads.{task}.decoder.{name}"] = scale
+    return out
 
 
 def make_scheduler(
@@ -204,12 +219,13 @@ def generation_heads(
 ) -> tuple[list[TaskSpec], dict[str, nn.Module]]:
     """The specs with each generation task's decoder choice resolved, and those tasks' heads
     (from the encoder-decoder `checkpoint`, or new; the same seed makes every rank's equal)."""
-    resolved = [resolve_decoder(s, encoder.config) if s.is_generation else s for s in specs]
+    resolved = [resolve_decoder(s, encoder) if s.is_generation else s for s in specs]
     heads = {
         s.name: build_generation_head(s, tokenizer, encoder, checkpoint)
         for s in resolved
         if s.is_generation
     }
+    check_position_limits(resolved, heads)
     return resolved, heads
 
 
@@ -424,7 +440,7 @@ def _evaluate_generation(
     pad_token_id: int,
     device: torch.device | str,
 ) -> dict[str, float]:
-    """bleu/chrf/rouge_l of the generated texts against the targets (both decoded by the
+    """bleu/chrf/rouge_l/exact of the generated texts against the targets (both decoded by the
     tokenizer, so the two sides are normalised alike), with the task's decoding settings."""
     spec = model.specs[task]
     tokenizer = model.heads[task].tokenizer
@@ -440,7 +456,7 @@ def _evaluate_generation(
 
 def objective(metrics: dict[str, dict[str, float]], specs: list[TaskSpec], weights: dict[str, float] | None = None) -> float:
     """Aggregate: (weighted) mean of each task's primary metric; lower-is-better ones negated,
-    0-100 ones (bleu, chrf, rouge_l) scaled to 0-1 like the rest."""
+    0-100 ones (bleu, chrf, rouge_l, exact) scaled to 0-1 like the rest."""
     total, norm = 0.0, 0.0
     for spec in specs:
         if spec.name not in metrics:

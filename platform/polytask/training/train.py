@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from polytask.config import ExperimentConfig
+from polytask.tracking.places import artifact_place, check_paths, describe, shown_path
 from polytask.tracking.registry import (
     client,
     log_bundle,
@@ -69,6 +70,8 @@ class TrainResult:
         """JSON-ready digest (the CLI prints it); the full history stays in MLflow."""
         data = asdict(self)
         data.pop("history")
+        for key in ("bundle_path", "checkpoint_path", "storage_path"):  # never a job's temp copy
+            data[key] = shown_path(data[key])
         data["epochs"] = len(self.history)
         data["mlflow_ui"] = ui_command(self.tracking_uri)
         return json.loads(json.dumps(data, default=str))
@@ -82,16 +85,17 @@ def run_training(
 ) -> TrainResult:
     """Train, checkpoint, log and register; relaunching the same run name resumes it."""
     console = console or Console()
+    name = run_name or cfg.run.name or default_run_name(cfg)
+    uri, storage = tracking_uri(cfg), storage_path(cfg)
+    places = check_paths(uri, f"{storage}/{name}")  # refused in a Ray job's temporary copy
+    console.print(f"[bold]state[/] of run {name}\n{describe(places)}", highlight=False, soft_wrap=True)
     cfg, base = resolve_base(cfg)  # a polytask model as encoder: pinned, its heads carried over
     features = tokenize_experiment(cfg)  # DataError propagates unchanged, before any Ray worker
-    name = run_name or cfg.run.name or default_run_name(cfg)
-    uri = tracking_uri(cfg)
     run_id = find_or_create_run(cfg, name, uri)
-    storage = storage_path(cfg)
     console.print(
         f"[bold]run[/] {name}: {cfg.scaling.num_workers} worker(s), "
-        f"tasks {', '.join(cfg.task_names)}"
-        f"\n  checkpoints: {storage}/{name}\n  mlflow run:  {run_id} ({uri})",
+        f"tasks {', '.join(cfg.task_names)}\n{describe([artifact_place(uri, cfg.tracking.experiment)])}"
+        f"\n  mlflow run: {run_id}",
         highlight=False,
         soft_wrap=True,
     )

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from polytask.config import ExperimentConfig, default_home
 from polytask.tasks import LOWER_IS_BETTER, TaskSpec
+from polytask.tracking.places import artifact_place, check_paths, describe, shown_path
 from polytask.tracking.registry import client, register_bundle, tracking_uri
 from polytask.tracking.runs import find_or_create_run, find_run
 from polytask.tracking.tags import BEST_TRIAL_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_PARAM_PREFIX
@@ -49,12 +50,18 @@ def run_sweep(cfg: ExperimentConfig, console: Console | None = None) -> SweepRes
     console = console or Console()
     assert cfg.tune is not None, "run_sweep needs a `tune` section"
     dims = parse_search_space(cfg)  # a bad space fails here, before Ray starts
-    features = tokenize_experiment(cfg)
     name = cfg.tune.name or f"{cfg.tracking.experiment}-sweep"
-    uri = tracking_uri(cfg)
+    uri, storage = tracking_uri(cfg), ray_run.storage_path(cfg)
+    places = check_paths(uri, os.path.join(storage, name))  # refused in a Ray job's temporary copy
+    console.print(f"[bold]state[/] of sweep {name}\n{describe(places)}", highlight=False, soft_wrap=True)
+    features = tokenize_experiment(cfg)
     parent = find_or_create_run(cfg, name, uri)
     client(uri).set_tag(parent, SWEEP_TAG, name)
-    storage = ray_run.storage_path(cfg)
+    console.print(
+        f"{describe([artifact_place(uri, cfg.tracking.experiment)])}\n  mlflow run: {parent}",
+        highlight=False,
+        soft_wrap=True,
+    )
     if not ray.is_initialized():
         ray.init()
     trainable = partial(  # object refs ride along as-is; every trial shares one tokenized copy
@@ -272,7 +279,7 @@ def print_sweep(result: SweepResult, cfg: ExperimentConfig, console: Console) ->
     if result.model_version:
         console.print(f"registered {cfg.tracking.registered_model} v{result.model_version} {result.aliases}")
     if result.plot:
-        console.print(f"plot: {result.plot}")
+        console.print(f"plot: {shown_path(result.plot) or 'on the sweep run (MLflow artifacts)'}")
 
 
 def _short(value: Any) -> str:

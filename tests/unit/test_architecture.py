@@ -9,7 +9,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1] / "platform"
+ROOT = Path(__file__).resolve().parents[2] / "platform"
 
 # Lowest first. A module may import from its own layer and the layers before it, never after.
 LAYERS = [

@@ -17,7 +17,7 @@ kustomization that starts using a new feature fails loudly here instead of rende
   is a strategic-merge patch (maps merge, `null` deletes; lists replace — lists of objects in
   built-in kinds, where kustomize would merge by key, are refused)
 
-`tests/test_k8s.py` compares this renderer with `kubectl kustomize` whenever one is installed.
+`tests/unit/test_k8s.py` compares this renderer with `kubectl kustomize` whenever one is installed.
 """
 
 from __future__ import annotations

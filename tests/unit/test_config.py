@@ -11,7 +11,7 @@ import yaml
 
 from polytask.config import ConfigError, config_from_dict, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _base() -> dict:

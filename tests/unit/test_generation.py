@@ -65,7 +65,7 @@ def test_metrics_score_text_on_a_0_to_100_scale() -> None:
     kind = KINDS["generation"]
     refs = [t for _, t in PAIRS]
     perfect = kind.metrics(refs, refs, _spec())
-    assert perfect == pytest.approx({"bleu": 100.0, "chrf": 100.0, "rouge_l": 100.0})
+    assert perfect == pytest.approx({"bleu": 100.0, "chrf": 100.0, "rouge_l": 100.0, "exact": 100.0})
     worse = kind.metrics(["alice and paris", "none", "bob and acme and lima", "dana"], refs, _spec())
     assert set(worse) == set(kind.metric_names) and all(0 < v < 100 for v in worse.values()), worse
     assert kind.decode("x y", _spec()) == {"text": "x y"}

@@ -7,7 +7,7 @@ import os
 import pandas as pd
 import pytest
 
-from conftest import new_store
+from conftest import free_port, new_store
 from polytask.model.inference import Predictor
 from polytask.tracking.registry import (
     artifact_location,
@@ -202,13 +202,9 @@ def test_promotion_compares_like_with_like_and_never_on_nan(store, tmp_path):
 def test_an_unreadable_registry_never_promotes(store, tmp_path, monkeypatch):
     """A real MLflow client against a tracking server that is down (connection refused): the
     error must not read as "no champion"."""
-    import socket
-
     from polytask.tracking.registry import _version_by_alias, settle_champion
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # nothing listens there
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     down = client(f"http://127.0.0.1:{port}")

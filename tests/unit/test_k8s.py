@@ -1,6 +1,6 @@
 """Offline checks of the Kubernetes manifests in k8s/ (no cluster, no Ray start).
 
-Every kustomization is rendered with tests/kustomize_lite.py (and compared with `kubectl kustomize`
+Every kustomization is rendered with tests/unit/kustomize_lite.py (and compared with `kubectl kustomize`
 when one is installed); then:
 - Ray custom resources validate against the vendored KubeRay v1.7 CRD schemas (k8s/crds/), with
   every object that declares `properties` closed, so a misspelled field fails;
@@ -35,7 +35,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kustomize_lite
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 VENDORED_CRDS = K8S / "crds"
 K8S_DOC = REPO / "docs" / "kubernetes.md"  # the Kubernetes guide (k8s/README.md points there)
@@ -495,6 +495,30 @@ JOB_ENTRYPOINTS = {
     "polytask-tune": ("polytask tune /config/sweep.yaml", "sweep.yaml"),
     "polytask-predict": ("polytask predict models:/polytask-demo@champion --input ", None),
 }
+# What each job's driver must find in its (head container) env, or it would write runs,
+# models or checkpoints into the pod, which the RayJob deletes.
+JOB_NEEDS = {
+    "polytask-train": ("MLFLOW_TRACKING_URI", "POLYTASK_STORAGE_PATH"),
+    "polytask-tune": ("MLFLOW_TRACKING_URI", "POLYTASK_STORAGE_PATH"),
+    "polytask-predict": ("MLFLOW_TRACKING_URI",),
+}
+
+
+def entrypoint_script(job: dict[str, Any]) -> str:
+    """The shell script of a RayJob entrypoint `sh -c '...'`: one single-quoted word, so the
+    submitter pod's shell (KubeRay splices the entrypoint into `ray job submit ... -- ENTRYPOINT`)
+    passes it on untouched and the driver's shell on the head expands it."""
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["sh", "-c"] and len(argv) == 3, job["spec"]["entrypoint"]
+    return argv[2]
+
+
+def polytask_argv(job: dict[str, Any]) -> list[str]:
+    """The `polytask ...` command the entrypoint script ends by exec'ing."""
+    script = entrypoint_script(job)
+    head, _, command = script.rpartition("exec ")
+    assert head and ";" not in command and "$" not in command, script
+    return shlex.split(command)
 
 
 @pytest.mark.parametrize("path", JOBS)
@@ -511,7 +535,7 @@ def test_rayjobs(path):
     for name, job in jobs.items():
         spec = job["spec"]
         prefix, key = JOB_ENTRYPOINTS[name]
-        assert spec["entrypoint"].startswith(prefix), name
+        assert shlex.join(polytask_argv(job)).startswith(prefix), name
         assert spec["submissionMode"] == "K8sJobMode"
         assert spec["shutdownAfterJobFinishes"] is True
         assert spec["ttlSecondsAfterFinished"] > 0
@@ -538,7 +562,7 @@ def test_rayjob_entrypoints_parse_with_the_polytask_cli():
     typer = pytest.importorskip("typer")
     command = typer.main.get_command(cli.app)
     for job in objs("base/jobs", "RayJob"):
-        argv = shlex.split(job["spec"]["entrypoint"])
+        argv = polytask_argv(job)
         assert argv[0] == "polytask"
         sub = command.get_command(None, argv[1])
         params = sub.make_context(argv[1], argv[2:]).params
@@ -547,6 +571,36 @@ def test_rayjob_entrypoints_parse_with_the_polytask_cli():
             assert params["output"].startswith("/mnt/shared/")
         else:
             assert str(params["experiment"]).startswith("/config/")
+
+
+@pytest.mark.parametrize("path", JOBS)
+def test_rayjobs_fail_loudly_without_their_store(path, tmp_path):
+    """Each entrypoint script, run by a real `sh` in its head container's env, reaches polytask;
+    with a store variable unset or empty it stops first, naming the variable."""
+    stub = tmp_path / "polytask"
+    stub.write_text("#!/bin/sh\necho polytask ran\n")
+    stub.chmod(0o755)
+    for job in objs(path, "RayJob"):
+        name = job["metadata"]["name"]
+        head = cluster_specs(job)["headGroupSpec"]["template"]["spec"]["containers"][0]
+        env = {k: v for k, v in env_of(head).items() if v is not None}
+        env["PATH"] = f"{tmp_path}:/usr/bin:/bin"
+        script = entrypoint_script(job)
+
+        def run(environ: dict[str, str], script: str = script) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                ["sh", "-c", script], env=environ, capture_output=True, text=True, check=False
+            )
+
+        ok = run(env)
+        assert ok.returncode == 0 and "polytask ran" in ok.stdout, (name, ok.stderr)
+        for var in JOB_NEEDS[name]:
+            assert env.get(var), f"{name}: the head container does not set {var}"
+            for environ in ({k: v for k, v in env.items() if k != var}, {**env, var: ""}):
+                failed = run(environ)
+                assert failed.returncode != 0, (name, var)
+                assert "polytask ran" not in failed.stdout
+                assert var in failed.stderr and "lost with the pod" in failed.stderr, failed.stderr
 
 
 @pytest.mark.parametrize("path", JOBS)
