@@ -203,6 +203,46 @@ def dashboard(root: Path) -> Section:
     return Section(f"{r['scrapes']} scrapes.\n\n" + _table(header, rows), [path])
 
 
+def _failures(phases: dict[str, Any]) -> str:
+    out = []
+    for name, phase in phases.items():
+        for status, count in phase["failed_by_status"].items():
+            shown = "no HTTP answer" if status == "0" else f"HTTP {status}"
+            out.append(f"{count} {name.replace('_', ' ')} ({shown})")
+    return ", ".join(out) or "none"
+
+
+def chaos(root: Path) -> Section:
+    """jobs/chaos: the GCS killed and restarted on Redis, a worker node removed, under load."""
+    gcs_path, node_path = root / "chaos" / "gcs_restart.json", root / "chaos" / "node_loss_serve.json"
+    g, n = _load(gcs_path), _load(node_path)
+    rows = [
+        [("GCS SIGKILLed, restarted on Redis after "
+         f"{g['gap_s']:.0f} s"), g["clients"], f"{g['requests']:,}", g["failed"],
+         _failures(g["phases"]),
+         f"control plane back {g['control_plane_back_after_kill_s']:.1f} s after the kill",
+         f"{g['phases']['before']['requests_per_s']:.1f} → {g['phases']['after']['requests_per_s']:.1f}",
+         f"{g['machine']['load_average_1m']:.2f}"],
+        ["worker node removed", n["clients"], f"{n['requests']:,}", n["failed"],
+         _failures(n["phases"]),
+         (f"node death noticed {n['node_death_noticed_s']:.1f} s, replicas back "
+         f"{n['replicas_back_s']:.1f} s after the removal"),
+         f"{n['requests_per_s_before']:.1f} → {n['requests_per_s_after']:.1f}",
+         f"{n['machine']['load_average_1m']:.2f}"],
+    ]
+    header = ["fault", "clients", "requests", "failed", "failures (phase, status)", "recovery",
+              "requests/s before → after", "load (1 min)"]
+    checks = (
+        f"After the GCS restart: replicas unchanged **{g['replicas_unchanged']}**, model "
+        f"`{g['model_after']}` (before: `{g['model_before']}`), model cache untouched "
+        f"**{g['cache_untouched']}**, application {g['app_status_after'].rsplit('.', 1)[-1]}. "
+        f"After the node loss: {n['in_flight_at_removal']} requests were in flight and "
+        f"{n['started_before_noticed']} started before Ray noticed the node was gone; "
+        f"{n['failed_started_after_noticed']} failures started after that."
+    )
+    return Section(_table(header, rows) + "\n\n" + checks, [gcs_path, node_path])
+
+
 def tutorial(root: Path) -> Section:
     """The tutorial's run (docs/tutorial.md): each epoch's validation figures, then the test."""
     path = root / "tutorial" / "results.json"
@@ -227,6 +267,7 @@ def tutorial(root: Path) -> Section:
 
 
 SECTIONS: dict[str, Callable[[Path], Section]] = {
+    "chaos": chaos,
     "serve": serve,
     "metrics_cost": metrics_cost,
     "autoscale": autoscale,

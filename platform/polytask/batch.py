@@ -4,7 +4,9 @@ Ray Data reads the input in blocks, a pool of scoring actors (each holding the w
 the in-process `Predictor`) runs the encoder once per length-sorted sub-batch and every requested
 head on its output, and the driver streams the scored blocks, in input order, into one output
 file. Bad rows are answered with a reason instead of a score and written to an errors file; they
-never stop the job.
+never stop the job. Both files are written beside their targets as `.NAME.partial-<pid>` and renamed
+into place only when every row is scored (polytask.durable), so a failed or killed job leaves the
+previous output as it was; the next job deletes the partials a dead one left.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from polytask.durable import commit_file, partial_path, sweep_partials
+from polytask.training import faults
 
 if TYPE_CHECKING:
     from typing import Self
@@ -451,8 +456,15 @@ def run_batch(
     summary = BatchSummary(output=spec.output, tasks=tasks)
     start = time.perf_counter()
     Path(spec.output).parent.mkdir(parents=True, exist_ok=True)
-    with _Writer(spec.output, out_fmt, tasks) as writer, _ErrorLog(spec.errors_path) as errors:
-        for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
+    for target in (spec.output, spec.errors_path):
+        sweep_partials(target)
+    out_partial, errors_partial = partial_path(spec.output), partial_path(spec.errors_path)
+    hold = faults.hold_batch(faults.from_env())
+    with (
+        _Writer(str(out_partial), out_fmt, tasks) as writer,
+        _ErrorLog(str(errors_partial)) as errors,
+    ):
+        for block, batch in enumerate(scored.iter_batches(batch_format="numpy", batch_size=None)):
             reasons = batch.pop(ERROR_COLUMN)
             lines = batch.pop(LINE_COLUMN, None)
             records = batch.pop(RECORD_COLUMN)
@@ -469,10 +481,18 @@ def run_batch(
             if progress is not None:
                 elapsed = time.perf_counter() - start
                 progress(summary.rows, total, summary.rows / elapsed if elapsed > 0 else 0.0)
+            if hold is not None:
+                hold(block + 1, writer)
+    # Only a run that scored every row publishes: the errors file first, the output last, each
+    # by one rename; until then the previous output stands and this run's files are partials.
     summary.seconds = time.perf_counter() - start
     summary.errors = spec.errors_path if summary.failed else None
-    if not summary.failed:
+    if summary.failed:
+        commit_file(errors_partial, spec.errors_path)
+    else:
+        errors_partial.unlink(missing_ok=True)
         Path(spec.errors_path).unlink(missing_ok=True)
+    commit_file(out_partial, spec.output)
     return summary
 
 
@@ -511,6 +531,13 @@ class _Writer:
         if self.fmt == "jsonl":
             self.file = open(self.path, "w", encoding="utf-8")
         return self
+
+    def flush(self) -> None:
+        """Everything written so far onto disk (in the partial file), for the fault hooks."""
+        if self.fmt == "jsonl":
+            self.file.flush()
+        else:
+            self._flush()
 
     def write(self, rows: Any) -> None:
         """JSONL lines (strings) or Parquet rows (dicts), in input order."""

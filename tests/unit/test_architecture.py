@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2] / "platform"
 
 # Lowest first. A module may import from its own layer and the layers before it, never after.
 LAYERS = [
-    ("vocabulary", ["polytask", "polytask.tasks", "polytask.errors"]),
+    ("vocabulary", ["polytask", "polytask.tasks", "polytask.errors", "polytask.durable"]),
     ("config", ["polytask.config"]),
     ("model", ["polytask.model"]),
     ("tracking", ["polytask.tracking"]),

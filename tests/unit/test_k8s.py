@@ -829,7 +829,7 @@ CLIENT = {"polytask.io/serve-client": "true"}
 MONITORING_NS = {"kubernetes.io/metadata.name": "monitoring"}
 PROMETHEUS = {"app.kubernetes.io/name": "prometheus"}
 REDIS = {"app.kubernetes.io/name": "redis", "app.kubernetes.io/part-of": "polytask"}
-REDIS_CLEANUP = {**TRAIN_HEAD, "ray.io/node-type": "redis-cleanup"}  # KubeRay: the head's labels
+REDIS_CLEANUP = {**RAY_HEAD, "ray.io/node-type": "redis-cleanup"}  # KubeRay: the head's labels
 # a pod in another namespace that copies a Ray cluster's labels
 IMPOSTOR = {**RAY_WORKER, **CLIENT}
 
@@ -885,9 +885,10 @@ IMPOSTOR = {**RAY_WORKER, **CLIENT}
         (PROMETHEUS, OTHER_NS, RAY_HEAD, 8080, False),  # a pod calling itself Prometheus
         (RANDOM, MONITORING_NS, RAY_HEAD, 8080, False),
         (RANDOM, OUR_NS, RAY_HEAD, 8080, False),
-        # Redis (GCS fault tolerance): Ray heads and KubeRay's redis-cleanup Job pods only
+        # Redis (GCS fault tolerance): the RayService's heads and KubeRay's redis-cleanup Job
+        # pods only; RayJob heads have no GCS fault tolerance and no Redis access
         (RAY_HEAD, OUR_NS, REDIS, 6379, True),
-        (TRAIN_HEAD, OUR_NS, REDIS, 6379, True),
+        (TRAIN_HEAD, OUR_NS, REDIS, 6379, False),
         (REDIS_CLEANUP, OUR_NS, REDIS, 6379, True),
         (RAY_WORKER, OUR_NS, REDIS, 6379, False),
         (TRAIN_WORKER, OUR_NS, REDIS, 6379, False),
@@ -1136,22 +1137,50 @@ def _secret_ref(env: dict[str, Any], name: str) -> tuple[str, str] | None:
 
 
 @pytest.mark.parametrize("path", OVERLAYS)
-def test_every_ray_cluster_has_gcs_fault_tolerance_on_redis(path):
-    """A head loss must not take the workers (proxies, replicas) with it: the GCS keeps its
-    state in the namespace's Redis, whose password comes from a Secret, not the manifest."""
+def test_only_the_rayservice_has_gcs_fault_tolerance_on_redis(path):
+    """A head loss must not take the serving workers (proxies, replicas) with it: the
+    RayService's GCS keeps its state in the namespace's Redis, whose password comes from a
+    Secret. RayJobs get neither (KubeRay: GCS fault tolerance is meant for RayService)."""
     platform = path.rsplit("/jobs", 1)[0]
     redis_svc = one(platform, "Service", "redis")
     (port,) = [p["port"] for p in redis_svc["spec"]["ports"]]
     ray = [o for o in rendered(path) if o["kind"] in RAY_KINDS]
     assert ray
     for obj in ray:
-        ft = cluster_specs(obj)["gcsFaultToleranceOptions"]
+        spec = cluster_specs(obj)
+        if obj["kind"] != "RayService":
+            assert "gcsFaultToleranceOptions" not in spec, obj["metadata"]["name"]
+            assert "polytask-redis" not in json.dumps(obj), obj["metadata"]["name"]
+            continue
+        ft = spec["gcsFaultToleranceOptions"]
         assert ft["redisAddress"] == f"redis:{port}", obj["metadata"]["name"]
         assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] == {
             "name": "polytask-redis",
             "key": "password",
         }
         assert "value" not in ft["redisPassword"]
+
+
+READ_ONLY_ROOT = ("StatefulSet/redis", "StatefulSet/postgres", "Deployment/mlflow", "RayService/")
+
+
+@pytest.mark.parametrize("path", PLATFORM)
+def test_platform_containers_run_on_a_read_only_root_with_scratch_volumes(path):
+    """Redis, PostgreSQL, MLflow and the RayService's Ray containers write only to volumes; /tmp
+    is an emptyDir with a size limit. (The autoscaler sidecar KubeRay adds, and the RayJobs,
+    keep a writable root.)"""
+    seen = 0
+    for obj in rendered(path):
+        for where, pod_spec, pod in pod_specs(obj):
+            if not where.startswith(READ_ONLY_ROOT):
+                continue
+            volumes = {v["name"]: v for v in pod.get("volumes") or []}
+            for c in pod["containers"]:
+                seen += 1
+                assert (c.get("securityContext") or {}).get("readOnlyRootFilesystem") is True, where
+                mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts") or []}
+                assert "sizeLimit" in volumes[mounts["/tmp"]]["emptyDir"], where
+    assert seen >= 5
 
 
 @pytest.mark.parametrize("path", PLATFORM)
@@ -1171,7 +1200,7 @@ def test_redis_is_persistent_guarded_and_keeps_its_password_off_the_command_line
     assert mounts["/data"] in claims
     pdb = one(path, "PodDisruptionBudget", "polytask-redis")
     assert _selected(pdb["spec"]["selector"], pod["metadata"]["labels"])
-    assert pdb["spec"]["minAvailable"] == 1  # a drain does not evict it behind your back
+    assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]  # drains go on
     serve_pdb = one(path, "PodDisruptionBudget", "polytask-serve-workers")
     assert not _selected(serve_pdb["spec"]["selector"], pod["metadata"]["labels"])
 

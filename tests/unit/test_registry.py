@@ -223,7 +223,7 @@ def test_concurrent_promotions_leave_the_best_as_champion(store, tmp_path):
     import random
     import threading
 
-    from polytask.tracking.lock import LOCK_SUFFIX
+    from polytask.tracking.lock import is_lock_name
     from polytask.tracking.registry import settle_champion
 
     name = "reg-race"
@@ -254,20 +254,25 @@ def test_concurrent_promotions_leave_the_best_as_champion(store, tmp_path):
         if not won:  # it lost to a champion at least as good, named in the reason
             beaten_by = why.split("champion v")[1].split("'")[0]
             assert versions.get(beaten_by, 0.1) >= versions[version], why
-    assert not c.search_registered_models(filter_string=f"name = '{name}{LOCK_SUFFIX}'")
+    assert not [m for m in c.search_registered_models() if is_lock_name(m.name)]
 
 
 def test_a_lock_left_by_a_dead_writer_is_broken(store, tmp_path, monkeypatch):
+    import time
+
     from polytask.tracking import lock as locks
     from polytask.tracking import registry
+    from polytask.tracking.tags import LOCK_LEASE_TAG
 
     c = client()
     name = "reg-stale"
     version = _version(c, name, tmp_path, 0.5)
-    c.create_registered_model(f"{name}{locks.LOCK_SUFFIX}")  # its writer died holding it
-    monkeypatch.setattr(locks, "LOCK_LEASE_S", 0.0)
+    ended = {LOCK_LEASE_TAG: repr(time.time() - 1)}
+    c.create_registered_model(locks.lock_name(name, 3), tags=ended)  # its writer died holding it
+    monkeypatch.setattr(locks, "LOCK_SKEW_S", 0.0)
     assert registry.settle_champion(c, name, version, "if_better")[0] is True
-    assert [r["name"] for r in list_versions(None)].count(f"{name}{locks.LOCK_SUFFIX}") == 0
+    assert not [r for r in list_versions(None) if locks.is_lock_name(r["name"])]
+    assert not [m for m in c.search_registered_models() if locks.is_lock_name(m.name)]
 
 
 class SlowRegistry:
@@ -319,7 +324,7 @@ def test_two_writers_on_a_slow_registry_hold_the_lock_one_at_a_time(store, monke
     for t in threads:
         t.join(timeout=60)
     assert sorted(held_by) == [0, 1] and most[0] == 1
-    assert not client().search_registered_models(f"name = '{name}{locks.LOCK_SUFFIX}'")
+    assert not [m for m in client().search_registered_models() if locks.is_lock_name(m.name)]
 
 
 def test_release_leaves_another_writers_lock_alone(store):
@@ -329,16 +334,107 @@ def test_release_leaves_another_writers_lock_alone(store):
     from polytask.tracking.tags import LOCK_LEASE_TAG, LOCK_OWNER_TAG
 
     c, name = client(), "reg-owner"
-    lock = f"{name}{locks.LOCK_SUFFIX}"
     with locks.promotion_lock(c, name) as lease:
         lease.check()  # held: no error
-        c.delete_registered_model(lock)  # broken meanwhile, and taken by another writer
+        newer = locks.lock_name(name, lease.generation + 1)  # broken and taken by another writer
         other = {LOCK_OWNER_TAG: "pid 7 on elsewhere", LOCK_LEASE_TAG: repr(time.time() + 60)}
-        c.create_registered_model(lock, tags=other)
+        c.create_registered_model(newer, tags=other)
         with pytest.raises(locks.PromotionLockLost, match="pid 7 on elsewhere"):
             lease.check()  # so the alias is not moved
-    assert c.get_registered_model(lock).tags[LOCK_OWNER_TAG] == "pid 7 on elsewhere"
-    c.delete_registered_model(lock)
+    assert c.get_registered_model(newer).tags[LOCK_OWNER_TAG] == "pid 7 on elsewhere"
+    c.delete_registered_model(newer)
+    c.delete_registered_model(locks.lock_name(name, 1))
+
+
+class PausedRenewals(SlowRegistry):
+    """A real client whose lease renewals hang once `paused` is set: a holder stopped (GC pause,
+    a frozen VM) while another writer breaks its expired lease."""
+
+    def __init__(self, inner) -> None:
+        import threading
+
+        super().__init__(inner, 0.0)
+        self.paused = threading.Event()
+
+    def set_registered_model_tag(self, *args, **kwargs):
+        if self.paused.is_set():
+            import time
+
+            time.sleep(5)
+        return self.inner.set_registered_model_tag(*args, **kwargs)
+
+
+def test_a_holder_whose_lease_ran_out_cannot_move_the_alias(store, tmp_path, monkeypatch):
+    """Fencing: the first writer stalls past its lease, the second breaks the lock and promotes;
+    the first then finds its generation superseded (or its lease gone) and moves nothing, even
+    after the second has released."""
+    import time
+
+    from polytask.tracking import lock as locks
+    from polytask.tracking import registry
+
+    monkeypatch.setattr(locks, "LOCK_LEASE_S", 1.0)
+    monkeypatch.setattr(locks, "LOCK_SKEW_S", 0.2)
+    c, name = client(), "reg-fenced"
+    first_v, second_v = _version(c, name, tmp_path, 0.9), _version(c, name, tmp_path, 0.5)
+    slow = PausedRenewals(client())
+    with locks.promotion_lock(slow, name) as stalled:
+        slow.paused.set()
+        time.sleep(1.5)  # past its lease (and the skew margin): the lock may now be broken
+        won, reason = registry.settle_champion(client(), name, second_v, "if_better")
+        assert won and _champion(c, name) == second_v, reason
+        with pytest.raises(locks.PromotionLockLost, match="no longer held"):
+            stalled.check()
+        assert _champion(c, name) == second_v
+    assert not [m for m in c.search_registered_models() if locks.is_lock_name(m.name)]
+    assert first_v != second_v
+
+
+def test_any_writers_expired_lock_is_broken_without_deleting_it(store, tmp_path, monkeypatch):
+    """A lock this writer may not delete (another MLflow user's) is broken by the next
+    generation; deleting superseded generations is best effort."""
+    import time
+
+    from polytask.tracking import lock as locks
+    from polytask.tracking import registry
+    from polytask.tracking.tags import LOCK_LEASE_TAG, LOCK_OWNER_TAG
+
+    c, name = client(), "reg-admins"
+    version = _version(c, name, tmp_path, 0.5)
+    admins = locks.lock_name(name, 4)
+    c.create_registered_model(
+        admins, tags={LOCK_OWNER_TAG: "admin, killed", LOCK_LEASE_TAG: repr(time.time() - 60)}
+    )
+
+    class NoDelete(SlowRegistry):
+        def delete_registered_model(self, model_name):
+            if model_name == admins:
+                from mlflow.exceptions import MlflowException
+
+                raise MlflowException("Permission denied", error_code="PERMISSION_DENIED")
+            return self.inner.delete_registered_model(model_name)
+
+    won, reason = registry.settle_champion(NoDelete(client(), 0.0), name, version, "if_better")
+    assert won, reason
+    assert [m.name for m in c.search_registered_models() if locks.is_lock_name(m.name)] == [admins]
+    c.delete_registered_model(admins)
+
+
+def test_a_writer_whose_clock_is_off_the_servers_refuses_the_lock(store):
+    from polytask.tracking import lock as locks
+
+    class SkewedServer(SlowRegistry):
+        def create_registered_model(self, *args, **kwargs):
+            created = self.inner.create_registered_model(*args, **kwargs)
+            created._creation_time += 60_000  # the server's clock is a minute ahead of ours
+            return created
+
+    with (
+        pytest.raises(locks.PromotionClockSkew, match=r"(59|60)\.\d s off the MLflow server"),
+        locks.promotion_lock(SkewedServer(client(), 0.0), "reg-skew"),
+    ):
+        pytest.fail("a writer with a skewed clock must not hold the lock")
+    assert not [m for m in client().search_registered_models() if locks.is_lock_name(m.name)]
 
 
 def test_a_writer_that_gives_up_waiting_says_so_in_the_promotion_tag(store, tmp_path, monkeypatch):
@@ -351,7 +447,7 @@ def test_a_writer_that_gives_up_waiting_says_so_in_the_promotion_tag(store, tmp_
     c, name = client(), "reg-waiter"
     version = _version(c, name, tmp_path, 0.5)
     held = {LOCK_OWNER_TAG: "pid 9 on busy-host", LOCK_LEASE_TAG: repr(time.time() + 60)}
-    c.create_registered_model(f"{name}{locks.LOCK_SUFFIX}", tags=held)
+    c.create_registered_model(locks.lock_name(name, 1), tags=held)
     monkeypatch.setattr(locks, "LOCK_WAIT_S", 0.3)
     won, reason = registry.settle_champion(c, name, version, "if_better")
     assert won is False and _champion(c, name) is None
@@ -425,6 +521,69 @@ def test_downloads_killed_halfway_leave_no_partial_behind(trained_bundle, run_id
         assert [d for d in dead if d.exists()] == [] and busy.is_dir()
     resolve_bundle("models:/reg-partial/1")
     assert not busy.exists()
+
+
+def test_the_digest_checked_comes_from_the_registry_and_is_hashed_once_per_node(
+    trained_bundle, run_id, monkeypatch, tmp_path
+):
+    """Weights swapped in the shared cache together with anything stored inside the entry are
+    still caught (the expected digest is the version's tag); a node hashes an unchanged entry
+    once, and a new node (its own marker folder) hashes it again."""
+    import json
+
+    from polytask.tracking import integrity, registry
+    from polytask.tracking.tags import BUNDLE_DIGEST_TAG
+
+    register_bundle(trained_bundle, "reg-digest", run_id, objective=0.5)
+    tag = client().get_model_version("reg-digest", "1").tags[BUNDLE_DIGEST_TAG]
+    assert tag == integrity.bundle_digest(trained_bundle)
+    monkeypatch.setenv("POLYTASK_NODE_DIR", str(tmp_path / "node-a"))
+    bundle = resolve_bundle("models:/reg-digest/1")
+    hashed: list = []
+    real = registry.bundle_digest
+    monkeypatch.setattr(registry, "bundle_digest", lambda f: hashed.append(f) or real(f))
+    assert resolve_bundle("models:/reg-digest/1") == bundle and hashed == []  # marker, no hash
+    monkeypatch.setenv("POLYTASK_NODE_DIR", str(tmp_path / "node-b"))
+    assert resolve_bundle("models:/reg-digest/1") == bundle and len(hashed) == 1
+    assert resolve_bundle("models:/reg-digest/1") == bundle and len(hashed) == 1
+
+    weights = next(bundle.rglob("*.safetensors"))
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-64] + b"\1" * 64)  # a RayJob swaps the weights and the record
+    entry = next(p for p in bundle.parents if (p / registry.CACHE_DIGEST_FILE).is_file())
+    record = json.loads((entry / registry.CACHE_DIGEST_FILE).read_text())
+    (entry / registry.CACHE_DIGEST_FILE).write_text(json.dumps({**record, "sha256": "forged"}))
+    assert resolve_bundle("models:/reg-digest/1") == bundle
+    assert weights.read_bytes() == good  # downloaded again: it failed the registry's digest
+
+
+def test_a_download_that_differs_from_the_registry_digest_is_refused(trained_bundle, run_id):
+    from polytask.tracking.tags import BUNDLE_DIGEST_TAG
+
+    register_bundle(trained_bundle, "reg-forged", run_id, objective=0.5)
+    c = client()
+    c.set_model_version_tag("reg-forged", "1", BUNDLE_DIGEST_TAG, "0" * 64)
+    with pytest.raises(ValueError, match=f"registry says {'0' * 64}"):
+        resolve_bundle("models:/reg-forged/1")
+
+
+def test_a_cache_lock_wait_is_bounded_and_names_the_lock(trained_bundle, run_id, monkeypatch):
+    import fcntl
+    import hashlib
+
+    from polytask.config import default_home
+    from polytask.tracking.integrity import CacheLockTimeout
+
+    register_bundle(trained_bundle, "reg-hung", run_id, objective=0.5)
+    root = default_home() / "models" / hashlib.sha256(tracking_uri().encode()).hexdigest()[:16]
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / "models__reg-hung_1.lock"
+    monkeypatch.setenv("POLYTASK_CACHE_LOCK_WAIT_S", "0.3")
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a download hung while holding it
+        with pytest.raises(CacheLockTimeout, match=f"{lock}.*delete {lock}"):
+            resolve_bundle("models:/reg-hung/1")
+    assert resolve_bundle("models:/reg-hung/1").is_dir()
 
 
 @pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from polytask.compression.prune import prune_encoder
+from polytask.durable import prepare_dir, swap_dir
 from polytask.model.bundle import (
     MANIFEST,
     Manifest,
@@ -157,9 +158,7 @@ def _write(
 ) -> None:
     """Copy the source bundle, swap in the new encoder weights, re-stamp every head's expected
     fingerprint; `out` is replaced only once complete."""
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = prepare_dir(out)
     shutil.copytree(
         src,
         tmp,
@@ -177,8 +176,7 @@ def _write(
         if heads is not None:
             write_head_weights(heads[spec.name], head_dir)
     (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    swap_dir(tmp, out)
 
 
 def _features(

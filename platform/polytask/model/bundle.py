@@ -14,13 +14,13 @@ Only safetensors and JSON are written or read: nothing here unpickles.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from polytask.durable import prepare_dir, swap_dir
 from polytask.model.manifest import MANIFEST, BundleError, Manifest, read_manifest
 from polytask.model.network import encoder_fingerprint
 from polytask.tasks import TaskSpec, build_head
@@ -35,10 +35,11 @@ def save_bundle(
     source: str = "",
     extra: dict[str, Any] | None = None,
 ) -> Manifest:
-    """Write a MultiTaskModel as a bundle; an existing directory is replaced only when complete."""
+    """Write a MultiTaskModel as a bundle beside `path` and swap it in by rename when complete
+    (durable.swap_dir): a crash at any point leaves the previous bundle at `path`, or aside and
+    restored by the next save."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = prepare_dir(path)
     model.encoder.save_pretrained(tmp / "encoder", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "encoder")
     fingerprint = encoder_fingerprint(model.encoder)
@@ -61,8 +62,7 @@ def save_bundle(
         extra=extra or {},
     )
     (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    swap_dir(tmp, path)
     return manifest
 
 

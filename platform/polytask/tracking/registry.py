@@ -16,9 +16,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from polytask.config import default_home
-from polytask.tracking.lock import LOCK_SUFFIX, PromotionLockTimeout, promotion_lock
+from polytask.tracking.integrity import (
+    bundle_digest,
+    cache_lock,
+    mark_verified,
+    node_verified,
+    registry_digest,
+)
+from polytask.tracking.lock import PromotionLockTimeout, is_lock_name, promotion_lock
 from polytask.tracking.tags import (
     BASE_VERSION_TAG,
+    BUNDLE_DIGEST_TAG,
     OBJECTIVE_DEF_TAG,
     OBJECTIVE_TAG,
     PROMOTION_TAG,
@@ -38,7 +46,7 @@ log = logging.getLogger(__name__)
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_NAME = "model"  # the logged model's name inside its run
 CANDIDATE, CHAMPION = "candidate", "champion"
-CACHE_DIGEST_FILE = ".polytask-digest.json"  # in each downloaded model: uri, store, sha256
+CACHE_DIGEST_FILE = ".polytask-digest.json"  # in each downloaded model: its uri and store
 FULL_PRECISION = "fp32"
 VARIANT_OF_METHOD = {"int8": "int8", "prune": "pruned"}  # a variant is these joined by '+'
 # Pinned from what is installed, so logging never spawns MLflow's slow requirement inference.
@@ -130,6 +138,7 @@ def log_bundle(bundle_dir: str | Path, run_id: str, uri: str | None = None) -> s
     import mlflow
 
     uri = uri or tracking_uri()
+    digest = bundle_digest(Path(bundle_dir))
     with use_tracking_uri(uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
         info = mlflow.pyfunc.log_model(
@@ -139,6 +148,7 @@ def log_bundle(bundle_dir: str | Path, run_id: str, uri: str | None = None) -> s
             code_paths=[str(PYFUNC_FILE.parent)],
             pip_requirements=[_pin(p) for p in _REQUIREMENTS],
             signature=_signature(),
+            tags={BUNDLE_DIGEST_TAG: digest},
         )
     return info.model_uri
 
@@ -209,10 +219,19 @@ def objective_definition(specs: list[Any]) -> str:
 
 
 def create_version(name: str, model_uri: str, run_id: str, tags: dict[str, str], uri: str) -> Any:
-    """A new version of `name` from a logged model. MLflow resolves a `models:/m-…` source
-    through its *global* tracking store, so that store is pointed at `uri` meanwhile."""
+    """A new version of `name` from a logged model, carrying the logged model's bundle digest (what
+    replicas verify their cached copy against). MLflow resolves a `models:/m-…` source through
+    its *global* tracking store, so that store is pointed at `uri` meanwhile."""
+    c = client(uri)
+    digest = registry_digest(c, model_uri)
+    if digest is not None:
+        tags = {**tags, BUNDLE_DIGEST_TAG: digest}
+    # A tracking server wants the logged model's id beside a `models:/m-…` source.
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     with use_tracking_uri(uri):
-        return client(uri).create_model_version(name, source=model_uri, run_id=run_id, tags=tags)
+        return c.create_model_version(
+            name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id
+        )
 
 
 def settle_champion(
@@ -327,7 +346,7 @@ def list_versions(name: str | None = None) -> list[dict[str, Any]]:
     if name is None:
         rows = []
         for rm in c.search_registered_models():
-            if rm.name.endswith(LOCK_SUFFIX):
+            if is_lock_name(rm.name):
                 continue
             versions = c.search_model_versions(f"name = '{_quote(rm.name)}'")
             rows.append(
@@ -424,96 +443,110 @@ def _download(uri: str, store: str) -> Path:
     The key is the store (`models:/x/1` on two servers are two models) plus the concrete model:
     aliases resolve to a version first (a moved alias never mixes files of two versions) and
     `runs:/ID/NAME` to the model that run logged under NAME (MLflow 3 keeps models outside run
-    artifacts). A sha256 of every file, recorded at download, is checked on each reuse; an
-    entry that does not verify is downloaded again. Replicas on one node share the cache: one
-    downloads under a file lock while the others wait, and an entry appears complete or not at
-    all (atomic rename)."""
-    import fcntl
-
-    from polytask.model.manifest import MANIFEST
-
+    artifacts). The bundle is checked against the digest the registry holds (tracking.integrity),
+    once per node: later replicas on the node find its marker and skip MLflow and the hash. Reads
+    share the entry's file lock and a download holds it alone, every wait bounded; an entry
+    appears complete or not at all (atomic rename), and one that does not verify is replaced."""
     uri = _concrete(uri, store)
     root = default_home() / "models" / hashlib.sha256(store.encode()).hexdigest()[:16]
     root.mkdir(parents=True, exist_ok=True)
     dst = root / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in uri)
-    with open(root / f"{dst.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
-        _sweep_leftovers(root, dst.name)
-        if _verified(dst, uri, store):
+    _sweep_leftovers(root)
+    if (dst / CACHE_DIGEST_FILE).is_file() and node_verified(dst) is not None:
+        return dst
+    expected = registry_digest(client(store), uri)
+    lock = root / f"{dst.name}.lock"
+    with cache_lock(lock, exclusive=False, what=f"reading {uri}"):
+        if _verified(dst, uri, store, expected):
             return dst
-        import mlflow  # only to download: a replica that finds the cache warm never imports it
-
-        tmp = root / f"{dst.name}.{uuid.uuid4().hex[:8]}.partial"
-        tmp.mkdir()
-        try:
-            with use_tracking_uri(store):  # a version's `models:/m-…` source resolves globally
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=uri, dst_path=str(tmp), tracking_uri=store, registry_uri=store
-                )
-            if _bundle_in(tmp) is None:
-                raise FileNotFoundError(f"model '{uri}' holds no polytask bundle (no {MANIFEST})")
-            record = {"uri": uri, "store": store, "sha256": _digest(tmp)}
-            (tmp / CACHE_DIGEST_FILE).write_text(json.dumps(record))
-            if dst.exists():  # a corrupt entry: swap it out, then delete it
-                stale = root / f"{dst.name}.{uuid.uuid4().hex[:8]}.stale"
-                dst.rename(stale)
-                tmp.rename(dst)
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                tmp.rename(dst)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with cache_lock(lock, exclusive=True, what=f"downloading {uri}"):
+        if _verified(dst, uri, store, expected):
+            return dst
+        _fetch(uri, store, root, dst, expected)
     return dst
 
 
-def _sweep_leftovers(root: Path, held: str) -> None:
+def _fetch(uri: str, store: str, root: Path, dst: Path, expected: str | None) -> None:
+    """Download `uri` beside `dst`, check it against the registry digest, rename it in."""
+    import mlflow  # only to download: a replica that finds the cache warm never imports it
+
+    from polytask.model.manifest import MANIFEST
+
+    tmp = root / f"{dst.name}.{uuid.uuid4().hex[:8]}.partial"
+    tmp.mkdir()
+    try:
+        with use_tracking_uri(store):  # a version's `models:/m-…` source resolves globally
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(tmp), tracking_uri=store, registry_uri=store
+            )
+        bundle = _bundle_in(tmp)
+        if bundle is None:
+            raise FileNotFoundError(f"model '{uri}' holds no polytask bundle (no {MANIFEST})")
+        got = bundle_digest(bundle)
+        if expected is not None and got != expected:
+            raise ValueError(
+                f"model '{uri}' as downloaded from {store} hashes to {got}, but the registry "
+                f"says {expected} ({BUNDLE_DIGEST_TAG}): the artifact store holds other files "
+                "than were registered; re-register the model from its training run"
+            )
+        (tmp / CACHE_DIGEST_FILE).write_text(json.dumps({"uri": uri, "store": store}))
+        if dst.exists():  # a corrupt entry: swap it out, then delete it
+            stale = root / f"{dst.name}.{uuid.uuid4().hex[:8]}.stale"
+            dst.rename(stale)
+            tmp.rename(dst)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            tmp.rename(dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    mark_verified(dst, got)
+
+
+def _sweep_leftovers(root: Path) -> None:
     """Delete the `.partial`/`.stale` directories that killed downloads left in the cache. Each
     belongs to the entry named before its random suffix and is dead when nobody holds that
-    entry's lock: `held`, whose lock the caller holds, and any other whose lock is free (a live
-    download holds its entry's lock until it renames or deletes its directory)."""
+    entry's lock (a live download holds it until it renames or deletes its directory)."""
     import fcntl
 
     for leftover in [*root.glob("*.partial"), *root.glob("*.stale")]:
         entry = leftover.name.rsplit(".", 2)[0]
         with open(root / f"{entry}.lock", "a") as lock:
-            if entry != held:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # a download of that entry is running
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a download of that entry is running
             if leftover.exists():
                 log.warning("deleting %s, left by a download that did not finish", leftover)
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _digest(folder: Path) -> str:
-    """sha256 over every file's relative path and bytes (the digest record itself excluded)."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder).as_posix()
-        if rel == CACHE_DIGEST_FILE:
-            continue
-        h.update(rel.encode() + b"\0")
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def _verified(entry: Path, uri: str, store: str) -> bool:
-    """The cache entry exists, was downloaded for this uri and store, and its files still hash
-    to what was recorded then."""
+def _verified(entry: Path, uri: str, store: str, expected: str | None) -> bool:
+    """The cache entry exists, was downloaded for this uri and store, and its bundle hashes to
+    the registry's digest (hashed here unless this node already did, with the files unchanged).
+    A model registered without a digest is trusted as first downloaded, with a warning."""
     try:
         record = json.loads((entry / CACHE_DIGEST_FILE).read_text())
     except (OSError, ValueError):
         return False
     if record.get("uri") != uri or record.get("store") != store:
         return False
-    if record.get("sha256") == _digest(entry):
+    bundle = _bundle_in(entry)
+    if bundle is None:
+        return False
+    if node_verified(entry, expected) is not None:
         return True
-    log.warning("cached model %s (%s) fails its digest; downloading it again", uri, entry)
-    return False
+    got = bundle_digest(bundle)
+    if expected is None:
+        log.warning(
+            "model %s carries no %s in the registry (logged by an older polytask or another "
+            "tool): its cached copy %s is trusted as downloaded; re-register it to verify it",
+            uri, BUNDLE_DIGEST_TAG, entry,
+        )
+    elif got != expected:
+        log.warning("cached model %s (%s) fails the registry digest; downloading it again", uri, entry)
+        return False
+    mark_verified(entry, got)
+    return True
 
 
 def _concrete(uri: str, store: str) -> str:

@@ -33,6 +33,9 @@ COMPRESSION_TAG = "polytask.compression"
 SOURCE_VERSION_TAG = "polytask.source_version"
 BASE_VERSION_TAG = "polytask.base_version"
 VARIANT_TAG = "polytask.variant"
+# The sha256 of the bundle (integrity.bundle_digest), on the logged model and each version made
+# from it: what a serving replica checks its cached copy against.
+BUNDLE_DIGEST_TAG = "polytask.bundle_sha256"
 # Versions made by `polytask add-task`: the version whose encoder and heads they reuse, and the
 # tasks they added (comma-separated). Not BASE_VERSION_TAG: that one marks compressed variants.
 ADDED_TO_VERSION_TAG = "polytask.added_to_version"

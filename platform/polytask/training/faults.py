@@ -5,6 +5,8 @@ the Ray Train workers in their loop config, so it reaches workers on any node.
 fail_at_epoch: rank 0 raises once, after that epoch's checkpoint is committed.
 hold_at_epoch: in the first attempt, rank 0 writes its pid to <storage>/<run name>/rank0.pid
 halfway through that epoch and waits to be killed.
+hold_batch_at_block: `polytask predict` flushes its partial output after that many scored blocks,
+prints `holding pid <pid>` on stderr and waits to be killed (the kill lands mid-write).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 ENV = "POLYTASK_FAULTS"
-KNOWN = ("fail_at_epoch", "hold_at_epoch")
+KNOWN = ("fail_at_epoch", "hold_at_epoch", "hold_batch_at_block")
 HOLD_S = 120.0  # a chaos test that never kills the held worker fails instead of hanging
 
 
@@ -27,7 +29,7 @@ def from_env(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
     if not raw:
         return {}
     fix = (
-        f"{ENV}={raw!r}: expected {' or '.join(KNOWN)} set to an epoch >= 0, e.g. "
+        f"{ENV}={raw!r}: expected {' or '.join(KNOWN)} set to an epoch (or block) >= 0, e.g. "
         f"{ENV}=fail_at_epoch=1 or {ENV}='{{\"hold_at_epoch\": 1}}'"
     )
     try:
@@ -80,5 +82,25 @@ def hold_for_kill(plan: dict[str, Any], rank: int, resumed: bool, pid_path: str 
         tmp.replace(path)  # the reader never sees a half-written pid
         time.sleep(HOLD_S)
         raise RuntimeError(f"hold_at_epoch={target}: nobody killed pid {os.getpid()}")
+
+    return hold
+
+
+def hold_batch(plan: dict[str, Any]) -> Any:
+    """hold_batch_at_block: a hook `hook(blocks_written, writer)` for the batch driver that, at
+    that block, flushes what is written so far and parks the process so a test can SIGKILL it."""
+    target = plan.get("hold_batch_at_block")
+    if target is None:
+        return None
+
+    def hold(blocks: int, writer: Any) -> None:
+        if blocks != target:
+            return
+        import sys
+
+        writer.flush()
+        print(f"holding pid {os.getpid()} at block {blocks}", file=sys.stderr, flush=True)
+        time.sleep(HOLD_S)
+        raise RuntimeError(f"hold_batch_at_block={target}: nobody killed pid {os.getpid()}")
 
     return hold

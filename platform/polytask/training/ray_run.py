@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 
 from polytask.config import ExperimentConfig, default_home
+from polytask.durable import prepare_dir, swap_dir
 from polytask.tasks import TaskSpec
 from polytask.tracking.runs import epoch_metrics, log_metrics, metrics_logger
 from polytask.training import faults
@@ -157,8 +158,10 @@ def local_bundle(checkpoint: Any, cache: str) -> Path:
     if checkpoint.filesystem.type_name == "local":
         return Path(checkpoint.path) / BUNDLE_DIR
     dst = default_home() / cache / Path(checkpoint.path).name
-    if not (dst / BUNDLE_DIR).is_dir():
-        checkpoint.to_directory(str(dst))
+    if not (dst / BUNDLE_DIR).is_dir():  # copied whole, then renamed: a killed copy is never reused
+        partial = prepare_dir(dst)
+        checkpoint.to_directory(str(partial))
+        swap_dir(partial, dst)
     return dst / BUNDLE_DIR
 
 
