@@ -162,7 +162,13 @@ def test_the_step_loop_hands_tokens_to_asyncio_and_stops_cancelled_rows() -> Non
         loop = asyncio.get_running_loop()
         waiters = [Waiter(loop, stream=True) for _ in states]
         rows = [Row(s, c, on_token=w.on_token, on_done=w.on_done) for s, c, w in zip(states, caps, waiters)]
-        long = Row(states[0], 60, least=60, on_done=Waiter(loop, False).on_done)
+        gone = Waiter(loop, False)
+
+        def hang_up(_: int) -> None:  # the caller leaves after its third token (decode thread)
+            if long.produced >= 3:
+                long.cancelled = True
+
+        long = Row(states[0], 60, least=60, on_token=hang_up, on_done=gone.on_done)
         for row in rows:
             loop_thread.submit(head, row)
         ended = await asyncio.gather(*(w.done for w in waiters))
@@ -171,12 +177,12 @@ def test_the_step_loop_hands_tokens_to_asyncio_and_stops_cancelled_rows() -> Non
         assert streamed == want[0]
         assert loop_thread.snapshot()["rows_per_step"] <= 2  # the row limit held
         loop_thread.submit(head, long)
-        await asyncio.sleep(0.05)
-        long.cancelled = True
+        _, why = await asyncio.wait_for(gone.done, 5)
+        assert why == "cancelled" and long.produced <= 4  # it left at the next step
         began = time.monotonic()
         while loop_thread.in_flight and time.monotonic() - began < 1:
             await asyncio.sleep(0.01)
-        assert loop_thread.in_flight == 0 and long.produced < 60
+        assert loop_thread.in_flight == 0
 
     import time
 

@@ -19,6 +19,13 @@ from polytask.model.decoding import Row
 from polytask.serve.decode_loop import MAX_CACHED_TOKENS, MAX_ROWS, DecodeLoop, Waiter
 
 
+def per_input(value: int | list[int] | None, n: int, default: int) -> list[int]:
+    """A length setting per input: one value for all, a list (one per input), or the default."""
+    if value is None:
+        return [default] * n
+    return list(value) if isinstance(value, list) else [int(value)] * n
+
+
 def default_threads() -> int:
     """Torch threads of one Decoder replica when the config sets none: half the machine's cores
     (at least one), so the Encoder keeps the other half while summaries decode."""
@@ -102,7 +109,6 @@ class ContinuousDecoding:
         timeout_s: float | None,
     ) -> dict[str, Any]:
         from polytask.model.manifest import BundleError
-        from polytask.serve.decoder import _per_input
 
         assert self.loop is not None
         self.calls += 1  # type: ignore[attr-defined]
@@ -112,8 +118,8 @@ class ContinuousDecoding:
         # a bad bundle or a request's own deadline is not this replica's fault
         with self.health.watch(not_ours=(BundleError, TimeoutError)):  # type: ignore[attr-defined]
             head, spec = await self._version(encoded)
-            caps = _per_input(max_new_tokens, len(items), spec.generation.max_new_tokens)
-            mins = _per_input(min_new_tokens, len(items), 0)
+            caps = per_input(max_new_tokens, len(items), spec.generation.max_new_tokens)
+            mins = per_input(min_new_tokens, len(items), 0)
             if spec.generation.num_beams > 1:
                 answers = await self._beam(head, spec, items, caps, mins)
             else:

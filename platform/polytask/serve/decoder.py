@@ -21,7 +21,7 @@ from typing import Any
 from ray import serve
 
 from polytask.serve.batching import MicroBatcher
-from polytask.serve.decode_continuous import ContinuousDecoding
+from polytask.serve.decode_continuous import ContinuousDecoding, per_input
 from polytask.serve.head import Head
 
 # Inputs one decode carries at most; more wait for the next one.
@@ -48,12 +48,6 @@ class _DecodeJob:
     caps: list[int]
     mins: list[int]
     stream: _Stream | None = None
-
-
-def _per_input(value: int | list[int] | None, n: int, default: int) -> list[int]:
-    if value is None:
-        return [default] * n
-    return list(value) if isinstance(value, list) else [int(value)] * n
 
 
 @serve.deployment
@@ -93,8 +87,8 @@ class Decoder(ContinuousDecoding, Head.func_or_class):  # type: ignore[misc, nam
         stream: _Stream | None = None,
     ) -> _DecodeJob:
         _, spec = next(reversed(self.versions.values()))
-        caps = _per_input(max_new_tokens, len(items), spec.generation.max_new_tokens)
-        mins = _per_input(min_new_tokens, len(items), 0)
+        caps = per_input(max_new_tokens, len(items), spec.generation.max_new_tokens)
+        mins = per_input(min_new_tokens, len(items), 0)
         return _DecodeJob(items, encoded["fingerprint"], encoded["model"], caps, mins, stream)
 
     async def predict(
