@@ -17,7 +17,6 @@ import pytest
 
 from polytask.config import ExperimentConfig, config_from_dict
 from polytask.demo import demo_experiment, write_demo_data, write_tiny_encoder
-from polytask.serve.levers import DEFAULT_LEVERS, lever_env
 
 # The bench scripts' shared module is importable as `common` in every test (the scripts import
 # each other by name, as when run directly); its `free_port` is the suite's too.
@@ -55,10 +54,6 @@ _paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 if str(_SITE) not in _paths:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(_SITE), *_paths])
 gc.set_threshold(*GC_THRESHOLD)
-# The suite runs under polytask's default Serve levers, as `polytask serve` does: Serve reads
-# them at import in each of its processes, which inherit this environment. Set at import, not by
-# the Ray fixture, so a module that builds apps without starting Ray sees them too.
-os.environ.update(lever_env(DEFAULT_LEVERS))
 
 
 # The suite runs in two xdist workers, one module at a time each (`-n 2 --dist loadfile` in
@@ -223,6 +218,11 @@ def ray_cluster():
     from ray._common.utils import reset_ray_address
     from ray.cluster_utils import Cluster
 
+    from polytask.serve.levers import DEFAULT_LEVERS, lever_env
+
+    # The suite runs under polytask's default Serve levers, as `polytask serve` does: Serve reads
+    # them at import in each of its processes, which inherit this environment.
+    os.environ.update(lever_env(DEFAULT_LEVERS))
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
