@@ -61,9 +61,10 @@ gc.set_threshold(*GC_THRESHOLD)
 # measured share of the suite) keeps both workers busy to the end; the rest follow in collection
 # order: tests/ alphabetically, then tests/unit/ (the short modules that never start Ray) last.
 LONGEST_FIRST = (
-    "test_ray_jobs", "test_train", "test_bench", "test_add_task", "test_quickstart", "test_tune",
-    "test_serve", "test_ingest", "test_serve_autoscale", "test_serve_chaos", "test_batch",
-    "test_compress", "test_serve_placement", "test_docs_site",
+    "test_ray_jobs", "test_train", "test_bench", "test_cluster_chaos", "test_add_task",
+    "test_quickstart", "test_tune", "test_mlflow_auth", "test_serve", "test_durable",
+    "test_serve_generation", "test_ingest", "test_serve_autoscale", "test_serve_chaos",
+    "test_batch", "test_compress", "test_serve_placement", "test_docs_site",
 )
 UNIT = Path(__file__).resolve().parent / "unit"
 RAY_FIXTURES = frozenset({"ray_cluster", "ray_local", "ray_with_store"})

@@ -12,6 +12,19 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "serve_configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
+@pytest.fixture(autouse=True)
+def _default_levers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped configs name the default levers, whose env the builder checks: set it for each
+    test, as `polytask serve` and RayService containers do. Serve's constants are imported first,
+    so this test process keeps reading its own (a driver's handles need the separate loop)."""
+    import ray.serve._private.constants  # noqa: F401
+
+    from polytask.serve.levers import DEFAULT_LEVERS, lever_env
+
+    for key, value in lever_env(DEFAULT_LEVERS).items():
+        monkeypatch.setenv(key, value)
+
+
 def _apps(path: Path) -> list[Any]:
     from ray.serve.schema import ServeDeploySchema
 

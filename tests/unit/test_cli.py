@@ -91,7 +91,7 @@ def test_unknown_registered_models(mlflow_uri: str) -> None:
     for argv, fragment in [
         (["compress", "models:/nope@champion", "--method", "int8"], "name=nope not found"),
         (["registry", "promote", "nope", "3"], "(name=nope, version=3) not found"),
-        (["registry", "show", "models:/nope/3"], "name=nope not found"),
+        (["registry", "show", "models:/nope/3"], "(name=nope, version=3) not found"),
     ]:
         _user_error(_invoke(*argv), fragment, "polytask registry list")
 

@@ -40,6 +40,7 @@ LOCK_WAIT_S = 120.0
 # The most two writers' clocks may differ (each is checked against the MLflow server's at
 # acquire, within half of it); NTP keeps real hosts within milliseconds.
 LOCK_SKEW_S = 10.0
+STAMP_RESOLUTION_S = 0.001  # MLflow's creation_timestamp is in milliseconds
 # A holder moves an alias only with at least this much of its lease left: the check and the
 # write that follows it must finish within this (a registry call takes well under a second).
 LOCK_WRITE_MARGIN_S = 20.0
@@ -196,7 +197,8 @@ def _check_clock(c: MlflowClient, lease: _Lease, before: float, after: float, cr
     stamped = (getattr(created, "creation_timestamp", None) or 0) / 1000
     if not stamped:
         return
-    off = max(before - stamped, stamped - after, 0.0)
+    # the server stamps whole milliseconds, so a stamp up to 1 ms under `before` is on time
+    off = max(before - STAMP_RESOLUTION_S - stamped, stamped - after, 0.0)
     if off > LOCK_SKEW_S / 2:
         _release(lease)
         raise PromotionClockSkew(

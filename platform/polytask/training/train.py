@@ -88,9 +88,10 @@ def run_training(
     name = run_name or cfg.run.name or default_run_name(cfg)
     uri, storage = tracking_uri(cfg), storage_path(cfg)
     places = check_paths(uri, f"{storage}/{name}")  # refused in a Ray job's temporary copy
-    console.print(f"[bold]state[/] of run {name}\n{describe(places)}", highlight=False, soft_wrap=True)
     cfg, base = resolve_base(cfg)  # a polytask model as encoder: pinned, its heads carried over
     features = tokenize_experiment(cfg)  # DataError propagates unchanged, before any Ray worker
+    # after the data checks (a bad input prints its error alone), before any state is written
+    console.print(f"[bold]state[/] of run {name}\n{describe(places)}", highlight=False, soft_wrap=True)
     run_id = find_or_create_run(cfg, name, uri)
     console.print(
         f"[bold]run[/] {name}: {cfg.scaling.num_workers} worker(s), "
