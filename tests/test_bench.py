@@ -28,7 +28,13 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _run_script(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    """A bench script as a user runs it: from a shell without the Serve lever env this session's
+    Ray sets (a bench starts its own Ray per lever set; its driver keeps Serve's defaults)."""
+    from polytask.serve.levers import LEVERS
+
+    levers = {key for lever in LEVERS.values() for key in lever.env}
+    env = {k: v for k, v in os.environ.items() if k not in levers}
+    env |= {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
         [sys.executable, *args],
         check=False,

@@ -20,7 +20,8 @@ LAYERS = [
     ("training", ["polytask.training"]),
     ("compression", ["polytask.compression"]),
     ("serve", ["polytask.serve"]),
-    ("apps", ["polytask.cli", "polytask.demo", "polytask.quickstart", "polytask.batch"]),
+    ("apps", ["polytask.cli", "polytask.demo", "polytask.quickstart", "polytask.batch",
+                "polytask.batch_files"]),
 ]
 
 
