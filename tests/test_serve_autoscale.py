@@ -48,8 +48,8 @@ def test_load_on_one_task_scales_encoder_and_its_head_up_and_back_down(
     history: list[tuple[float, dict[str, int]]] = []
     try:
         assert running() == MINIMUM
-        with Load(url, "sentiment", clients=8) as load:
-            up = _poll(lambda c: all(c[d] == 2 for d in SCALED), 40, history)
+        with Load(url, "sentiment", clients=12) as load:
+            up = _poll(lambda c: all(c[d] == 2 for d in SCALED), 60, history)
         stopped = load.stop_sent  # demand starts to fall here, as the clients finish their last
         down = _poll(lambda c: all(c[d] == 1 for d in SCALED), 20, history)
     finally:
