@@ -594,7 +594,7 @@ def test_a_bundle_path_leading_out_of_the_model_is_refused(tmp_path, trained_bun
 
     import yaml
 
-    from polytask.tracking.registry import _bundle_in
+    from polytask.tracking.integrity import bundle_in
 
     outside = tmp_path / "elsewhere"
     shutil.copytree(trained_bundle, outside)
@@ -607,7 +607,7 @@ def test_a_bundle_path_leading_out_of_the_model_is_refused(tmp_path, trained_bun
     flavor = {"python_function": {"artifacts": {"bundle": {"path": rel}}}}
     (model / "MLmodel").write_text(yaml.safe_dump({"flavors": flavor}))
     with pytest.raises(ValueError, match="outside the model's directory"):
-        _bundle_in(model)
+        bundle_in(model)
     shutil.copytree(trained_bundle, model / "inside")  # the same bundle within the entry loads
     (model / "MLmodel").write_text(
         yaml.safe_dump(
@@ -616,7 +616,7 @@ def test_a_bundle_path_leading_out_of_the_model_is_refused(tmp_path, trained_bun
     )
     if how == "symlink":
         (model / "artifacts" / "bundle").unlink()
-    assert _bundle_in(model) == (model / "inside").resolve()
+    assert bundle_in(model) == (model / "inside").resolve()
 
 
 def test_a_pinned_version_in_the_cache_loads_without_importing_mlflow(trained_bundle, run_id):

@@ -152,3 +152,31 @@ def cache_lock(path: Path, exclusive: bool, what: str) -> Iterator[None]:
                 )
             time.sleep(0.05)
         yield
+
+
+def bundle_in(local: Path) -> Path | None:
+    """The bundle inside a downloaded MLflow model (its `bundle` artifact), or the dir itself;
+    never a directory outside `local` (an absolute or `..` path in MLmodel, or a link out)."""
+    import yaml
+
+    from polytask.model.manifest import MANIFEST
+
+    candidates = ["artifacts/bundle", "bundle", "."]
+    mlmodel = local / "MLmodel"
+    if mlmodel.is_file():
+        flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {})
+        artifacts = flavor.get("python_function", {}).get("artifacts", {}) or {}
+        rel = (artifacts.get("bundle") or {}).get("path")
+        if rel:
+            candidates.insert(0, str(rel))
+    for rel in candidates:
+        resolved = (local / rel).resolve()
+        if not resolved.is_relative_to(local.resolve()):
+            raise ValueError(
+                f"model at {local}: bundle path '{rel}' leads outside "
+                "the model's directory; refusing to load it (a bundle path must be relative, "
+                "with no '..' and no link out of the model)"
+            )
+        if (resolved / MANIFEST).is_file():
+            return resolved
+    return None

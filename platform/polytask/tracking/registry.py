@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from polytask.config import default_home
 from polytask.tracking.integrity import (
     bundle_digest,
+    bundle_in,
     cache_lock,
     mark_verified,
     node_verified,
@@ -434,7 +435,7 @@ def resolve_bundle(uri: str) -> Path:
             )
         return path.resolve()
     local = _download(uri, tracking_uri())
-    return _bundle_in(local) or local
+    return bundle_in(local) or local
 
 
 def _download(uri: str, store: str) -> Path:
@@ -479,7 +480,7 @@ def _fetch(uri: str, store: str, root: Path, dst: Path, expected: str | None) ->
             mlflow.artifacts.download_artifacts(
                 artifact_uri=uri, dst_path=str(tmp), tracking_uri=store, registry_uri=store
             )
-        bundle = _bundle_in(tmp)
+        bundle = bundle_in(tmp)
         if bundle is None:
             raise FileNotFoundError(f"model '{uri}' holds no polytask bundle (no {MANIFEST})")
         got = bundle_digest(bundle)
@@ -530,7 +531,7 @@ def _verified(entry: Path, uri: str, store: str, expected: str | None) -> bool:
         return False
     if record.get("uri") != uri or record.get("store") != store:
         return False
-    bundle = _bundle_in(entry)
+    bundle = bundle_in(entry)
     if bundle is None:
         return False
     if node_verified(entry, expected) is not None:
@@ -575,31 +576,3 @@ def _concrete(uri: str, store: str) -> str:
         if found:
             return f"models:/{found[0].model_id}"
     return uri
-
-
-def _bundle_in(local: Path) -> Path | None:
-    """The bundle inside a downloaded MLflow model (its `bundle` artifact), or the dir itself;
-    never a directory outside `local` (an absolute or `..` path in MLmodel, or a link out)."""
-    import yaml
-
-    from polytask.model.manifest import MANIFEST
-
-    candidates = ["artifacts/bundle", "bundle", "."]
-    mlmodel = local / "MLmodel"
-    if mlmodel.is_file():
-        flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {})
-        artifacts = flavor.get("python_function", {}).get("artifacts", {}) or {}
-        rel = (artifacts.get("bundle") or {}).get("path")
-        if rel:
-            candidates.insert(0, str(rel))
-    for rel in candidates:
-        resolved = (local / rel).resolve()
-        if not resolved.is_relative_to(local.resolve()):
-            raise ValueError(
-                f"model at {local}: bundle path '{rel}' leads outside "
-                "the model's directory; refusing to load it (a bundle path must be relative, "
-                "with no '..' and no link out of the model)"
-            )
-        if (resolved / MANIFEST).is_file():
-            return resolved
-    return None
