@@ -224,7 +224,8 @@ def deployments_reference() -> str:
         **{k: f"every deployment: {v:g}" for k, v in app.HEALTH_CHECK.items()},
         "backpressure_config": f"Ingress: `{json.dumps(app.SHED)}`",
         **{k: f"Ingress and heads: {v}" for k, v in app.CPU_SURGE.items()},
-        "ray_actor_options": "CPUs per replica; the Encoder a GPU with `device: cuda`",
+        "ray_actor_options": f"CPUs per replica: Encoder 1, Ingress and heads {app.LIGHT_CPUS:g}; "
+        "the Encoder a GPU with `device: cuda`",
     }
     rows = [f"| `{name}` | {_cell(_first_sentence(info.description))} | {by_code.get(name, '')} |"
             for name, info in DeploymentSchema.model_fields.items() if name != "name"]

@@ -111,7 +111,20 @@ def _stuck_after() -> float:
     return stuck_after(_serve_args().model_fields["request_timeout_s"].default)
 
 
+def _mlflow_auth(key: str) -> str:
+    """A setting of the shipped MLflow auth config (k8s/base/mlflow-auth.yaml's basic_auth.ini)."""
+    import configparser
+
+    docs = yaml.safe_load_all((ROOT / "k8s" / "base" / "mlflow-auth.yaml").read_text())
+    ini = next(d for d in docs if d and d["kind"] == "ConfigMap")["data"]["basic_auth.ini"]
+    parser = configparser.ConfigParser()
+    parser.read_string(ini)
+    return parser["mlflow"][key]
+
+
 DERIVED: dict[str, Callable[[], Any]] = {
+    # how long the shipped MLflow server trusts a checked password before hashing it again
+    "derived.mlflow_auth_cache_s": lambda: int(_mlflow_auth("auth_cache_ttl_seconds")),
     # a call running this long marks its replica stuck, at the default request deadline
     "derived.stuck_after_s": _stuck_after,
     # the request body limit of the default input limits

@@ -43,6 +43,9 @@ SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
     "random lr=1e-4": ({"decoder_init": "random"}, {"lr": 1e-4}),
     "random lr=3e-4": ({"decoder_init": "random"}, {"lr": 3e-4}),
+    # the pretrained encoder at a fine-tuning rate, the decoder faster
+    "warm lr=3e-4 enc=3e-5": ({"decoder_init": "encoder"}, {"lr": 3e-4, "encoder_lr": 3e-5}),
+    "warm lr=1e-3 enc=3e-5": ({"decoder_init": "encoder"}, {"lr": 1e-3, "encoder_lr": 3e-5}),
 }
 
 

@@ -24,6 +24,10 @@ APP_NAME = "polytask"
 # Replacement replicas of cheap CPU deployments start before the old ones stop (no gap in a
 # rolling update); the Encoder keeps Serve's default because a surge there needs a spare GPU.
 CPU_SURGE = {"max_surge_percent": 100}
+# The CPUs Ray reserves for an Ingress or head replica (the Encoder takes 1): a reservation, not a
+# limit, kept small so the Encoder, the Ingress, a head per task and a surge replica fit the 2 CPUs
+# a 2-core machine's Ray offers (at 0.5 and 0.25 a model with two tasks took all of them).
+LIGHT_CPUS = 0.1
 # Measured defaults (docs/serving.md, "Throughput levers"): no per-request access log line on the hot path
 # (errors are still logged), and room for the requests an Ingress gathers into one batch.
 # A Serve config's application-level `logging_config` (or `polytask serve --log-format json
@@ -206,7 +210,7 @@ def _head(served: _Served, task: str, override: dict[str, Any]) -> Application:
     defaults = {
         **served.common,
         "name": f"head_{task}",
-        "ray_actor_options": {"num_cpus": 0.25},
+        "ray_actor_options": {"num_cpus": LIGHT_CPUS},
         "max_ongoing_requests": MAX_ONGOING["generation" if generation else "head"],
         **HEALTH_CHECK,
         **CPU_SURGE,
@@ -253,7 +257,7 @@ def _ingress(
 
     defaults = {
         **served.common,
-        "ray_actor_options": {"num_cpus": 0.5},
+        "ray_actor_options": {"num_cpus": LIGHT_CPUS},
         "max_ongoing_requests": MAX_ONGOING["Ingress"],
         "backpressure_config": SHED,
         **HEALTH_CHECK,
