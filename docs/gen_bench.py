@@ -215,7 +215,8 @@ def _failures(phases: dict[str, Any]) -> str:
 def chaos(root: Path) -> Section:
     """jobs/chaos: the GCS killed and restarted on Redis, a worker node removed, under load."""
     gcs_path, node_path = root / "chaos" / "gcs_restart.json", root / "chaos" / "node_loss_serve.json"
-    g, n = _load(gcs_path), _load(node_path)
+    train_path = root / "chaos" / "node_loss_train.json"
+    g, n, t = _load(gcs_path), _load(node_path), _load(train_path)
     rows = [
         [("GCS SIGKILLed, restarted on Redis after "
          f"{g['gap_s']:.0f} s"), g["clients"], f"{g['requests']:,}", g["failed"],
@@ -240,7 +241,20 @@ def chaos(root: Path) -> Section:
         f"{n['started_before_noticed']} started before Ray noticed the node was gone; "
         f"{n['failed_started_after_noticed']} failures started after that."
     )
-    return Section(_table(header, rows) + "\n\n" + checks, [gcs_path, node_path])
+    restart = next((s for _, s in t["epochs_and_start_epochs"] if s > 0), None)
+    resumed = (f"restarted at epoch {restart} from epoch {restart - 1}'s checkpoint"
+               if t["resumed_from_checkpoint"] and restart else "**not** resumed from a checkpoint")
+    training = (
+        f"During training (`node_loss_train.py`): the worker node running rank 0 of a "
+        f"{t['workers']}-worker run ({t['workers_on_removed_node']} of its workers) removed halfway "
+        f"through epoch 1; the run {resumed}, in the same MLflow run, finished "
+        f"{t['removal_to_finish_s']:.0f} s after the removal and registered version "
+        f"{t['registered_version']} (load {t['machine']['load_average_1m']:.2f})."
+    )
+    return Section(
+        _table(header, rows) + "\n\n" + checks + "\n\n" + training,
+        [gcs_path, node_path, train_path],
+    )
 
 
 def tutorial(root: Path) -> Section:

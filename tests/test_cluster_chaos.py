@@ -1,5 +1,6 @@
 """Cluster-level faults on real local clusters, each in its own Ray temp dir and process:
-the GCS SIGKILLed and restarted on a real Redis, a worker node removed under serving load.
+the GCS SIGKILLed and restarted on a real Redis, a worker node removed under serving load and
+another during training.
 
 The scripts in jobs/chaos are the benchmarks (full scale: bench_results/chaos/); here they run
 small, and the assertions are what must hold at any scale.
@@ -51,3 +52,12 @@ def test_a_worker_node_lost_under_load_costs_only_requests_sent_to_it(tmp_path):
     assert got["failed"] <= got["started_before_noticed"], got
     assert got["replicas_back_s"] >= got["node_death_noticed_s"] > 0
     assert got["encoder_nodes_after"] == 1 and got["requests_per_s_after"] > 0
+
+
+def test_a_worker_node_lost_during_training_resumes_from_its_checkpoint(tmp_path):
+    """The node running rank 0 removed halfway through epoch 1: the worker group restarts on the
+    node that is left from epoch 0's checkpoint, in the same MLflow run, and registers."""
+    got = _run("node_loss_train.py", tmp_path / "train.json", "--epochs", "2", "--workers", "1")
+    assert got["workers_on_removed_node"] >= 1
+    assert got["epochs_and_start_epochs"] == [[0, 0], [1, 1]], got
+    assert got["registered_version"] == 1 and got["mlflow_run_id"]

@@ -46,6 +46,8 @@ SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # the pretrained encoder at a fine-tuning rate, the decoder faster
     "warm lr=3e-4 enc=3e-5": ({"decoder_init": "encoder"}, {"lr": 3e-4, "encoder_lr": 3e-5}),
     "warm lr=1e-3 enc=3e-5": ({"decoder_init": "encoder"}, {"lr": 1e-3, "encoder_lr": 3e-5}),
+    # polytask's default rate, the decoder's fresh parameters 20 times faster (1e-3)
+    "warm lr=5e-5 new×20": ({"decoder_init": "encoder", "new_lr_scale": 20.0}, {"lr": 5e-5}),
 }
 
 
