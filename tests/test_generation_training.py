@@ -17,7 +17,7 @@ from polytask.model.generation import (
     resolve_decoder,
 )
 from polytask.model.network import build_model, load_encoder
-from polytask.tasks import GenerationSpec, TaskSpec
+from polytask.tasks import NEW_PARAMETERS_LR, GenerationSpec, TaskSpec
 from polytask.training.loop import make_optimizer
 
 COPY = [
@@ -87,13 +87,18 @@ def test_random_init_and_impossible_warm_starts_say_which_key_to_change(bert3: P
     assert auto.generation.decoder_init == "random"  # a T5 encoder has no BERT layers to copy
 
 
-def test_fresh_decoder_parameters_get_their_own_learning_rate(bert3: Path) -> None:
-    encoder, _, spec, head = _head(bert3, decoder_layers=1, new_lr_scale=10.0)
+@pytest.mark.parametrize(("scale", "fresh_lr"), [(10.0, 1e-3), (None, NEW_PARAMETERS_LR)])
+def test_fresh_decoder_parameters_get_their_own_learning_rate(
+    bert3: Path, scale: float | None, fresh_lr: float
+) -> None:
+    """`new_lr_scale` × the head rate; unset, the fixed rate the learning curves chose (also
+    when a config raises the head rate for its classifiers)."""
+    encoder, _, spec, head = _head(bert3, decoder_layers=1, new_lr_scale=scale)
     model = build_model(encoder, [spec], pooling="cls", heads={"copy": head})
     opt = make_optimizer(model, OptimConfig(lr=1e-4))
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     params = dict(model.named_parameters())
-    assert lr_of[id(params["heads.copy.decoder.bert.encoder.layer.0.crossattention.self.query.weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(params["heads.copy.decoder.bert.encoder.layer.0.crossattention.self.query.weight"])] == pytest.approx(fresh_lr)
     assert lr_of[id(params["heads.copy.decoder.bert.encoder.layer.0.attention.self.query.weight"])] == pytest.approx(1e-4)
     assert lr_of[id(params["encoder.encoder.layer.0.attention.self.query.weight"])] == pytest.approx(1e-4)
 
@@ -119,7 +124,10 @@ def _copy_training(encoder_dir: Path, steps: int, **gen) -> tuple[list[str], lis
 
 def test_a_warm_started_decoder_learns_to_copy_in_a_few_dozen_steps(tmp_path: Path) -> None:
     encoder_dir = _tiny_bert(tmp_path / "enc", layers=2)
-    got, want = _copy_training(encoder_dir, 80, decoder_layers=2, decoder_init="encoder")
+    # one rate for the whole head: 3e-3 memorises these sentences
+    got, want = _copy_training(
+        encoder_dir, 80, decoder_layers=2, decoder_init="encoder", new_lr_scale=1.0
+    )
     assert got == want
 
 

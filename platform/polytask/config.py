@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from polytask.errors import error_lines
-from polytask.tasks import KINDS, generates_text
+from polytask.tasks import KINDS, NEW_PARAMETERS_LR, generates_text
 
 KIND_NAMES = tuple(KINDS)
 
@@ -114,12 +114,13 @@ class HeadConfig(_Section):
         description="Generation tasks, decoder_init: encoder: copy the encoder's first (bottom) "
         "or last (top) decoder_layers layers.",
     )
-    new_lr_scale: float = Field(
-        1.0,
+    new_lr_scale: float | None = Field(
+        None,
         gt=0.0,
         le=1000.0,
         description="Generation tasks, decoder: new: multiplies the head learning rate for the "
-        "decoder parameters that start fresh (cross-attention, LM transform).",
+        f"decoder parameters that start fresh (cross-attention, LM transform); unset: they learn "
+        f"at {NEW_PARAMETERS_LR:g}, the rate the copy-task learning curves chose.",
     )
     tie_embeddings: bool = Field(
         True,

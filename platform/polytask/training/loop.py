@@ -29,7 +29,7 @@ from polytask.model.bundle import save_bundle
 from polytask.model.decoding import check_position_limits
 from polytask.model.generation import build_generation_head, generation_settings, resolve_decoder
 from polytask.model.network import MultiTaskModel, build_model, encoder_fingerprint, load_encoder
-from polytask.tasks import LOWER_IS_BETTER, PERCENT_METRICS, TaskSpec
+from polytask.tasks import LOWER_IS_BETTER, NEW_PARAMETERS_LR, PERCENT_METRICS, TaskSpec
 from polytask.training.base import base_bundle, load_base_parts
 from polytask.training.batches import (
     JointBatches,
@@ -46,16 +46,16 @@ _NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 def make_optimizer(model: MultiTaskModel, optim: OptimConfig) -> torch.optim.Optimizer:
     """AdamW with separate encoder/head learning rates; no decay on biases and norms. A
-    generation head's fresh decoder parameters (cross-attention, LM transform) get the head rate
-    times its `new_lr_scale`: warm-started layers and fresh ones may want different rates."""
+    generation head's fresh decoder parameters (cross-attention, LM transform) get their own rate
+    (`_fresh_decoder_parameters`): warm-started layers and fresh ones want different rates."""
     enc_lr = optim.encoder_lr or optim.lr
     head_lr = optim.head_lr or optim.lr
-    fresh = _fresh_decoder_parameters(model)
+    fresh = _fresh_decoder_parameters(model, head_lr)
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        lr = enc_lr if name.startswith("encoder.") else head_lr * fresh.get(name, 1.0)
+        lr = enc_lr if name.startswith("encoder.") else fresh.get(name, head_lr)
         decay = 0.0 if any(k in name for k in _NO_DECAY) or name.startswith("weighting.") else optim.weight_decay
         groups.setdefault((lr, decay), []).append(param)
     return torch.optim.AdamW(
@@ -63,14 +63,18 @@ def make_optimizer(model: MultiTaskModel, optim: OptimConfig) -> torch.optim.Opt
     )
 
 
-def _fresh_decoder_parameters(model: MultiTaskModel) -> dict[str, float]:
-    """{model parameter name: lr multiplier} for the generation heads' fresh decoder parameters."""
+def _fresh_decoder_parameters(model: MultiTaskModel, head_lr: float) -> dict[str, float]:
+    """{model parameter name: learning rate} for the generation heads' fresh decoder parameters:
+    `new_lr_scale` × the head rate, or NEW_PARAMETERS_LR when it is unset."""
     out: dict[str, float] = {}
     for task, head in getattr(model, "heads", {}).items():
         spec = model.specs.get(task) if hasattr(model, "specs") else None
-        scale = spec.generation.new_lr_scale if spec is not None and spec.generation else 1.0
-        for name in getattr(head, "new_parameters", ()) if scale != 1.0 else ():
-            out[f"heads.{task}.decoder.{name}"] = scale
+        if spec is None or spec.generation is None:
+            continue
+        scale = spec.generation.new_lr_scale
+        lr = NEW_PARAMETERS_LR if scale is None else head_lr * scale
+        for name in getattr(head, "new_parameters", ()):
+            out[f"heads.{task}.decoder.{name}"] = lr
     return out
 
 
