@@ -270,7 +270,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"{at[n]['bleu']:.1f} ({at[n]['exact']:.0f}%; {at[n]['train_loss']:.2f})" if n in at else "-"
             for n in steps
         ]
-        reached = c["bleu_90_at"] if c["bleu_90_at"] is not None else "not reached"
+        last = int(c["points"][-1]["step"])
+        stopped = f" (stopped at step {last})" if last < st["steps"] else ""
+        reached = c["bleu_90_at"] if c["bleu_90_at"] is not None else f"not reached{stopped}"
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {reached} | {c['points'][-1]['train_s']:.0f} |")
     return (
         "\n".join(rows)
