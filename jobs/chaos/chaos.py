@@ -8,6 +8,7 @@ Scripts import it as `chaos` (their directory is on sys.path when run as
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -91,6 +92,34 @@ class Redis:
 def short_tmp(prefix: str) -> Path:
     """A temp dir with a short path (Ray's Unix sockets live under it; their paths are capped)."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def node_loss_args(doc: str, result: str) -> argparse.ArgumentParser:
+    """The arguments both node-loss scripts take: worker node CPUs and the result file."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--worker-cpus", type=int, default=2)
+    parser.add_argument("--out", default=str(REPO_ROOT / "bench_results" / "chaos" / result))
+    return parser
+
+
+def head_and_workers(root: Path, worker_cpus: int, count: int = 2) -> tuple[Any, list[Any]]:
+    """A local cluster in `root`: a head with no CPUs (what runs there is the driver's: Serve's
+    controller and proxy, Train's controller) and `count` worker nodes; never the machine's
+    default cluster, so no other `ray.init` joins it."""
+    from ray._common.utils import reset_ray_address
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0, "temp_dir": str(root / "ray"), "include_dashboard": False,
+            "include_log_monitor": False,
+        },
+    )
+    reset_ray_address()
+    workers = [cluster.add_node(num_cpus=worker_cpus) for _ in range(count)]
+    cluster.wait_for_nodes()
+    return cluster, workers
 
 
 def register_tiny_model(root: Path) -> tuple[str, str]:

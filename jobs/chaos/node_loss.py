@@ -11,7 +11,6 @@ node's replicas keep answering, Serve starts replacements on the node that is le
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -21,13 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from chaos import (  # after the path insert, as when run directly
     DEPLOYMENTS,
-    REPO_ROOT,
     ChaosError,
     Load,
     account,
     deploy,
     free_port,
+    head_and_workers,
     machine,
+    node_loss_args,
     register_tiny_model,
     running_replicas,
     short_tmp,
@@ -39,11 +39,9 @@ REPLICAS = 2
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = node_loss_args(__doc__, "node_loss_serve.json")
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--worker-cpus", type=int, default=2)
     parser.add_argument("--settle", type=int, default=60, help="good requests before and after")
-    parser.add_argument("--out", default=str(REPO_ROOT / "bench_results/chaos/node_loss_serve.json"))
     args = parser.parse_args(argv)
 
     root = short_tmp("pt-node-")
@@ -52,20 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
     store, model = register_tiny_model(root)
     os.environ["MLFLOW_TRACKING_URI"] = store
     import ray
-    from ray._common.utils import reset_ray_address
-    from ray.cluster_utils import Cluster
 
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0, "temp_dir": str(root / "ray"), "include_dashboard": False,
-            "include_log_monitor": False,
-        },
-    )
-    reset_ray_address()  # never the machine's default cluster: no other ray.init joins it
-    workers = [cluster.add_node(num_cpus=args.worker_cpus) for _ in range(2)]
+    cluster, workers = head_and_workers(root, args.worker_cpus)
     try:
-        cluster.wait_for_nodes()
         env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "POLYTASK_HOME", "POLYTASK_NODE_DIR")}
         ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
         url = deploy(model, free_port(), replicas=REPLICAS, encoder_cpus=0.5,

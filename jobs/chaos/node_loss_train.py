@@ -13,7 +13,6 @@ on the node that is left, from epoch 0's checkpoint, in the same MLflow run.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import threading
@@ -22,15 +21,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from chaos import REPO_ROOT, ChaosError, machine, short_tmp, write_result  # after the path insert
+from chaos import (  # after the path insert, as when run directly
+    ChaosError,
+    head_and_workers,
+    machine,
+    node_loss_args,
+    short_tmp,
+    write_result,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--worker-cpus", type=int, default=2)
+    parser = node_loss_args(__doc__, "node_loss_train.json")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (1 CPU each)")
-    parser.add_argument("--out", default=str(REPO_ROOT / "bench_results/chaos/node_loss_train.json"))
     args = parser.parse_args(argv)
 
     root = short_tmp("pt-trainnode-")
@@ -38,8 +42,6 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     os.environ["POLYTASK_FAULTS"] = "hold_at_epoch=1"
     import ray
-    from ray._common.utils import reset_ray_address
-    from ray.cluster_utils import Cluster
 
     from polytask.config import config_from_dict
     from polytask.demo import demo_experiment, write_demo_data, write_tiny_encoder
@@ -53,18 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
             run={"max_failures": 2, "progress_every_s": 0},
         )
     )
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0, "temp_dir": str(root / "ray"), "include_dashboard": False,
-            "include_log_monitor": False,
-        },
-    )
-    reset_ray_address()  # never the machine's default cluster: no other ray.init joins it
-    workers = [cluster.add_node(num_cpus=args.worker_cpus) for _ in range(2)]
+    cluster, workers = head_and_workers(root, args.worker_cpus)
     removal: dict[str, object] = {}
     try:
-        cluster.wait_for_nodes()
         env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "POLYTASK_HOME", "POLYTASK_FAULTS")}
         ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
         if ray.get_runtime_context().get_node_id() != cluster.head_node.node_id:
