@@ -169,7 +169,11 @@ def test_clients_that_hang_up_stop_their_rows_and_a_short_request_answers_fast(a
     drained_s = time.monotonic() - gone
     after = _stats("head_entities")
     assert after["in_flight"] == 0 and drained_s < 1.0, (drained_s, after["loop"])
-    assert after["loop"]["ended"]["cancelled"] - before["loop"]["ended"].get("cancelled", 0) == 64
+    # Every row that reached the Decoder left as cancelled, none by its cap (on a loaded machine
+    # some requests are cancelled before their Decoder call is made: their rows never start).
+    ended = {k: v - before["loop"]["ended"].get(k, 0) for k, v in after["loop"]["ended"].items()}
+    ended = {k: v for k, v in ended.items() if v}
+    assert set(ended) == {"cancelled"} and 0 < ended["cancelled"] <= 64, ended
     assert after["tokens"] - before["tokens"] < 64 * LIMIT  # none decoded to its end
     sent = time.monotonic()
     r = app.post("/v1/tasks/entities/predict", json={"inputs": ["oslo"], "max_new_tokens": 4})
